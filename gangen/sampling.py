@@ -1,0 +1,189 @@
+"""Generating images: latents, batched generation, grids, PNG folders, npz, interpolation strips.
+
+Shared by the CLI's `generate` command and the sample-grid callback. Writers are atomic: output goes to a
+temporary name in the target folder and is renamed into place, so a failure leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torchvision.utils import make_grid
+
+from gangen.errors import ConfigError, DataNotFoundError
+from gangen.networks import build_network
+
+
+def latents(num_samples: int, latent_dim: int, seed: int = 0) -> torch.Tensor:
+    """(N, latent_dim) standard normal latents, drawn on the CPU so a seed gives the same z on any device."""
+    return torch.randn(num_samples, latent_dim, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def generate(
+    generator: nn.Module,
+    num_samples: int,
+    seed: int = 0,
+    batch_size: int = 256,
+    z: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Images (N, C, H, W) in [-1, 1] on the CPU, from `z` or from latents drawn with `seed`.
+
+    Runs the generator in eval mode (batchnorm uses its running statistics) on the device its parameters
+    are on, and restores its previous mode.
+    """
+    if num_samples <= 0:
+        raise ConfigError(f"num_samples {num_samples!r} must be > 0")
+    if z is None:
+        z = latents(num_samples, generator.latent_dim, seed)
+    device = next(generator.parameters()).device
+    was_training = generator.training
+    generator.eval()
+    try:
+        chunks = [generator(zb.to(device)).float().cpu() for zb in z[:num_samples].split(batch_size)]
+    finally:
+        generator.train(was_training)
+    return torch.cat(chunks)
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation between latents a, b (D,) at fractions t (K,) -> (K, D)."""
+    omega = torch.arccos(torch.clamp(torch.dot(a / a.norm(), b / b.norm()), -1.0, 1.0))
+    if omega.abs() < 1e-6:
+        return torch.lerp(a[None], b[None], t[:, None])
+    t = t[:, None]
+    return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+
+
+def interpolation_latents(rows: int, steps: int, latent_dim: int, seed: int = 0) -> torch.Tensor:
+    """(rows * steps, latent_dim): each row walks by slerp between two random latents."""
+    if steps < 2:
+        raise ConfigError(f"--interpolate {steps!r} must be >= 2 (images per interpolation strip)")
+    ends = latents(2 * rows, latent_dim, seed)
+    t = torch.linspace(0, 1, steps)
+    return torch.cat([slerp(ends[2 * r], ends[2 * r + 1], t) for r in range(rows)])
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) floats in [-1, 1] -> (N, H, W, C) uint8, clamped and rounded (not truncated)."""
+    x = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def grid_image(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:
+    """(N, C, H, W) in [-1, 1] -> one (C', H', W') image in [-1, 1] with a 2-pixel border."""
+    grid = make_grid(images.float(), nrow=nrow, padding=2, pad_value=-1.0)  # (3, H', W') for 1 or 3 channels
+    return grid[: images.shape[1]]  # greyscale stays one channel
+
+
+def _pil(array: np.ndarray) -> Image.Image:
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)  # (H, W, C) uint8
+
+
+def _atomic_file(path: Path, write: Any) -> None:
+    """Call write(tmp_path), then rename tmp_path to `path` (same folder, so the rename is atomic)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
+    path = Path(path)
+    array = to_uint8(grid_image(images, nrow)[None])[0]  # (H, W, C)
+    _atomic_file(path, lambda tmp: _pil(array).save(tmp, format=_image_format(path)))
+    return path
+
+
+def save_png_folder(images: torch.Tensor, folder: str | Path) -> Path:
+    """One PNG per sample, 000000.png, 000001.png, ... The folder must not already hold PNGs."""
+    folder = Path(folder)
+    if folder.exists() and any(folder.glob("*.png")):
+        raise ConfigError(f"output folder {folder} already holds PNG files: choose an empty or new folder")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        for i, array in enumerate(to_uint8(images)):
+            _pil(array).save(tmp / f"{i:06d}.png")
+        if folder.exists():  # an existing empty folder: move the files in
+            for f in sorted(tmp.iterdir()):
+                os.replace(f, folder / f.name)
+            tmp.rmdir()
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def save_npz(images: torch.Tensor, path: str | Path) -> Path:
+    """uint8 array (N, H, W, C) under the key arr_0, the layout FID tools read."""
+    path = Path(path)
+    array = to_uint8(images)
+    _atomic_file(path, lambda tmp: np.savez(tmp, array))
+    return path
+
+
+_IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def _image_format(path: Path) -> str:
+    return _IMAGE_SUFFIXES[path.suffix.lower()]
+
+
+def output_kind(output: str) -> str:
+    """'grid' (.png/.jpg/.webp), 'npz' (.npz) or 'folder' (ends with / or is a folder); else ConfigError."""
+    path = Path(output)
+    if output.endswith(("/", os.sep)) or path.is_dir():
+        kind = "folder"
+        parent = path.parent
+    elif path.suffix.lower() in _IMAGE_SUFFIXES:
+        kind, parent = "grid", path.parent
+    elif path.suffix.lower() == ".npz":
+        kind, parent = "npz", path.parent
+    else:
+        raise ConfigError(
+            f"--output {output!r}: end it with .png/.jpg (grid), .npz (uint8 array) or / (one PNG per sample)"
+        )
+    if not parent.is_dir():
+        raise ConfigError(f"--output {output!r}: folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"--output {output!r}: folder {parent} is not writable; choose another location")
+    return kind
+
+
+def load_generator(ckpt_path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The generator of a gangen checkpoint, in eval mode, on `device`; loaded with weights_only=True."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise DataNotFoundError(
+            f"checkpoint {str(path)!r} not found: pass a .ckpt written by `gangen fit` "
+            "(e.g. runs/<name>/version_<n>/checkpoints/last.ckpt)"
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for corrupt or unsafe files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"checkpoint {str(path)!r} could not be loaded safely ({first[:200]}): pass an intact gangen checkpoint"
+        ) from None
+    hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    if not isinstance(hparams.get("generator"), dict) or "state_dict" not in ckpt:
+        raise ConfigError(f"{str(path)!r} is not a gangen checkpoint (no generator config): pass one from `gangen fit`")
+    generator = build_network(hparams["generator"])
+    prefix = "generator."
+    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    generator.load_state_dict(state)
+    return generator.to(device).eval()

@@ -1,0 +1,54 @@
+"""Shared fixtures. Real data: Debian's dataset-fashion-mnist (see .ci/run)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = ROOT / "configs" / "dcgan_fashion_mnist.yaml"
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python cli.py ARGS` in a subprocess, as a user runs it."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("GANGEN_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), *args],
+        cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def tiny_fit_args(save_dir: Path, *extra: str) -> list[str]:
+    """The demo config cut down to a few steps on 640 real Fashion-MNIST images."""
+    return [
+        "fit", "--config", str(DEMO_CONFIG),
+        "--trainer.logger.init_args.save_dir", str(save_dir),
+        "--trainer.max_epochs", "2",
+        "--trainer.limit_val_batches", "2",
+        "--trainer.enable_progress_bar", "false",
+        "--data.limit", "640",
+        "--data.batch_size", "64",
+        "--trainer.log_every_n_steps", "5",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """Run folder of a short real CLI fit (2 epochs x 10 batches); holds checkpoints/last.ckpt."""
+    save_dir = tmp_path_factory.mktemp("runs")
+    result = run_cli(*tiny_fit_args(save_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = save_dir / "dcgan_fashion_mnist" / "version_0"
+    assert (run / "checkpoints" / "last.ckpt").is_file(), sorted(p.name for p in run.rglob("*"))
+    return run
+
+
+@pytest.fixture(scope="session")
+def trained_ckpt(trained_run) -> Path:
+    return trained_run / "checkpoints" / "last.ckpt"

@@ -1,0 +1,123 @@
+"""End to end through the CLI, as a user runs it: fit on real Fashion-MNIST -> checkpoint -> generate."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import torch
+from conftest import DEMO_CONFIG, run_cli
+from PIL import Image
+
+from gangen import GAN, DCGANGenerator, generate, load_generator
+
+
+def test_fit_writes_checkpoint_grids_and_metrics(trained_run):
+    assert (trained_run / "config.yaml").is_file()
+    samples = {p.name for p in (trained_run / "samples").glob("*.png")}
+    assert {"kimg000000.png", "final.png"} <= samples
+    with Image.open(trained_run / "samples" / "final.png") as im:
+        assert im.size == (8 * 34 + 2, 8 * 34 + 2)  # 64 fixed latents, 8 per row, 32 px + 2 px borders
+    with open(trained_run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    losses = [float(r["loss/d"]) for r in rows if r.get("loss/d")]
+    assert losses and all(math.isfinite(x) for x in losses)
+    val = [float(r["val/loss_d"]) for r in rows if r.get("val/loss_d")]
+    assert len(val) == 2  # one validation per epoch
+    ckpt = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["gangen"]["images_seen"] == 2 * 640  # 2 epochs of 10 batches of 64
+
+
+def test_load_from_checkpoint_weights_only(trained_ckpt):
+    model = GAN.load_from_checkpoint(trained_ckpt, weights_only=True, map_location="cpu")
+    assert isinstance(model.generator, DCGANGenerator)
+    assert model.generator.config["resolution"] == 32 and model.images_seen == 1280
+    state = torch.load(trained_ckpt, weights_only=True)["state_dict"]
+    assert torch.equal(model.grid_z, state["grid_z"])  # fixed grid latents live in the checkpoint
+    images = generate(model.generator, 5, seed=0)
+    assert images.shape == (5, 1, 32, 32) and images.min() >= -1 and images.max() <= 1
+    # the light loader used by `generate` gives the same generator
+    assert torch.equal(images, generate(load_generator(trained_ckpt), 5, seed=0))
+
+
+def test_generate_grid_folder_npz(trained_ckpt, tmp_path):
+    grid = tmp_path / "grid.png"
+    r = run_cli("generate", "--ckpt_path", str(trained_ckpt), "--num_samples", "64", "--output", str(grid))
+    assert r.returncode == 0, r.stderr
+    with Image.open(grid) as im:
+        assert im.size == (274, 274) and im.mode == "L"
+
+    folder = tmp_path / "pngs"
+    r = run_cli("generate", "--ckpt_path", str(trained_ckpt), "--num_samples", "37", "--output", f"{folder}/")
+    assert r.returncode == 0, r.stderr
+    files = sorted(folder.iterdir())
+    assert [f.name for f in files] == [f"{i:06d}.png" for i in range(37)]
+    with Image.open(files[0]) as im:
+        assert im.size == (32, 32) and im.mode == "L"
+
+    npz = tmp_path / "samples.npz"
+    r = run_cli("generate", "--ckpt_path", str(trained_ckpt), "--num_samples", "300", "--output", str(npz),
+                "--seed", "7", "--batch_size", "128")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    array = np.load(npz)["arr_0"]
+    assert array.shape == (300, 32, 32, 1) and array.dtype == np.uint8
+    assert array.std() > 1  # not blank
+    # the PNG folder holds the same pixels as the npz for the same seed
+    np.testing.assert_array_equal(np.asarray(Image.open(files[5])), _npz_for(trained_ckpt, tmp_path, 0, 37)[5, ..., 0])
+
+
+def _npz_for(ckpt, tmp_path, seed, n):
+    out = tmp_path / f"s{seed}_{n}.npz"
+    r = run_cli(
+        "generate", "--ckpt_path", str(ckpt), "--num_samples", str(n), "--seed", str(seed), "--output", str(out)
+    )
+    assert r.returncode == 0, r.stderr
+    return np.load(out)["arr_0"]
+
+
+def test_seed_reproducible(trained_ckpt, tmp_path):
+    a, b, c = _npz_for(trained_ckpt, tmp_path, 1, 16), _npz_for(trained_ckpt, tmp_path / "..", 1, 16), None
+    np.testing.assert_array_equal(a, b)
+    c = _npz_for(trained_ckpt, tmp_path, 2, 16)
+    assert not np.array_equal(a, c)
+
+
+def test_interpolation_strip(trained_ckpt, tmp_path):
+    out = tmp_path / "interp.png"
+    r = run_cli("generate", "--ckpt_path", str(trained_ckpt), "--interpolate", "6", "--num_samples", "3",
+                "--output", str(out))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    with Image.open(out) as im:
+        assert im.size == (6 * 34 + 2, 3 * 34 + 2)  # 3 strips of 6
+    assert "wrote 18 images" in r.stdout
+
+
+def test_validate_subcommand(trained_ckpt):
+    r = run_cli("validate", "--config", str(DEMO_CONFIG), "--ckpt_path", str(trained_ckpt), "--trainer.logger", "false",
+                "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "val/loss_d" in r.stdout
+
+
+def test_print_config_with_overrides():
+    r = run_cli("fit", "--config", str(DEMO_CONFIG), "--model.generator.base_channels", "48",
+                "--data.batch_size", "96", "--trainer.max_epochs", "2", "--print_config")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "base_channels: 48" in r.stdout and "batch_size: 96" in r.stdout and "max_epochs: 2" in r.stdout
+
+
+def test_help_lists_generate():
+    r = run_cli("--help")
+    assert r.returncode == 0 and "generate" in r.stdout and "fit" in r.stdout
+    r = run_cli("generate", "--help")
+    assert r.returncode == 0 and "--interpolate" in r.stdout
+
+
+def test_generate_device_option(trained_ckpt, tmp_path):
+    out = tmp_path / "g.png"
+    r = run_cli("generate", "--ckpt_path", str(trained_ckpt), "--output", str(out), "--device", "cuda")
+    if torch.cuda.is_available():
+        assert r.returncode == 0 and out.is_file()
+    else:
+        assert r.returncode == 2 and "no CUDA device" in r.stderr and not out.exists()

@@ -1,0 +1,94 @@
+"""Bad input: one line naming the value and the fix, exit status 2, nothing written."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEMO_CONFIG, run_cli
+
+from gangen.cli import main
+
+
+def fails(capsys, *argv: str) -> str:
+    """Run the CLI in-process; it must exit 2 with exactly one line on stderr. Returns that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+FIT_CASES = [
+    (["--data.dataset", "imagenet"], ["'imagenet'", "fashion_mnist"]),
+    (["--data.root", "/no/such/dir"], ["/no/such/dir", "--data.root", "apt-get install dataset-fashion-mnist"]),
+    (["--model.generator.resolution", "48", "--model.discriminator.resolution", "48", "--data.resolution", "48"],
+     ["resolution 48", "power of two"]),
+    (["--model.generator.resolution", "512", "--model.discriminator.resolution", "512", "--data.resolution", "512"],
+     ["resolution 512", "16, 32, 64, 128, 256"]),
+    (["--model.generator.upsample", "pixel_shuffle"], ["'pixel_shuffle'", "'resize_conv'"]),
+    (["--model.generator.norm", "instance"], ["'instance'", "'batch'"]),
+    (["--model.discriminator.norm", "instance"], ["'instance'", "'spectral'"]),
+    (["--model.loss", "wasserstein"], ["'wasserstein'", "'hinge'"]),
+    (["--data.resolution", "64"], ["data.resolution=64", "resolution=32"]),
+    (["--model.discriminator.resolution", "64"], ["discriminator resolution=64"]),
+    (["--data.channels", "3"], ["data.channels=3", "channels=1"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("extra,needles", FIT_CASES, ids=lambda v: "_".join(v) if isinstance(v, list) else None)
+def test_fit_bad_input(capsys, tmp_path, extra, needles):
+    line = fails(capsys, "fit", "--config", str(DEMO_CONFIG), "--trainer.logger.init_args.save_dir", str(tmp_path),
+                 "--trainer.default_root_dir", str(tmp_path), *extra)  # fmt: skip
+    assert line.startswith("gangen: error: ")
+    for needle in needles:
+        assert needle in line, (needle, line)
+    assert list(tmp_path.iterdir()) == []  # no run folder, config or checkpoint was written
+
+
+def test_generate_num_samples(capsys, trained_ckpt, tmp_path):
+    out = tmp_path / "g.png"
+    for n in ("0", "-3"):
+        line = fails(capsys, "generate", "--ckpt_path", str(trained_ckpt), "--num_samples", n, "--output", str(out))
+        assert f"--num_samples {n} must be > 0" in line
+    assert not out.exists()
+
+
+def test_generate_missing_checkpoint(capsys, tmp_path):
+    line = fails(capsys, "generate", "--ckpt_path", str(tmp_path / "nope.ckpt"), "--output", str(tmp_path / "g.png"))
+    assert "nope.ckpt" in line and "not found" in line and "gangen fit" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_generate_corrupt_checkpoint(capsys, trained_ckpt, tmp_path):
+    bad = tmp_path / "truncated.ckpt"
+    bad.write_bytes(trained_ckpt.read_bytes()[:5000])
+    line = fails(capsys, "generate", "--ckpt_path", str(bad), "--output", str(tmp_path / "g.png"))
+    assert "truncated.ckpt" in line and "could not be loaded" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["truncated.ckpt"]
+
+
+def test_generate_not_a_gangen_checkpoint(capsys, tmp_path):
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "hyper_parameters": {"lr": 0.1}}, other)
+    line = fails(capsys, "generate", "--ckpt_path", str(other), "--output", str(tmp_path / "g.png"))
+    assert "not a gangen checkpoint" in line
+
+
+@pytest.mark.parametrize("suffix,needle", [("out.gif", "end it with"), ("missing/g.png", "does not exist")])
+def test_generate_bad_output(capsys, trained_ckpt, tmp_path, suffix, needle):
+    line = fails(capsys, "generate", "--ckpt_path", str(trained_ckpt), "--output", str(tmp_path / suffix))
+    assert needle in line and suffix.split("/")[0] in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_generate_folder_refuses_to_mix_runs(capsys, trained_ckpt, tmp_path):
+    (tmp_path / "000000.png").write_bytes(b"x")
+    line = fails(capsys, "generate", "--ckpt_path", str(trained_ckpt), "--num_samples", "2", "--output", f"{tmp_path}/")
+    assert "already holds PNG files" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000000.png"]
+
+
+def test_unknown_config_key_exits_nonzero(tmp_path):
+    r = run_cli("fit", "--config", str(DEMO_CONFIG), "--model.generator.widht", "3")
+    assert r.returncode != 0 and "widht" in r.stderr
