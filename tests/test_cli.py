@@ -121,3 +121,32 @@ def test_generate_device_option(trained_ckpt, tmp_path):
         assert r.returncode == 0 and out.is_file()
     else:
         assert r.returncode == 2 and "no CUDA device" in r.stderr and not out.exists()
+
+
+def test_resume_continues_counting(trained_ckpt, tmp_path):
+    from conftest import tiny_fit_args
+
+    r = run_cli(*tiny_fit_args(tmp_path, "--trainer.max_epochs", "3", "--ckpt_path", str(trained_ckpt)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "dcgan_fashion_mnist" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["gangen"]["images_seen"] == 3 * 640  # one more epoch, counted on
+    before = torch.load(trained_ckpt, weights_only=True)
+    assert torch.equal(ckpt["state_dict"]["grid_z"], before["state_dict"]["grid_z"])  # same fixed latents
+
+
+def test_tensorboard_logger_gets_scalars_and_grids(tmp_path):
+    from conftest import ROOT, tiny_fit_args
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = tiny_fit_args(tmp_path, "--config", str(ROOT / "configs" / "logger" / "tensorboard.yaml"),
+                         "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.max_epochs", "1")  # fmt: skip
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "tb" / "version_0"
+    events = EventAccumulator(str(run), size_guidance={"images": 0}).Reload()
+    assert "samples" in events.Tags()["images"]
+    grids = events.Images("samples")
+    assert len(grids) == 2  # kimg 0 and the final grid
+    assert (grids[-1].width, grids[-1].height) == (274, 274)
+    assert "loss/d" in events.Tags()["scalars"] and "loss/g" in events.Tags()["scalars"]
+    assert (run / "samples" / "final.png").is_file()
