@@ -124,7 +124,8 @@ class GAN(L.LightningModule):
         # Tensors stay on the device: Lightning reads them when it writes logs or refreshes the progress bar.
         for key, value in logs.items():
             self.log(key, value.detach(), on_step=True, on_epoch=False, batch_size=n, prog_bar=key.startswith("loss"))
-        self.log("progress/kimg", self.images_seen / 1000.0, on_step=True, on_epoch=False, batch_size=n)
+        kimg = torch.full((), self.images_seen / 1000.0, device=self.device)  # a fill kernel, no host-to-device copy
+        self.log("progress/kimg", kimg, on_step=True, on_epoch=False, batch_size=n)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         """Discriminator outputs and loss on held-out real images against fresh samples."""
