@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -33,7 +34,7 @@ from gangen.system import GAN
 
 DESCRIPTION = (
     "gangen: train DCGAN-style GANs with Lightning. Subcommands: fit, validate (Lightning's CLI; "
-    "see `gangen fit --help`) and generate (see `gangen generate --help`)."
+    "see `gangen fit --help`), generate and train-classifier (see `gangen generate --help`)."
 )
 
 
@@ -113,7 +114,40 @@ def generate_command(argv: Sequence[str]) -> None:
     print(f"wrote {len(images)} images {tuple(images.shape[1:])} to {path}")
 
 
-COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {"generate": generate_command}
+def train_classifier_command(argv: Sequence[str]) -> None:
+    """`gangen train-classifier --data.dataset fashion_mnist --output classifier.pt` (or --data DATA.yaml)."""
+    from jsonargparse import ArgumentParser
+
+    from gangen.classifier import save_classifier, train_classifier
+
+    p = ArgumentParser(
+        prog="gangen train-classifier",
+        description="Train a small classifier on a dataset's labels; its features give metric/fd_<name>.",
+    )
+    p.add_class_arguments(ImageDataModule, "data", sub_configs=True)
+    p.add_argument("--output", type=str, required=True, help="where to save the classifier (.pt)")
+    p.add_argument("--epochs", type=int, default=3, help="training epochs")
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
+    p.add_argument("--width", type=int, default=32, help="channels of the first conv block")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--accelerator", type=str, default="auto", help="cpu | gpu | auto")
+    cfg = p.parse_args(list(argv))
+    output = Path(cfg.output)
+    if not output.parent.is_dir():
+        raise ConfigError(f"--output {cfg.output!r}: folder {output.parent} does not exist; create it first")
+    datamodule = p.instantiate_classes(cfg).data
+    classifier, accuracy = train_classifier(
+        datamodule, epochs=cfg.epochs, lr=cfg.lr, width=cfg.width, seed=cfg.seed, accelerator=cfg.accelerator
+    )
+    hp = datamodule.hparams
+    save_classifier(classifier, output, dataset=hp["dataset"], resolution=hp["resolution"], accuracy=accuracy)
+    print(f"held-out accuracy {accuracy:.4f}; saved {output}")
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
+    "generate": generate_command,
+    "train-classifier": train_classifier_command,
+}
 
 
 def run_lightning_cli(argv: Sequence[str] | None) -> None:

@@ -1,0 +1,135 @@
+"""A small domain classifier whose penultimate features give a domain-specific Frechet distance (FD).
+
+Inception features (FID) need weights that cannot be downloaded everywhere, and they describe ImageNet
+photos, not 28x28 garments. A classifier trained on the dataset's own labels is the offline alternative:
+`gangen train-classifier` trains and saves one; metrics computed on its features are logged under
+`metric/fd_<name>`, never as FID.
+
+The saved file holds plain values only (config, state_dict, accuracy): it loads with weights_only=True.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gangen.errors import ConfigError, DataNotFoundError
+
+FORMAT = "gangen-domain-classifier-v1"
+
+
+class DomainClassifier(nn.Module):
+    """images (B, C, R, R) in [-1, 1] -> logits (B, num_classes); `features` gives the (B, width*4) layer."""
+
+    def __init__(self, channels: int = 1, resolution: int = 32, num_classes: int = 10, width: int = 32) -> None:
+        super().__init__()
+        self.config: dict[str, Any] = dict(
+            channels=channels, resolution=resolution, num_classes=num_classes, width=width
+        )
+
+        def block(c_in: int, c_out: int) -> list[nn.Module]:
+            return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+        self.body = nn.Sequential(
+            *block(channels, width), *block(width, width), nn.MaxPool2d(2),  # (B, w, R/2, R/2)
+            *block(width, 2 * width), *block(2 * width, 2 * width), nn.MaxPool2d(2),  # (B, 2w, R/4, R/4)
+            *block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),  # (B, 4w)
+        )  # fmt: skip
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(4 * width, num_classes))
+        self.num_features = 4 * width
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)  # (B, 4w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))  # (B, num_classes)
+
+
+class ClassifierTask(L.LightningModule):
+    """Cross-entropy training of a DomainClassifier; logs train loss and validation accuracy."""
+
+    def __init__(self, classifier: DomainClassifier, lr: float = 2e-3) -> None:
+        super().__init__()
+        self.classifier, self.lr = classifier, lr
+        self.correct, self.seen = 0, 0
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        loss = F.cross_entropy(self.classifier(images), labels)
+        self.log("classifier/loss", loss, prog_bar=True)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self.correct, self.seen = 0, 0
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        images, labels = batch
+        self.correct += int((self.classifier(images).argmax(1) == labels).sum())
+        self.seen += len(labels)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("classifier/val_accuracy", self.correct / max(self.seen, 1), prog_bar=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.classifier.parameters(), lr=self.lr)
+
+
+def train_classifier(
+    datamodule: L.LightningDataModule, epochs: int = 3, lr: float = 2e-3, width: int = 32, seed: int = 0, **trainer: Any
+) -> tuple[DomainClassifier, float]:
+    """Train on the datamodule's labels; returns the classifier (eval mode) and its held-out accuracy."""
+    if epochs < 1:
+        raise ConfigError(f"--epochs {epochs} must be >= 1")
+    hp = datamodule.hparams
+    datamodule.setup("fit")
+    num_classes = datamodule.num_classes
+    if not num_classes or num_classes < 2:
+        raise ConfigError(
+            f"dataset {hp['dataset']!r} has no class labels here: a domain classifier needs a labelled dataset "
+            "(image_folder: one subfolder per class)"
+        )
+    L.seed_everything(seed, verbose=False)
+    classifier = DomainClassifier(hp["channels"], hp["resolution"], num_classes, width)
+    task = ClassifierTask(classifier, lr)
+    options = dict(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_model_summary=False)
+    L.Trainer(**{**options, **trainer}).fit(task, datamodule)
+    return classifier.eval(), task.correct / max(task.seen, 1)
+
+
+def save_classifier(classifier: DomainClassifier, path: str | Path, **meta: Any) -> Path:
+    """Write {format, config, state_dict, meta} atomically (tmp file + rename)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ConfigError(f"--output {str(path)!r}: folder {path.parent} does not exist; create it first")
+    tmp = path.with_name(f".{path.name}.tmp")
+    payload = {"format": FORMAT, "config": classifier.config, "state_dict": classifier.state_dict(), "meta": meta}
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[DomainClassifier, dict[str, Any]]:
+    """(classifier in eval mode, meta) from a file written by save_classifier; weights_only=True."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataNotFoundError(
+            f"feature extractor {str(path)!r} not found: train one with `gangen train-classifier --output {path}`"
+        )
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt or unsafe file
+        raise ConfigError(f"{str(path)!r} could not be loaded safely ({type(err).__name__}): retrain it") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ConfigError(f"{str(path)!r} is not a gangen domain classifier: make one with `gangen train-classifier`")
+    classifier = DomainClassifier(**payload["config"])
+    classifier.load_state_dict(payload["state_dict"])
+    return classifier.to(device).eval(), dict(payload.get("meta", {}))
