@@ -52,3 +52,15 @@ def trained_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_ckpt(trained_run) -> Path:
     return trained_run / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory) -> Path:
+    """A ~96 MB InceptionV3 state_dict with random He-initialised values, as torch-fidelity loads it.
+
+    The real weights cannot be downloaded here; FIDs computed with this file separate image sets but mean
+    nothing outside the test session.
+    """
+    from gangen.metrics import write_random_inception_weights
+
+    return write_random_inception_weights(tmp_path_factory.mktemp("inception") / "random-inception.pth")
