@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from gangen.errors import ConfigError
-from gangen.sampling import generate, grid_image, save_grid
+from gangen.sampling import generate, grid_image, latents, save_grid
 
 
 def log_image(trainer: L.Trainer, key: str, image: torch.Tensor) -> None:
@@ -41,10 +42,10 @@ class SampleGrid(L.Callback):
         return Path(trainer.log_dir or trainer.default_root_dir) / "samples"
 
     def write(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> Path | None:
+        folder = self.folder(trainer)  # on every rank: trainer.log_dir is a collective call under DDP
         if not trainer.is_global_zero:
             return None
         images = generate(pl_module.generator, len(pl_module.grid_z), z=pl_module.grid_z)  # (N, C, H, W)
-        folder = self.folder(trainer)
         folder.mkdir(parents=True, exist_ok=True)
         path = save_grid(images, folder / f"{name}.png", nrow=self.nrow)
         log_image(trainer, "samples", grid_image(images, self.nrow))
@@ -64,3 +65,118 @@ class SampleGrid(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.write(trainer, pl_module, "final")
+
+
+class GANMetrics(L.Callback):
+    """FID / KID / IS (or a domain classifier's FD) of generated images, at validation time.
+
+    Every validation after at least `every_kimg` thousand more images seen (0: every validation; during
+    `validate`: always), `num_samples` images are generated from fixed latents (seed) by the EMA generator if
+    the module has one, else the generator, and compared with the real statistics of `real_split`
+    (computed once, cached on disk). Logged as metric/fid, metric/kid, metric/kid_std, metric/is,
+    metric/is_std (or metric/<fd_name>, metric/<fd_name>_kid, ...) and metric/num_samples, so
+    ModelCheckpoint(monitor="metric/fid") and EarlyStopping use them; every result also goes as one JSON
+    line to <run folder>/metrics.jsonl. Under DDP each rank generates its share of exactly `num_samples`
+    images, features are gathered in rank order, and every rank computes the same values.
+
+    feature_extractor: "inception" (weights: inception_weights, else $GANGEN_INCEPTION_WEIGHTS, else the
+    torch hub cache; resolved when the callback is built, so a missing file fails before training), a path
+    to a classifier from `gangen train-classifier`, or "none" to switch metrics off.
+    """
+
+    def __init__(
+        self,
+        feature_extractor: str = "inception",  # "inception" | path to a domain classifier | "none"
+        inception_weights: str | None = None,  # weights file for "inception" (see gangen.metrics)
+        num_samples: int = 10_000,  # generated images per evaluation
+        every_kimg: float = 0.0,  # minimum kimg between evaluations; 0: at every validation
+        real_split: str = "val",  # "val" (held-out split) or "train"
+        num_real: int | None = None,  # real images for the statistics; None: the whole split
+        batch_size: int = 64,  # images per generator / extractor pass
+        seed: int = 0,  # latents of the evaluated images
+        cache_dir: str | None = None,  # real statistics cache; None: $GANGEN_CACHE_DIR or ~/.cache/gangen
+    ) -> None:
+        from gangen.metrics import resolve_inception_weights
+
+        if num_samples < 2:
+            raise ConfigError(f"metrics num_samples {num_samples!r} must be >= 2 (FID needs 2; 10000+ is usual)")
+        if real_split not in ("val", "train"):
+            raise ConfigError(f"metrics real_split {real_split!r} is invalid: use 'val' or 'train'")
+        self.enabled = feature_extractor != "none"
+        self.feature_extractor, self.num_samples, self.every_kimg = feature_extractor, num_samples, every_kimg
+        self.real_split, self.num_real, self.batch_size, self.seed = real_split, num_real, batch_size, seed
+        self.cache_dir = cache_dir
+        self.weights: Path | None = None
+        if feature_extractor == "inception":
+            self.weights = resolve_inception_weights(inception_weights)  # fails fast, before any training
+        elif self.enabled:
+            from gangen.classifier import load_classifier
+
+            load_classifier(feature_extractor)  # fails fast on a missing or foreign file
+        self._extractor: Any = None
+        self._real: Any = None
+        self._last_kimg: float | None = None
+
+    def _setup_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from gangen.metrics import make_feature_extractor, real_statistics
+
+        if self._extractor is None:
+            spec = "inception" if self.feature_extractor == "inception" else self.feature_extractor
+            self._extractor = make_feature_extractor(spec, self.weights, device=pl_module.device)
+        if self._real is None:
+            options = dict(split=self.real_split, num_samples=self.num_real, batch_size=self.batch_size)
+            if trainer.is_global_zero:  # rank 0 fills the cache, the others then read it
+                self._real = real_statistics(trainer.datamodule, self._extractor, cache_dir=self.cache_dir, **options)
+            trainer.strategy.barrier("gangen-real-statistics")
+            if self._real is None:
+                self._real = real_statistics(trainer.datamodule, self._extractor, cache_dir=self.cache_dir, **options)
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """Metrics of exactly num_samples generated images, split over the ranks."""
+        from gangen.metrics import Evaluator, generated_features
+
+        self._setup_metrics(trainer, pl_module)
+        generator = getattr(pl_module, "generator_ema", None) or pl_module.generator
+        z = latents(self.num_samples, generator.latent_dim, self.seed)  # (N, latent), the same on every rank
+        rank, world = trainer.global_rank, trainer.world_size
+        mine = z[rank * len(z) // world : (rank + 1) * len(z) // world]  # this rank's share; shares add up to N
+        features = generated_features(generator, mine, self._extractor, self.batch_size)  # {"pool": (n_r, D), ...}
+        if world > 1:
+            features = {k: _gather_rows(trainer, v, self.num_samples) for k, v in features.items()}
+        evaluator = Evaluator(self._extractor, self._real, batch_size=self.batch_size)
+        evaluator.update_features(features)
+        return {**evaluator.compute(), "real_from_cache": self._real.from_cache}
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.enabled or trainer.sanity_checking:
+            return
+        kimg = pl_module.images_seen / 1000
+        fitting = trainer.state.fn == "fit"
+        if fitting and self._last_kimg is not None and kimg - self._last_kimg < self.every_kimg:
+            return
+        self._last_kimg = kimg
+        results = self.evaluate(trainer, pl_module)
+        name = results["feature_extractor"]
+        fd = "fid" if name == "inception" else name
+        prefix = "" if name == "inception" else f"{name}_"
+        logged = {f"metric/{fd}": results[fd], "metric/num_samples": float(results["num_fake"])}
+        for key, out in (("kid_mean", "kid"), ("kid_std", "kid_std"), ("is_mean", "is"), ("is_std", "is_std")):
+            if f"{prefix}{key}" in results:
+                logged[f"metric/{prefix}{out}"] = results[f"{prefix}{key}"]
+        for key, value in logged.items():
+            pl_module.log(key, value, sync_dist=True)  # identical on every rank; sync keeps Lightning consistent
+        folder = Path(trainer.log_dir or trainer.default_root_dir)  # collective under DDP: every rank calls it
+        if trainer.is_global_zero:
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(folder / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"kimg": kimg, "global_step": trainer.global_step, **results}) + "\n")
+
+
+def _gather_rows(trainer: L.Trainer, rows: torch.Tensor, total: int) -> torch.Tensor:
+    """Concatenate every rank's (n_r, D) rows in rank order (shares from the split above, summing to total)."""
+    world = trainer.world_size
+    sizes = [(r + 1) * total // world - r * total // world for r in range(world)]
+    padded = torch.zeros(max(sizes), *rows.shape[1:], dtype=rows.dtype, device=rows.device)
+    padded[: len(rows)] = rows
+    gathered = trainer.strategy.all_gather(padded)  # (world, max_n, D)
+    return torch.cat([gathered[r, : sizes[r]] for r in range(world)])

@@ -133,3 +133,31 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tup
     classifier = DomainClassifier(**payload["config"])
     classifier.load_state_dict(payload["state_dict"])
     return classifier.to(device).eval(), dict(payload.get("meta", {}))
+
+
+class ClassifierExtractor:
+    """A saved DomainClassifier as a metrics feature extractor: "pool" = its penultimate features.
+
+    Its name is fd_<file stem> (e.g. metric/fd_fashion_mnist), so its distances are never reported as FID.
+    """
+
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu") -> None:
+        from gangen.metrics import file_sha256
+
+        self.weights, self.device = Path(path), torch.device(device)
+        self.classifier, self.meta = load_classifier(self.weights, self.device)
+        self.weights_sha256 = file_sha256(self.weights)
+        self.name = "fd_" + "".join(c if c.isalnum() else "_" for c in self.weights.stem)
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """uint8 (N, C, H, W) at the classifier's resolution -> {"pool": (N, 4w)} float32."""
+        cfg = self.classifier.config
+        if tuple(images.shape[1:]) != (cfg["channels"], cfg["resolution"], cfg["resolution"]):
+            raise ConfigError(
+                f"{self.weights} was trained on ({cfg['channels']}, {cfg['resolution']}, {cfg['resolution']}) "
+                f"images, got {tuple(images.shape[1:])}: train a classifier at this resolution and channels"
+            )
+        x = images.to(self.device).float().div_(127.5).sub_(1.0)  # the datamodule's [-1, 1] scaling
+        with torch.autocast(self.device.type, enabled=False):
+            return {"pool": self.classifier.features(x).float()}

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from gangen.callbacks import GANMetrics
 from gangen.data import ImageDataModule
 from gangen.errors import ConfigError, GanGenError
 from gangen.sampling import (
@@ -34,7 +35,8 @@ from gangen.system import GAN
 
 DESCRIPTION = (
     "gangen: train DCGAN-style GANs with Lightning. Subcommands: fit, validate (Lightning's CLI; "
-    "see `gangen fit --help`), generate and train-classifier (see `gangen generate --help`)."
+    "see `gangen fit --help`), generate, evaluate, train-classifier and download-weights "
+    "(see `gangen generate --help` etc.)."
 )
 
 
@@ -53,6 +55,10 @@ class GANCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         commands = LightningCLI.subcommands()
         return {name: commands[name] for name in ("fit", "validate")}
+
+    def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
+        """A top-level `metrics:` section (--metrics.*): FID/KID/IS or domain FD at validation time."""
+        parser.add_lightning_class_args(GANMetrics, "metrics")
 
     def _check_shapes(self) -> None:
         """The data must have the resolution and channels the networks were built for."""
@@ -144,7 +150,125 @@ def train_classifier_command(argv: Sequence[str]) -> None:
     print(f"held-out accuracy {accuracy:.4f}; saved {output}")
 
 
+def load_samples(path: str) -> torch.Tensor:
+    """uint8 (N, C, H, W) from an .npz (arr_0, (N, H, W, C) uint8) or a folder of images (sorted by name)."""
+    import numpy as np
+    from PIL import Image
+
+    from gangen.data import IMAGE_EXTENSIONS
+    from gangen.errors import DataNotFoundError
+
+    source = Path(path)
+    if source.suffix == ".npz" and source.is_file():
+        with np.load(source) as npz:
+            array = npz[npz.files[0]]
+        if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] not in (1, 3):
+            raise ConfigError(f"{path}: expected a uint8 array (N, H, W, 1 or 3), got {array.dtype} {array.shape}")
+    elif source.is_dir():
+        files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise DataNotFoundError(f"no images in {path}: write some with `gangen generate --output {path}/`")
+        arrays = []
+        for f in files:
+            with Image.open(f) as im:
+                arrays.append(np.asarray(im.convert("L" if im.mode in ("L", "I", "I;16", "1") else "RGB")))
+        array = np.stack(arrays)
+        array = array[..., None] if array.ndim == 3 else array
+    else:
+        raise DataNotFoundError(
+            f"samples {path!r} not found: pass a folder of images or an .npz from `gangen generate`"
+        )
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
+
+
+def evaluate_command(argv: Sequence[str]) -> None:
+    """`gangen evaluate --ckpt_path PATH | --samples DIR_OR_NPZ [--data.* ...]`: metrics printed and as JSON."""
+    import json
+
+    from jsonargparse import ArgumentParser
+
+    from gangen.metrics import Evaluator, evaluate_generator, make_feature_extractor, real_statistics
+
+    p = ArgumentParser(prog="gangen evaluate", description="FID / KID / IS or a domain FD of a checkpoint or samples.")
+    p.add_argument("--ckpt_path", type=str | None, default=None, help="gangen checkpoint to generate from")
+    p.add_argument("--samples", type=str | None, default=None, help="folder of images or .npz, instead of a ckpt")
+    p.add_class_arguments(ImageDataModule, "data", sub_configs=True)
+    p.add_argument("--num_samples", type=int, default=10_000, help="images generated from the checkpoint")
+    p.add_argument("--feature_extractor", type=str, default="inception", help="inception | classifier path")
+    p.add_argument("--inception_weights", type=str | None, default=None, help="Inception weights file")
+    p.add_argument("--split", type=str, default="val", help="real split: val or train")
+    p.add_argument("--num_real", type=int | None, default=None, help="real images (default: the whole split)")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="latent seed of the generated images")
+    p.add_argument("--device", type=str, default="cpu", help="cpu | cuda")
+    p.add_argument("--cache_dir", type=str | None, default=None, help="real statistics cache")
+    p.add_argument("--output", type=str | None, default=None, help="JSON file (default: beside the input)")
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--ckpt_path", default=None)
+    pre.add_argument("--samples", default=None)
+    known = pre.parse_known_args(list(argv))[0]
+    if "-h" not in argv and "--help" not in argv and (known.ckpt_path is None) == (known.samples is None):
+        raise ConfigError("pass exactly one of --ckpt_path (generate and evaluate) or --samples (evaluate files)")
+    if known.ckpt_path:  # the checkpoint's data settings are the defaults; --data.* still overrides them
+        p.set_defaults({f"data.{k}": v for k, v in _read_checkpoint_data(known.ckpt_path).items()})
+    args = p.parse_args(list(argv))
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device!r}: no CUDA device is available here; use --device cpu")
+    if args.num_samples < 2:
+        raise ConfigError(f"--num_samples {args.num_samples} must be >= 2 (FID needs 2; 10000+ is usual)")
+    source = Path(args.ckpt_path or args.samples)
+    samples = load_samples(args.samples) if args.samples else None  # (N, C, H, W) uint8
+    datamodule = p.instantiate_classes(args).data
+    extractor = make_feature_extractor(args.feature_extractor, args.inception_weights, device=args.device)
+    count = args.num_samples if samples is None else len(samples)
+    output = Path(args.output) if args.output else source.parent / f"metrics-{extractor.name}-n{count}.json"
+    if not output.parent.is_dir():
+        raise ConfigError(f"--output {str(output)!r}: folder {output.parent} does not exist; create it first")
+    real = real_statistics(
+        datamodule, extractor, split=args.split, num_samples=args.num_real, batch_size=args.batch_size,
+        cache_dir=args.cache_dir,
+    )  # fmt: skip
+    if samples is not None:
+        evaluator = Evaluator(extractor, real, batch_size=args.batch_size)
+        evaluator.update(samples)
+        results = evaluator.compute()
+    else:
+        generator = load_generator(args.ckpt_path, args.device)
+        results = evaluate_generator(generator, args.num_samples, real, extractor, args.batch_size, args.seed)
+    results = {"source": str(source), "real_split": args.split, "real_from_cache": real.from_cache, **results}
+    text = json.dumps(results, indent=2)
+    output.write_text(text + "\n")
+    print(text)
+    print(f"wrote {output}")
+
+
+def _read_checkpoint_data(ckpt_path: str) -> dict:
+    """The data settings a gangen checkpoint was trained with (its datamodule hyperparameters)."""
+    from gangen.sampling import load_generator as _check
+
+    _check(ckpt_path)  # one-line errors for missing / corrupt / foreign checkpoints
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    data = dict(ckpt.get("datamodule_hyper_parameters") or {})
+    data.pop("_instantiator", None)
+    if not data:
+        raise ConfigError(f"{ckpt_path} does not record its data: pass --data.dataset ... --data.resolution ...")
+    return data
+
+
+def download_weights_command(argv: Sequence[str]) -> None:
+    from gangen.metrics import INCEPTION_URL, download_inception_weights, hub_cache_path
+
+    p = _OneLineParser(prog="gangen download-weights", description="Fetch the FID Inception weights (network).")
+    p.add_argument("--dest", default=None, help=f"file to write (default: {hub_cache_path()})")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds before giving up")
+    args = p.parse_args(argv)
+    path = download_inception_weights(args.dest, timeout=args.timeout)
+    print(f"downloaded {INCEPTION_URL} to {path}")
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
+    "evaluate": evaluate_command,
+    "download-weights": download_weights_command,
     "generate": generate_command,
     "train-classifier": train_classifier_command,
 }

@@ -88,7 +88,7 @@ def _pil(array: np.ndarray) -> Image.Image:
     return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)  # (H, W, C) uint8
 
 
-def _atomic_file(path: Path, write: Any) -> None:
+def atomic_file(path: Path, write: Any) -> None:
     """Call write(tmp_path), then rename tmp_path to `path` (same folder, so the rename is atomic)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
@@ -103,7 +103,7 @@ def _atomic_file(path: Path, write: Any) -> None:
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
     path = Path(path)
     array = to_uint8(grid_image(images, nrow)[None])[0]  # (H, W, C)
-    _atomic_file(path, lambda tmp: _pil(array).save(tmp, format=_image_format(path)))
+    atomic_file(path, lambda tmp: _pil(array).save(tmp, format=_image_format(path)))
     return path
 
 
@@ -132,7 +132,7 @@ def save_npz(images: torch.Tensor, path: str | Path) -> Path:
     """uint8 array (N, H, W, C) under the key arr_0, the layout FID tools read."""
     path = Path(path)
     array = to_uint8(images)
-    _atomic_file(path, lambda tmp: np.savez(tmp, array))
+    atomic_file(path, lambda tmp: np.savez(tmp, array))
     return path
 
 

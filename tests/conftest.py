@@ -13,10 +13,12 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "configs" / "dcgan_fashion_mnist.yaml"
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python cli.py ARGS` in a subprocess, as a user runs it."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("GANGEN_DEBUG", None)
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: float = 300, env: dict[str, str | None] | None = None
+) -> subprocess.CompletedProcess:
+    """`python cli.py ARGS` in a subprocess, as a user runs it; `env` adds (or, with None, removes) variables."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "GANGEN_DEBUG": None, **(env or {})}
+    env = {k: v for k, v in env.items() if v is not None}
     return subprocess.run(
         [sys.executable, str(ROOT / "cli.py"), *args],
         cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout,

@@ -18,6 +18,12 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 LOGGER_CONFIGS = sorted((ROOT / "configs" / "logger").glob("*.yaml"))
 
 
+@pytest.fixture(autouse=True)
+def weights_env(inception_weights, monkeypatch):
+    """Configs with FID on need Inception weights: the session's random-valued file stands in."""
+    monkeypatch.setenv("GANGEN_INCEPTION_WEIGHTS", str(inception_weights))
+
+
 def build(*args: str) -> GANCLI:
     return GANCLI(GAN, ImageDataModule, run=False, args=list(args), auto_configure_optimizers=False)
 
@@ -74,3 +80,16 @@ def test_logger_configs_combine(logger_config: Path, tmp_path):
                 "--trainer.logger.init_args.save_dir", str(tmp_path), "--data.limit", "64")  # fmt: skip
     expected = yaml.safe_load(logger_config.read_text())["trainer"]["logger"]["class_path"].rsplit(".", 1)[1]
     assert type(cli.trainer.logger).__name__ == expected
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if "feature_extractor: inception" in c.read_text()], ids=str)
+def test_fid_configs_without_weights_fail_before_training(config: Path, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty hub cache
+    monkeypatch.delenv("GANGEN_INCEPTION_WEIGHTS")
+    with pytest.raises(DataNotFoundError) as err:
+        build("--config", str(config), "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+              "--data.dataset", "fashion_mnist", "--data.root", DEFAULT_FASHION_MNIST_ROOT)  # fmt: skip
+    message = str(err.value)
+    assert "\n" not in message and "https://" in message and str(tmp_path / "torch") in message
+    assert "download-weights" in message
+    assert not (tmp_path / "runs").exists()

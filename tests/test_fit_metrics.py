@@ -1,0 +1,129 @@
+"""Metrics wired into training and the CLI: FID/KID/IS during fit, best checkpoint, cache, evaluate, DDP."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+from conftest import run_cli, tiny_fit_args
+
+from gangen.classifier import save_classifier, train_classifier
+from gangen.data import ImageDataModule
+
+
+@pytest.fixture(scope="module")
+def classifier_file(tmp_path_factory):
+    """A domain classifier at the demo's 32x32x1, trained briefly on real Fashion-MNIST labels."""
+    classifier, accuracy = train_classifier(
+        ImageDataModule(limit=1000, batch_size=64), epochs=1, enable_progress_bar=False, accelerator="cpu"
+    )
+    return save_classifier(classifier, tmp_path_factory.mktemp("clf") / "fmnist.pt", accuracy=accuracy)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def fid_run(tmp_path_factory, inception_weights):
+    save_dir = tmp_path_factory.mktemp("fid_run")
+    args = tiny_fit_args(
+        save_dir, "--metrics.feature_extractor", "inception", "--metrics.inception_weights", str(inception_weights),
+        "--metrics.num_samples", "16", "--metrics.num_real", "16", "--metrics.cache_dir", str(save_dir / "cache"),
+        "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.monitor", "metric/fid",
+        "--trainer.callbacks.filename", "best-kimg{progress/kimg:06.0f}-fid{metric/fid:.2f}",
+        "--trainer.callbacks.auto_insert_metric_name", "false",
+    )  # fmt: skip
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return save_dir
+
+
+def test_fit_logs_fid_kid_is_and_keeps_the_best_checkpoint(fid_run, inception_weights):
+    run = fid_run / "dcgan_fashion_mnist" / "version_0"
+    results = read_jsonl(run / "metrics.jsonl")
+    assert [r["kimg"] for r in results] == [0.64, 1.28]  # one evaluation per validation (epoch)
+    for r in results:
+        assert r["num_fake"] == 16 and r["num_real"] == 16 and r["weights"] == str(inception_weights)
+        assert r["fid"] > 0 and np.isfinite([r["kid_mean"], r["is_mean"]]).all()
+    with open(run / "metrics.csv") as f:
+        logged = [float(row["metric/fid"]) for row in csv.DictReader(f) if row.get("metric/fid")]
+    assert logged == pytest.approx([r["fid"] for r in results])
+    best = min(results, key=lambda r: r["fid"])
+    name = f"best-kimg{best['kimg']:06.0f}-fid{best['fid']:.2f}.ckpt"
+    assert name in os.listdir(run / "checkpoints")
+    assert len(list((fid_run / "cache").glob("*.pt"))) == 1  # real statistics cached once
+
+
+def test_evaluate_checkpoint_reuses_the_cache(fid_run, inception_weights, tmp_path):
+    ckpt = fid_run / "dcgan_fashion_mnist" / "version_0" / "checkpoints" / "last.ckpt"
+    out = tmp_path / "m.json"
+    r = run_cli("evaluate", "--ckpt_path", str(ckpt), "--num_samples", "16", "--num_real", "16",
+                "--inception_weights", str(inception_weights), "--cache_dir", str(fid_run / "cache"),
+                "--output", str(out))  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["real_from_cache"] is True and result["num_fake"] == 16 and result["num_real"] == 16
+    # the same generator, latents (seed 0) and real statistics as the last evaluation during fit
+    last = read_jsonl(fid_run / "dcgan_fashion_mnist" / "version_0" / "metrics.jsonl")[-1]
+    assert result["fid"] == pytest.approx(last["fid"], rel=1e-4)
+
+
+def test_evaluate_samples(trained_ckpt, inception_weights, tmp_path):
+    npz = tmp_path / "s.npz"
+    assert (
+        run_cli("generate", "--ckpt_path", str(trained_ckpt), "--num_samples", "12", "--output", str(npz)).returncode
+        == 0
+    )
+    r = run_cli("evaluate", "--samples", str(npz), "--data.dataset", "fashion_mnist", "--num_real", "12",
+                "--inception_weights", str(inception_weights), "--cache_dir", str(tmp_path / "cache"))  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((tmp_path / "metrics-inception-n12.json").read_text())
+    assert result["num_fake"] == 12 and result["feature_extractor"] == "inception" and result["fid"] > 0
+
+
+def test_fit_without_weights_fails_before_training(tmp_path):
+    env_home = tmp_path / "torch"
+    args = tiny_fit_args(tmp_path / "runs", "--metrics.feature_extractor", "inception")
+    r = run_cli(*args, env={"TORCH_HOME": str(env_home), "GANGEN_INCEPTION_WEIGHTS": None})
+    assert r.returncode == 2
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("gangen: error: Inception weights not found") and "https://" in line
+    assert str(env_home) in line and "--metrics.inception_weights" in line
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("argv", [["--num_samples", "8"], ["--ckpt_path", "a.ckpt", "--samples", "b.npz"]])
+def test_evaluate_needs_exactly_one_source(argv):
+    r = run_cli("evaluate", *argv)
+    assert r.returncode == 2 and "exactly one of --ckpt_path" in r.stderr
+
+
+def test_ddp_domain_fd_counts_exactly_n_and_equals_single_process(classifier_file, tmp_path):
+    """2 CPU processes (gloo): each generates its share of 15 images; the gathered FD equals one process's."""
+    args = tiny_fit_args(
+        tmp_path, "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+        "--trainer.strategy", "ddp_find_unused_parameters_true",
+        "--metrics.feature_extractor", str(classifier_file), "--metrics.num_samples", "15",
+        "--metrics.num_real", "20", "--metrics.cache_dir", str(tmp_path / "cache"),
+    )  # fmt: skip
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "dcgan_fashion_mnist" / "version_0"
+    results = read_jsonl(run / "metrics.jsonl")
+    assert len(results) == 2 and all(r["num_fake"] == 15 for r in results)  # no padding duplicates
+    assert all("fid" not in r and r["feature_extractor"] == "fd_fmnist" for r in results)  # never called FID
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["final.png", "kimg000000.png"]  # rank 0 only
+    out = tmp_path / "single.json"
+    r = run_cli("evaluate", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--feature_extractor",
+                str(classifier_file), "--num_samples", "15", "--num_real", "20", "--cache_dir", str(tmp_path / "cache"),
+                "--output", str(out))  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    single = json.loads(out.read_text())
+    assert single["fd_fmnist"] == pytest.approx(results[-1]["fd_fmnist"], rel=1e-4)
+    assert single["fd_fmnist_kid_mean"] == pytest.approx(results[-1]["fd_fmnist_kid_mean"], rel=1e-3)
+    assert re.fullmatch(r"[0-9a-f]{8}", single["weights_sha256_prefix"])

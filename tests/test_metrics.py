@@ -1,0 +1,342 @@
+"""Tests of gangen.metrics: parity with torch-fidelity on real Fashion-MNIST images, cache, weights, errors.
+
+The real Inception weights cannot be downloaded here: every test uses the session's random-valued weights
+file (conftest.inception_weights), which has the real architecture. Inception runs at 299 px on the CPU
+(a few images per second), so each test sends as few images through it as its claim needs.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch_fidelity
+from PIL import Image
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+from torchmetrics.image.fid import NoTrainInceptionV3
+
+from gangen import metrics
+from gangen.data import DEFAULT_FASHION_MNIST_ROOT, ImageDataModule, read_idx, resize_images
+from gangen.errors import ConfigError, DataNotFoundError
+from gangen.metrics import Evaluator, RealStats, real_statistics
+from gangen.networks import DCGANGenerator
+from gangen.sampling import generate, to_uint8
+
+FMNIST = Path(DEFAULT_FASHION_MNIST_ROOT)
+N = 64  # images per side in the parity test
+KID = dict(kid_subsets=20, kid_subset_size=48)  # subsets smaller than N, so the draws matter
+ISC_SPLITS = 4
+PAIRS = {  # gangen key -> torch-fidelity key
+    "fid": "frechet_inception_distance",
+    "kid_mean": "kernel_inception_distance_mean",
+    "kid_std": "kernel_inception_distance_std",
+    "is_mean": "inception_score_mean",
+    "is_std": "inception_score_std",
+}
+
+
+def fmnist(split: str, n: int) -> torch.Tensor:
+    """The first n images of a Fashion-MNIST split as RGB uint8 (n, 3, 32, 32)."""
+    images = read_idx(FMNIST / f"{split}-images-idx3-ubyte.gz")[:n].unsqueeze(1)  # (n, 1, 28, 28)
+    return resize_images(images, 32, 3)
+
+
+def add_noise(images: torch.Tensor, sigma: float, seed: int = 0) -> torch.Tensor:
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed)) * sigma
+    return (images.float() + noise).round().clamp(0, 255).to(torch.uint8)
+
+
+def write_pngs(images: torch.Tensor, folder: Path) -> Path:
+    folder.mkdir()
+    for i, image in enumerate(images.permute(0, 2, 3, 1).numpy()):  # (H, W, 3) uint8
+        Image.fromarray(image).save(folder / f"{i:04d}.png")
+    return folder
+
+
+class ForwardCounter:
+    """Counts the Inception forward passes (and images) of an extractor while active."""
+
+    def __init__(self, extractor: metrics.InceptionExtractor) -> None:
+        self.extractor, self.calls, self.images = extractor, 0, 0
+
+    def __enter__(self) -> ForwardCounter:
+        def hook(module, args, output):
+            self.calls += 1
+            self.images += len(args[0])
+
+        self.handle = self.extractor.net.register_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+
+@pytest.fixture(scope="module")
+def extractor(inception_weights) -> metrics.InceptionExtractor:
+    return metrics.make_feature_extractor("inception", inception_weights)
+
+
+@pytest.fixture(scope="module")
+def images() -> dict[str, torch.Tensor]:
+    """Real: the first N test images. Fake: the first N training images with noise (another distribution)."""
+    return {"real": fmnist("t10k", N), "fake": add_noise(fmnist("train", N), 24.0)}
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("real_stats")
+
+
+@pytest.fixture(scope="module")
+def real_stats(extractor, images, cache_dir) -> RealStats:
+    with ForwardCounter(extractor) as counter:
+        stats = real_statistics(images["real"], extractor, dataset="parity", cache_dir=cache_dir, batch_size=24)
+    assert not stats.from_cache and counter.images == N
+    return stats
+
+
+@pytest.fixture(scope="module")
+def parity(extractor, images, real_stats, inception_weights, tmp_path_factory) -> dict[str, dict]:
+    """gangen's and torch-fidelity's metrics of the same two image sets (torch-fidelity reads PNG folders)."""
+    evaluator = Evaluator(extractor, real_stats, isc_splits=ISC_SPLITS, batch_size=20, **KID)
+    evaluator.update(images["fake"][:30])  # two calls with uneven batches: the split must not matter
+    evaluator.update(images["fake"][30:])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = evaluator.compute()
+    folder = tmp_path_factory.mktemp("parity")
+    reference = torch_fidelity.calculate_metrics(
+        input1=str(write_pngs(images["fake"], folder / "fake")),  # input1 = generated, as in gangen's draws
+        input2=str(write_pngs(images["real"], folder / "real")),
+        cuda=False, isc=True, fid=True, kid=True, verbose=False, cache=False, save_cpu_ram=True,
+        feature_extractor_weights_path=str(inception_weights), isc_splits=ISC_SPLITS, rng_seed=2020, **KID,
+    )  # fmt: skip
+    return {"ours": ours, "reference": reference, "warnings": [str(w.message) for w in caught]}
+
+
+# ---------------------------------------------------------------- parity
+def test_fid_kid_is_match_torch_fidelity(parity) -> None:
+    ours, ref = parity["ours"], parity["reference"]
+    print({k: (ours[k], ref[r]) for k, r in PAIRS.items()})  # shown with -s
+    assert ours["fid"] > 1.0  # the two sets differ, so the relative tolerance below is meaningful
+    assert ours["fid"] == pytest.approx(ref["frechet_inception_distance"], rel=1e-4)
+    # same subsets as torch-fidelity; it computes the kernels in float32, we in float64
+    assert ours["kid_mean"] > 3 * ours["kid_std"] > 0
+    assert ours["kid_mean"] == pytest.approx(ref["kernel_inception_distance_mean"], rel=1e-4)
+    assert ours["kid_std"] == pytest.approx(ref["kernel_inception_distance_std"], rel=1e-3)
+    # IS of the random weights is close to 1: compare its distance from 1 and the spread over splits
+    assert ours["is_mean"] - 1 == pytest.approx(ref["inception_score_mean"] - 1, rel=1e-4)
+    assert ours["is_std"] == pytest.approx(ref["inception_score_std"], rel=1e-4)
+
+
+def test_result_carries_counts_weights_and_types(parity, inception_weights, extractor) -> None:
+    ours = parity["ours"]
+    assert ours["num_fake"] == N and ours["num_real"] == N and ours["kid_subset_size"] == KID["kid_subset_size"]
+    assert ours["feature_extractor"] == "inception" and ours["weights"] == str(inception_weights)
+    assert ours["weights_sha256_prefix"] == extractor.weights_sha256[:8] and len(extractor.weights_sha256) == 64
+    assert all(type(ours[k]) is float for k in ("fid", "kid_mean", "kid_std", "is_mean", "is_std"))
+    assert [m for m in parity["warnings"] if "biased" in m] == [
+        f"FID from {N} generated / {N} real samples (< 2048) is biased: compare only values computed with the "
+        "same sample counts"
+    ]
+
+
+def test_weights_load_in_torch_fidelity_and_torchmetrics(inception_weights, extractor, images) -> None:
+    """The random file has the real layout (strict load), and torchmetrics' extractor gives our features."""
+    batch = images["real"][:3]
+    tm = NoTrainInceptionV3("inception-v3-compat", ["2048"], str(inception_weights), antialias=False)
+    tf = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], str(inception_weights))
+    ours = extractor.features(batch)
+    assert ours["pool"].shape == (3, 2048) and ours["logits"].shape == (3, 1008)
+    assert ours["pool"].std() > 0.05  # He init: features are not ~1e-8, FIDs separate sets
+    with torch.no_grad():
+        torch.testing.assert_close(tm(batch), ours["pool"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(tf(batch)[0], ours["pool"], rtol=0, atol=1e-5)
+    grey = extractor.features(batch[:, :1])  # greyscale input is repeated to RGB
+    torch.testing.assert_close(grey["pool"], ours["pool"], rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- behaviour
+def test_fid_zero_for_same_images_and_grows_with_noise(extractor, images, real_stats) -> None:
+    base = images["real"][:32]
+    key = {**real_stats.key, "num_samples": 32}
+    stats = RealStats.from_features(real_stats.features[:32], key)  # statistics of `base`, no extra pass
+    fids = []
+    for sigma in (0.0, 16.0, 48.0, 128.0):
+        evaluator = Evaluator(extractor, stats, batch_size=13, kid_subsets=5, kid_subset_size=16, isc_splits=2)
+        evaluator.update(add_noise(base, sigma) if sigma else base)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fids.append(evaluator.compute()["fid"])
+    assert abs(fids[0]) < 1e-3, fids  # same images in other batches: same features
+    assert fids[1] > 1e-2 and all(a < b for a, b in zip(fids, fids[1:], strict=False)), fids
+
+
+def test_real_statistics_cache_hit_and_misses(extractor, images, real_stats, cache_dir) -> None:
+    with ForwardCounter(extractor) as counter:
+        again = real_statistics(images["real"], extractor, dataset="parity", cache_dir=cache_dir, batch_size=64)
+    assert again.from_cache and counter.calls == 0  # no Inception pass over the real data
+    torch.testing.assert_close(again.cov, real_stats.cov, rtol=0, atol=0)
+    assert again.mean.dtype == again.cov.dtype == torch.float64 and again.cov.shape == (2048, 2048)
+    assert again.features.shape == (N, 2048) and again.key == real_stats.key
+
+    with ForwardCounter(extractor) as counter:  # another sample count is another key
+        fewer = real_statistics(images["real"], extractor, dataset="parity", num_samples=5, cache_dir=cache_dir)
+    assert not fewer.from_cache and counter.images == 5 and fewer.key["num_samples"] == 5
+    torch.testing.assert_close(fewer.features, real_stats.features[:5], rtol=0, atol=1e-5)
+    with ForwardCounter(extractor) as counter:  # another resolution too
+        small = real_statistics(images["real"][:3, :, :16, :16], extractor, dataset="parity", cache_dir=cache_dir)
+    assert not small.from_cache and counter.images == 3 and small.key["resolution"] == 16
+    assert len(list(cache_dir.glob("*.pt"))) == 3 and not list(cache_dir.glob(".*"))  # no temporary leftovers
+
+    other_weights = {**real_stats.key, "weights_sha256": "0" * 64}
+    other_set = {**real_stats.key, "dataset": "cifar10"}
+    names = {metrics.cache_file(k, cache_dir) for k in (real_stats.key, other_weights, other_set)}
+    assert len(names) == 3 and metrics.cache_file(real_stats.key, cache_dir).is_file()
+
+
+def test_cache_file_for_other_key_or_corrupt_is_recomputed(extractor, images, tmp_path) -> None:
+    batch = images["real"][:2]
+    stats = real_statistics(batch, extractor, dataset="tiny", cache_dir=tmp_path)
+    path = metrics.cache_file(stats.key, tmp_path)
+    path.write_bytes(b"truncated")
+    with ForwardCounter(extractor) as counter:
+        again = real_statistics(batch, extractor, dataset="tiny", cache_dir=tmp_path)
+    assert not again.from_cache and counter.images == 2
+    assert real_statistics(batch, extractor, dataset="tiny", cache_dir=tmp_path).from_cache  # rewritten
+
+
+def test_real_statistics_from_datamodule(extractor, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv(metrics.CACHE_ENV_VAR, str(tmp_path))  # default cache dir: $GANGEN_CACHE_DIR/real_stats
+    dm = ImageDataModule(resolution=32, channels=1, limit=50, batch_size=16)
+    with ForwardCounter(extractor) as counter:
+        stats = real_statistics(dm, extractor, split="val", num_samples=6, batch_size=4)
+    assert counter.calls == 2 and stats.key["dataset"] == "fashion_mnist" and stats.key["channels"] == 1
+    expected = resize_images(read_idx(FMNIST / "t10k-images-idx3-ubyte.gz")[:6].unsqueeze(1), 32, 1)
+    torch.testing.assert_close(stats.features, extractor.features(expected)["pool"], rtol=0, atol=1e-5)
+    assert metrics.cache_file(stats.key).parent == tmp_path / "real_stats"
+    with ForwardCounter(extractor) as counter:
+        assert real_statistics(dm, extractor, split="val", num_samples=6).from_cache and counter.calls == 0
+
+
+def test_evaluate_generator_streams_batches(extractor) -> None:
+    torch.manual_seed(0)
+    generator = DCGANGenerator(latent_dim=8, resolution=16, channels=1, base_channels=8)
+    reference_images = torch.from_numpy(to_uint8(generate(generator, 8, seed=3))).permute(0, 3, 1, 2)
+    stats = real_statistics(reference_images.flip(0)[:6], extractor, use_cache=False)
+    options = dict(kid_subsets=3, kid_subset_size=4, isc_splits=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with ForwardCounter(extractor) as counter:
+            streamed = metrics.evaluate_generator(generator, 8, stats, extractor, batch_size=3, seed=3, **options)
+        evaluator = Evaluator(extractor, stats, **options)
+        evaluator.update(reference_images)
+        whole = evaluator.compute()
+    assert counter.calls == 3 and streamed["num_fake"] == 8  # 3 + 3 + 2 images, never all at once
+    assert streamed["fid"] == pytest.approx(whole["fid"], rel=1e-6, abs=1e-9)
+    assert streamed["kid_mean"] == pytest.approx(whole["kid_mean"], rel=1e-6, abs=1e-12)
+
+
+def test_sample_count_errors_and_clamping(extractor, real_stats) -> None:
+    evaluator = Evaluator(extractor, real_stats)
+    evaluator.update_features({"pool": real_stats.features[:1]})
+    with pytest.raises(ConfigError, match="at least 2 samples on each side, got 1 generated and 64 real"):
+        evaluator.compute()
+    evaluator.update_features({"pool": real_stats.features[1:40]})  # 40 fake, default subset size 1000
+    with pytest.warns(UserWarning) as caught:
+        result = evaluator.compute()
+    messages = [str(w.message) for w in caught]
+    assert "KID subset size 1000 > 40 samples: using 40" in messages and result["kid_subset_size"] == 40
+    assert "is_mean" not in result  # no logits given: no IS
+    assert all("\n" not in m for m in messages)
+
+
+def test_bad_images_are_refused(extractor, real_stats, images) -> None:
+    evaluator = Evaluator(extractor, real_stats)
+    with pytest.raises(ConfigError, match="uint8 images"):
+        evaluator.update(images["real"][:2].float() / 127.5 - 1)
+    with pytest.raises(ConfigError, match=r"do not match the real statistics' \(3, 32, 32\)"):
+        evaluator.update(images["real"][:2, :, :16, :16])
+    with pytest.raises(ConfigError, match="1 or 3 channels"):
+        evaluator.update(images["real"][:2, :2])
+    foreign = RealStats.from_features(real_stats.features, {**real_stats.key, "weights_sha256": "f" * 64})
+    with pytest.raises(ConfigError, match="recompute them with this extractor"):
+        Evaluator(extractor, foreign)
+
+
+# ---------------------------------------------------------------- weights resolution and download
+def test_inception_url_is_torch_fidelity_s() -> None:
+    assert metrics.INCEPTION_URL == URL_INCEPTION_V3
+    assert metrics.INCEPTION_URL.endswith("/" + metrics.INCEPTION_FILENAME)
+
+
+def test_missing_weights_give_one_line_with_url_and_cache_path(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv(metrics.ENV_VAR, raising=False)
+    with pytest.raises(DataNotFoundError) as err:
+        metrics.resolve_inception_weights(None)
+    message = str(err.value)
+    expected_cache = tmp_path / "torch" / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
+    assert "\n" not in message and metrics.INCEPTION_URL in message and str(expected_cache) in message
+    assert "--metrics.inception_weights PATH" in message and "GANGEN_INCEPTION_WEIGHTS" in message
+    assert "gangen download-weights" in message
+    with pytest.raises(DataNotFoundError, match="Inception weights not found"):
+        metrics.make_feature_extractor("inception")
+
+
+def test_weights_resolution_order(tmp_path, monkeypatch, inception_weights) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv(metrics.ENV_VAR, str(inception_weights))
+    assert metrics.resolve_inception_weights(None) == inception_weights
+    missing = tmp_path / "nowhere.pth"
+    with pytest.raises(DataNotFoundError, match=f"'{missing}' \\(from inception_weights\\) not found"):
+        metrics.resolve_inception_weights(missing)  # an explicit path wins and must exist
+    monkeypatch.setenv(metrics.ENV_VAR, str(missing))
+    with pytest.raises(DataNotFoundError, match=r"from \$GANGEN_INCEPTION_WEIGHTS"):
+        metrics.resolve_inception_weights(None)
+    monkeypatch.delenv(metrics.ENV_VAR)
+    hub = metrics.hub_cache_path()
+    assert hub == tmp_path / "torch" / "hub" / "checkpoints" / metrics.INCEPTION_FILENAME
+    hub.parent.mkdir(parents=True)
+    hub.symlink_to(inception_weights)
+    assert metrics.resolve_inception_weights(None) == hub
+    with pytest.raises(ConfigError, match="is corrupt"):  # the official name with another file's hash
+        metrics.make_feature_extractor("inception")
+
+
+def test_bad_weights_files_and_unknown_extractor(tmp_path) -> None:
+    text = tmp_path / "notes.pth"
+    text.write_text("not a checkpoint")
+    with pytest.raises(ConfigError, match="is not an InceptionV3 state_dict"):
+        metrics.make_feature_extractor("inception", text)
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, wrong)
+    with pytest.raises(ConfigError, match="is not an InceptionV3 state_dict"):
+        metrics.make_feature_extractor("inception", wrong)
+    with pytest.raises(ConfigError, match="unknown feature extractor 'vgg16': use one of inception"):
+        metrics.make_feature_extractor("vgg16")
+
+
+def test_download_fails_fast_and_leaves_nothing(tmp_path) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dest = tmp_path / "weights" / metrics.INCEPTION_FILENAME
+    start = time.monotonic()
+    with pytest.raises(DataNotFoundError) as err:
+        metrics.download_inception_weights(dest, timeout=5, url=f"http://127.0.0.1:{port}/{dest.name}")
+    assert time.monotonic() - start < 5
+    assert "\n" not in str(err.value) and f"127.0.0.1:{port}" in str(err.value) and "refused" in str(err.value)
+    assert list(dest.parent.iterdir()) == []  # no partial or temporary file
+
+
+def test_moments_match_numpy_cov() -> None:
+    features = torch.rand(50, 7, generator=torch.Generator().manual_seed(0)) + 3  # offset: cancellation check
+    stats = RealStats.from_features(features, {})
+    np.testing.assert_allclose(stats.cov.numpy(), np.cov(features.double().numpy(), rowvar=False), rtol=1e-10)
+    np.testing.assert_allclose(stats.mean.numpy(), features.double().mean(0).numpy(), rtol=1e-12)
