@@ -121,15 +121,19 @@ class GANMetrics(L.Callback):
         from gangen.metrics import make_feature_extractor, real_statistics
 
         if self._extractor is None:
-            spec = "inception" if self.feature_extractor == "inception" else self.feature_extractor
-            self._extractor = make_feature_extractor(spec, self.weights, device=pl_module.device)
+            self._extractor = make_feature_extractor(self.feature_extractor, self.weights, device=pl_module.device)
         if self._real is None:
-            options = dict(split=self.real_split, num_samples=self.num_real, batch_size=self.batch_size)
+
+            def load() -> Any:
+                return real_statistics(
+                    trainer.datamodule, self._extractor, split=self.real_split, num_samples=self.num_real,
+                    batch_size=self.batch_size, cache_dir=self.cache_dir,
+                )  # fmt: skip
+
             if trainer.is_global_zero:  # rank 0 fills the cache, the others then read it
-                self._real = real_statistics(trainer.datamodule, self._extractor, cache_dir=self.cache_dir, **options)
+                self._real = load()
             trainer.strategy.barrier("gangen-real-statistics")
-            if self._real is None:
-                self._real = real_statistics(trainer.datamodule, self._extractor, cache_dir=self.cache_dir, **options)
+            self._real = self._real or load()
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         """Metrics of exactly num_samples generated images, split over the ranks."""

@@ -27,6 +27,7 @@ from gangen.sampling import (
     interpolation_latents,
     load_generator,
     output_kind,
+    read_checkpoint,
     save_grid,
     save_npz,
     save_png_folder,
@@ -209,8 +210,9 @@ def evaluate_command(argv: Sequence[str]) -> None:
     known = pre.parse_known_args(list(argv))[0]
     if "-h" not in argv and "--help" not in argv and (known.ckpt_path is None) == (known.samples is None):
         raise ConfigError("pass exactly one of --ckpt_path (generate and evaluate) or --samples (evaluate files)")
-    if known.ckpt_path:  # the checkpoint's data settings are the defaults; --data.* still overrides them
-        p.set_defaults({f"data.{k}": v for k, v in _read_checkpoint_data(known.ckpt_path).items()})
+    ckpt = read_checkpoint(known.ckpt_path) if known.ckpt_path else None  # read once, used twice
+    if ckpt is not None:  # the checkpoint's data settings are the defaults; --data.* still overrides them
+        p.set_defaults({f"data.{k}": v for k, v in _checkpoint_data(ckpt, known.ckpt_path).items()})
     args = p.parse_args(list(argv))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {args.device!r}: no CUDA device is available here; use --device cpu")
@@ -233,7 +235,7 @@ def evaluate_command(argv: Sequence[str]) -> None:
         evaluator.update(samples)
         results = evaluator.compute()
     else:
-        generator = load_generator(args.ckpt_path, args.device)
+        generator = load_generator(ckpt, args.device)
         results = evaluate_generator(generator, args.num_samples, real, extractor, args.batch_size, args.seed)
     results = {"source": str(source), "real_split": args.split, "real_from_cache": real.from_cache, **results}
     text = json.dumps(results, indent=2)
@@ -242,12 +244,8 @@ def evaluate_command(argv: Sequence[str]) -> None:
     print(f"wrote {output}")
 
 
-def _read_checkpoint_data(ckpt_path: str) -> dict:
+def _checkpoint_data(ckpt: dict, ckpt_path: str) -> dict:
     """The data settings a gangen checkpoint was trained with (its datamodule hyperparameters)."""
-    from gangen.sampling import load_generator as _check
-
-    _check(ckpt_path)  # one-line errors for missing / corrupt / foreign checkpoints
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     data = dict(ckpt.get("datamodule_hyper_parameters") or {})
     data.pop("_instantiator", None)
     if not data:

@@ -164,8 +164,9 @@ def output_kind(output: str) -> str:
     return kind
 
 
-def load_generator(ckpt_path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """The generator of a gangen checkpoint, in eval mode, on `device`; loaded with weights_only=True."""
+def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
+    """A gangen checkpoint as a dict, loaded with weights_only=True; one-line errors for missing, corrupt,
+    unsafe or foreign files."""
     path = Path(ckpt_path)
     if not path.is_file():
         raise DataNotFoundError(
@@ -182,7 +183,13 @@ def load_generator(ckpt_path: str | Path, device: str | torch.device = "cpu") ->
     hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
     if not isinstance(hparams.get("generator"), dict) or "state_dict" not in ckpt:
         raise ConfigError(f"{str(path)!r} is not a gangen checkpoint (no generator config): pass one from `gangen fit`")
-    generator = build_network(hparams["generator"])
+    return ckpt
+
+
+def load_generator(ckpt: str | Path | dict[str, Any], device: str | torch.device = "cpu") -> nn.Module:
+    """The generator of a gangen checkpoint (a path, or a dict from read_checkpoint), in eval mode, on `device`."""
+    ckpt = ckpt if isinstance(ckpt, dict) else read_checkpoint(ckpt)
+    generator = build_network(ckpt["hyper_parameters"]["generator"])
     prefix = "generator."
     state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     generator.load_state_dict(state)
