@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -61,6 +62,15 @@ class GANCLI(LightningCLI):
         """A top-level `metrics:` section (--metrics.*): FID/KID/IS or domain FD at validation time."""
         parser.add_lightning_class_args(GANMetrics, "metrics")
 
+    def before_instantiate_classes(self) -> None:
+        """Multi-process training works out of the box: strategy "auto" becomes DDP with
+        find_unused_parameters=True when more than one device or node is asked for. Plain DDP refuses a GAN
+        step (G and D sit in one DDP wrapper and each backward uses only one of them)."""
+        config = self.config.get(self.config.get("subcommand") or "", self.config)
+        trainer = config.get("trainer")
+        if trainer is not None and trainer.get("strategy") == "auto" and _multi_process(trainer):
+            trainer["strategy"] = "ddp_find_unused_parameters_true"
+
     def _check_shapes(self) -> None:
         """The data must have the resolution and channels the networks were built for."""
         g = getattr(self.model.generator, "config", {})
@@ -77,6 +87,18 @@ class GANCLI(LightningCLI):
 
     def before_validate(self) -> None:
         self._check_shapes()
+
+
+def _multi_process(trainer: Any) -> bool:
+    """Whether Trainer settings ask for more than one process (devices x nodes)."""
+    devices, nodes = trainer.get("devices", "auto"), int(trainer.get("num_nodes") or 1)
+    if isinstance(devices, str) and devices.strip() not in ("auto", "-1"):
+        devices = [d for d in devices.split(",") if d.strip()] if "," in devices else int(devices)
+    if devices in ("auto", -1, "-1"):
+        gpu = trainer.get("accelerator", "auto") in ("auto", "gpu", "cuda")
+        devices = torch.cuda.device_count() if gpu and torch.cuda.is_available() else 1
+    count = len(devices) if isinstance(devices, (list, tuple)) else int(devices)
+    return count * nodes > 1
 
 
 class _OneLineParser(argparse.ArgumentParser):
