@@ -14,13 +14,19 @@ from gangen.errors import ConfigError
 from gangen.sampling import generate, grid_image, latents, save_grid
 
 
+def logging_step(trainer: L.Trainer) -> int:
+    """The step Lightning logs scalars at: batches trained (not global_step, which counts both optimizers)."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
 def log_image(trainer: L.Trainer, key: str, image: torch.Tensor) -> None:
     """Send one (C, H, W) image in [-1, 1] to every logger that takes images, at the scalars' step."""
+    step = logging_step(trainer)
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_image(key, (image + 1) / 2, global_step=trainer.global_step)
+            logger.experiment.add_image(key, (image + 1) / 2, global_step=step)
         elif hasattr(logger, "log_image"):  # WandbLogger and others with the same method
-            logger.log_image(key=key, images=[((image + 1) / 2).clamp(0, 1)], step=trainer.global_step)
+            logger.log_image(key=key, images=[((image + 1) / 2).clamp(0, 1)], step=step)
 
 
 class SampleGrid(L.Callback):

@@ -18,10 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from gangen.callbacks import GANMetrics
 from gangen.data import ImageDataModule
+from gangen.distributed import check_trainer, global_batch
+from gangen.distributed import multi_process as _multi_process
 from gangen.errors import ConfigError, GanGenError
 from gangen.sampling import (
     generate,
@@ -49,6 +54,14 @@ class SaveFitConfig(SaveConfigCallback):
         if stage == "fit":
             super().setup(trainer, pl_module, stage)
 
+    def save_config(self, trainer, pl_module, stage: str) -> None:  # type: ignore[no-untyped-def]
+        """The resolved config also goes to W&B (rank 0), where it shows as the run's config."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_hyperparams(yaml.safe_load(self.parser.dump(self.config, skip_none=False)))
+
 
 class GANCLI(LightningCLI):
     """LightningCLI with the subcommands a GAN needs and a data/model consistency check."""
@@ -68,8 +81,22 @@ class GANCLI(LightningCLI):
         step (G and D sit in one DDP wrapper and each backward uses only one of them)."""
         config = self.config.get(self.config.get("subcommand") or "", self.config)
         trainer = config.get("trainer")
-        if trainer is not None and trainer.get("strategy") == "auto" and _multi_process(trainer):
+        if trainer is None:
+            return
+        check_trainer(trainer)  # devices, strategy, SyncBatchNorm: one line each, before anything is built
+        _check_wandb(trainer.get("logger"))
+        if trainer.get("strategy") == "auto" and _multi_process(trainer):
             trainer["strategy"] = "ddp_find_unused_parameters_true"
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Lightning's refusals of Trainer settings (checked deep in Trainer.__init__) as one ConfigError line."""
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError) as err:
+            if isinstance(err, GanGenError):
+                raise
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"Lightning refused the trainer settings: {first}") from err
 
     def _check_shapes(self) -> None:
         """The data must have the resolution and channels the networks were built for."""
@@ -84,21 +111,22 @@ class GANCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._check_shapes()
+        trainer = self.trainer
+        if trainer.global_rank == 0:  # ranks are known once the Trainer exists, before any process is launched
+            line = global_batch(self.datamodule.hparams["batch_size"], trainer.num_devices, trainer.num_nodes)
+            print(line, file=sys.stderr, flush=True)
 
     def before_validate(self) -> None:
         self._check_shapes()
 
 
-def _multi_process(trainer: Any) -> bool:
-    """Whether Trainer settings ask for more than one process (devices x nodes)."""
-    devices, nodes = trainer.get("devices", "auto"), int(trainer.get("num_nodes") or 1)
-    if isinstance(devices, str) and devices.strip() not in ("auto", "-1"):
-        devices = [d for d in devices.split(",") if d.strip()] if "," in devices else int(devices)
-    if devices in ("auto", -1, "-1"):
-        gpu = trainer.get("accelerator", "auto") in ("auto", "gpu", "cuda")
-        devices = torch.cuda.device_count() if gpu and torch.cuda.is_available() else 1
-    count = len(devices) if isinstance(devices, (list, tuple)) else int(devices)
-    return count * nodes > 1
+def _check_wandb(logger: Any) -> None:
+    """W&B asked online with no API key fails here, as one line (inside the logger jsonargparse would wrap it)."""
+    from gangen.tracking import wandb_mode
+
+    for spec in logger if isinstance(logger, list) else [logger]:
+        if str(getattr(spec, "class_path", "") or "").endswith("WandbLogger"):
+            wandb_mode((getattr(spec, "init_args", None) or {}).get("offline"))
 
 
 class _OneLineParser(argparse.ArgumentParser):

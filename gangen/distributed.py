@@ -1,0 +1,80 @@
+"""Checks of the Trainer's device, strategy and process settings, made before anything is built or written.
+
+Lightning refuses bad settings deep inside `Trainer(...)` with a traceback, or (SyncBatchNorm on CPU) only
+inside the first forward pass of a multi-process run. These checks turn them into one-line ConfigErrors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from gangen.errors import ConfigError
+
+GPU_ACCELERATORS = ("gpu", "cuda")
+
+
+def device_count(devices: Any) -> int | None:
+    """Processes per node asked for by `devices` (int, "N", "0,1", [0, 1]); None for "auto" / -1."""
+    if isinstance(devices, str):
+        devices = devices.strip()
+        if devices in ("auto", "-1"):
+            return None
+        return len([d for d in devices.split(",") if d.strip()]) if "," in devices else int(devices)
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    return None if devices in (None, -1) else int(devices)
+
+
+def multi_process(trainer: Any) -> bool:
+    """Whether Trainer settings ask for more than one process (devices x nodes)."""
+    count, nodes = device_count(trainer.get("devices", "auto")), int(trainer.get("num_nodes") or 1)
+    if count is None:  # "auto" / -1: every GPU if the accelerator may be a GPU, else one process
+        gpu = trainer.get("accelerator", "auto") in ("auto", *GPU_ACCELERATORS)
+        count = torch.cuda.device_count() if gpu and torch.cuda.is_available() else 1
+    return count * nodes > 1
+
+
+def check_trainer(trainer: Any) -> None:
+    """Devices that exist, a strategy Lightning knows, SyncBatchNorm only where PyTorch supports it."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    accelerator, devices = trainer.get("accelerator", "auto"), trainer.get("devices", "auto")
+    strategy = trainer.get("strategy", "auto")
+    if isinstance(accelerator, str) and accelerator.lower() in GPU_ACCELERATORS:
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if available == 0:
+            raise ConfigError(
+                f"--trainer.accelerator {accelerator}: no CUDA GPU is available on this machine; "
+                "use --trainer.accelerator cpu (or auto)"
+            )
+        wanted = device_count(devices)
+        indices = devices if isinstance(devices, (list, tuple)) else []
+        if isinstance(devices, str) and "," in devices:
+            indices = [int(d) for d in devices.split(",") if d.strip()]
+        if (wanted or 0) > available or any(int(i) >= available for i in indices):
+            raise ConfigError(
+                f"--trainer.devices {devices}: this machine has {available} CUDA GPU(s); "
+                f"ask for at most {available} (or --trainer.devices auto)"
+            )
+    if isinstance(strategy, str) and strategy.lower() != "auto":
+        known = StrategyRegistry.available_strategies()
+        if strategy.lower() not in known:
+            common = ["auto"] + [s for s in ("ddp", "ddp_find_unused_parameters_true", "ddp_spawn", "fsdp") if s in known]
+            raise ConfigError(
+                f"--trainer.strategy {strategy!r} is not a Lightning strategy: use one of {', '.join(common)} "
+                "(or see lightning.pytorch.strategies.StrategyRegistry)"
+            )
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if trainer.get("sync_batchnorm") and on_cpu and multi_process(trainer):
+        raise ConfigError(
+            "--trainer.sync_batchnorm true: PyTorch's SyncBatchNorm works on GPUs only; "
+            "drop the flag on CPU (or train on GPUs with --trainer.accelerator gpu)"
+        )
+
+
+def global_batch(per_device: int, devices: int, nodes: int) -> str:
+    """The one line that states the global batch of a run."""
+    d, n = "device" if devices == 1 else "devices", "node" if nodes == 1 else "nodes"
+    return f"gangen: global batch {per_device * devices * nodes} = {per_device} per device x {devices} {d} x {nodes} {n}"
