@@ -1,0 +1,124 @@
+"""W&B with the real wandb package: an offline fit read back from its run file, and runs that must not hang."""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+
+import pytest
+from conftest import ROOT, DEMO_CONFIG, run_cli, tiny_fit_args
+from test_errors import fails
+
+from gangen.wandb_files import BLOCK_SIZE, read_chunks, read_run
+
+WANDB_CONFIG = str(ROOT / "configs" / "logger" / "wandb.yaml")
+
+
+@pytest.fixture
+def wandb_env(tmp_path, monkeypatch):
+    """wandb's folders, settings and credentials confined to tmp_path: no key, no netrc, nothing leaks."""
+    env = {"HOME": tmp_path / "home", "WANDB_DIR": tmp_path / "wandb_dir", "WANDB_CACHE_DIR": tmp_path / "cache",
+           "WANDB_CONFIG_DIR": tmp_path / "config", "WANDB_DATA_DIR": tmp_path / "data", "NETRC": tmp_path / "netrc"}  # fmt: skip
+    for key, value in env.items():
+        if key != "NETRC":  # NETRC names a file that does not exist: no credentials
+            value.mkdir(exist_ok=True)
+        monkeypatch.setenv(key, str(value))
+    for key in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_IDENTITY_TOKEN_FILE", "GANGEN_WANDB_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+    return {k: str(v) for k, v in env.items()} | {"WANDB_API_KEY": None, "WANDB_MODE": None}
+
+
+def test_offline_fit_logs_losses_fd_grids_and_config(tmp_path, wandb_env, inception_weights):
+    runs = tmp_path / "runs"
+    args = tiny_fit_args(
+        runs, "--config", WANDB_CONFIG, "--trainer.logger.init_args.save_dir", str(runs),
+        "--trainer.logger.init_args.tags", "[test, cpu]", "--trainer.logger.init_args.group", "g1",
+        "--metrics.feature_extractor", "inception", "--metrics.inception_weights", str(inception_weights),
+        "--metrics.num_samples", "16", "--metrics.num_real", "16", "--metrics.cache_dir", str(tmp_path / "cache"), "--data.limit", "320",
+    )  # fmt: skip
+    r = run_cli(*args, env=wandb_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "no API key found" in r.stderr and "wandb sync" in r.stderr  # went offline, said so once
+    assert r.stderr.count("gangen: W&B:") == 1
+    assert "gangen: global batch 64 = 64 per device x 1 device x 1 node" in r.stderr
+    [run] = list((runs / "gangen").iterdir())  # one folder per run: runs/<project>/<run id>
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch=1-step=20.ckpt", "last.ckpt"]  # global_step: 2 optimizers x 10 batches
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["final.png", "kimg000000.png"]
+    assert (run / "config.yaml").is_file()
+    [offline] = list((run / "wandb").glob(f"offline-run-*-{run.name}"))
+
+    logged = read_run(offline)
+    assert len(list((offline / "files" / "media" / "images").glob("samples_*.png"))) == 2  # the two grids
+    steps = logged.values("trainer/global_step")
+    grids = [row for row in logged.history if row.get("samples/_type") == "images/separated"]
+    assert len(grids) == 2 and grids[0]["trainer/global_step"] == 0
+    scalar_steps = [row["trainer/global_step"] for row in logged.history if "loss/d" in row]
+    assert grids[-1]["trainer/global_step"] == max(steps) == 10  # the final grid sits on the scalars' last step
+    assert scalar_steps == sorted(scalar_steps) and max(scalar_steps) <= 10  # 2 epochs x 5 batches
+    for name in grids[0]["samples/filenames"] + grids[1]["samples/filenames"]:
+        assert (offline / "files" / name).is_file()
+    losses = logged.values("loss/g")
+    assert len(losses) == 2 and all(isinstance(x, float) for x in losses)  # every 5 of 10 batches
+    jsonl = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert logged.values("metric/fid") == pytest.approx([row["fid"] for row in jsonl]) and len(jsonl) == 2
+    assert logged.values("metric/num_samples") == [16, 16]
+    # the resolved CLI config, nested as in config.yaml
+    assert logged.config["trainer"]["max_epochs"] == 2 and logged.config["data"]["limit"] == 320
+    assert logged.config["metrics"]["num_samples"] == 16
+    assert logged.config["trainer"]["logger"]["class_path"] == "gangen.tracking.WandbLogger"
+    assert logged.summary["metric/fid"] == pytest.approx(jsonl[-1]["fid"])
+    assert not list(offline.rglob("model-*"))  # no checkpoint artifacts offline: they stay in checkpoints/
+
+
+@pytest.mark.parametrize("how", [["--trainer.logger.init_args.offline", "false"], "WANDB_MODE=online"])
+def test_online_without_key_fails_at_once(capsys, tmp_path, wandb_env, monkeypatch, how):
+    extra = how if isinstance(how, list) else []
+    if isinstance(how, str):
+        monkeypatch.setenv(*how.split("="))
+    start = time.monotonic()
+    line = fails(capsys, "fit", "--config", str(DEMO_CONFIG), "--config", WANDB_CONFIG,
+                 "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), *extra)  # fmt: skip
+    assert time.monotonic() - start < 20
+    assert line.startswith("gangen: error: W&B online was asked for") and "wandb login" in line
+    assert "offline true" in line and ("offline: false" in line or "WANDB_MODE=online" in line)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unreachable_server_fails_within_init_timeout(tmp_path, wandb_env):
+    env = {**wandb_env, "WANDB_API_KEY": "a" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"}  # nothing listens on 9
+    args = tiny_fit_args(tmp_path / "runs", "--config", WANDB_CONFIG, "--trainer.logger.init_args.save_dir",
+                         str(tmp_path / "runs"), "--trainer.logger.init_args.init_timeout", "3")  # fmt: skip
+    start = time.monotonic()
+    r = run_cli(*args, env=env, timeout=120)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert time.monotonic() - start < 90  # wandb alone would wait its 90 s init timeout first
+    [line] = [x for x in r.stderr.splitlines() if x.startswith("gangen: error:")]
+    assert "did not start within 3 s at http://127.0.0.1:9" in line and "offline true" in line
+    assert not list((tmp_path / "runs").rglob("*.ckpt"))
+
+
+def _log_format(payloads: list[bytes]) -> bytes:
+    """Payloads written in the LevelDB log format W&B uses (the writer side of gangen.wandb_files)."""
+    out = bytearray(b":W&B\xe1\xbe\x00")
+    for payload in payloads:
+        first = True
+        while True:
+            left = BLOCK_SIZE - len(out) % BLOCK_SIZE
+            if left < 7:
+                out += b"\x00" * left
+                continue
+            piece, payload = payload[: left - 7], payload[left - 7 :]
+            kind = (1 if not payload else 2) if first else (4 if not payload else 3)
+            out += struct.pack("<IHB", 0, len(piece), kind) + piece
+            first = False
+            if not payload:
+                break
+    return bytes(out)
+
+
+def test_reader_reassembles_records_across_blocks():
+    payloads = [b"a" * 10, b"b" * (BLOCK_SIZE - 7 - 7 - 10 - 7 - 3), b"c" * 100_000, b"", b"d" * 5]
+    assert list(read_chunks(_log_format(payloads))) == payloads  # padding, FIRST/MIDDLE/LAST, empty records
+    with pytest.raises(Exception, match="not a W&B run file"):
+        list(read_chunks(b"PK\x03\x04" + b"\x00" * 20))
