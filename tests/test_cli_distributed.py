@@ -1,0 +1,75 @@
+"""Multi-node through Lightning's own launcher (2 nodes x 1 process on localhost) and bad device settings."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import DEMO_CONFIG, ROOT, tiny_fit_args
+from test_errors import fails
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_one_process_each(tmp_path):
+    """What `srun` / a launcher does per node: the same command, NODE_RANK 0 and 1, one rendezvous address."""
+    probe = ["--trainer.callbacks+=ddp_probe.DumpParams", "--trainer.callbacks.folder", str(tmp_path)]
+    args = tiny_fit_args(tmp_path, "--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.accelerator",
+                         "cpu", *probe)  # fmt: skip
+    base = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT / "tests"), "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port())}  # fmt: skip
+    for key in ("GANGEN_DEBUG", "LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK"):
+        base.pop(key, None)
+    nodes = [
+        subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, env={**base, "NODE_RANK": str(rank)},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=400) for node in nodes]
+    for node, (out, err) in zip(nodes, outputs):
+        assert node.returncode == 0, err[-3000:]
+    assert "MEMBER: 1/2" in outputs[0][1] + outputs[0][0] and "MEMBER: 2/2" in outputs[1][1] + outputs[1][0]
+    # the global batch, stated once (rank 0): 64 per device x 1 device x 2 nodes
+    assert "gangen: global batch 128 = 64 per device x 1 device x 2 nodes" in outputs[0][1]
+    assert "global batch" not in outputs[1][1]
+    ranks = [torch.load(tmp_path / f"params_rank{i}.pt") for i in (0, 1)]
+    params = [k for k in ranks[0] if "running_" not in k and "num_batches" not in k and k != "images_seen"]
+    assert params and all(torch.equal(ranks[0][k], ranks[1][k]) for k in params)
+    assert int(ranks[0]["images_seen"]) == int(ranks[1]["images_seen"]) == 2 * 640
+    [run] = list((tmp_path / "dcgan_fashion_mnist").iterdir())  # one run folder for both nodes
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch=1-step=20.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["final.png", "kimg000000.png"]
+
+
+BAD_TRAINER = [
+    (["--trainer.accelerator", "gpu"], ["--trainer.accelerator gpu", "no CUDA GPU", "--trainer.accelerator cpu"]),
+    (["--trainer.accelerator", "cuda", "--trainer.devices", "64"], ["cuda", "no CUDA GPU"]),
+    (["--trainer.strategy", "ddp_turbo"], ["'ddp_turbo'", "not a Lightning strategy", "ddp_find_unused_parameters_true"]),
+    (["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.sync_batchnorm", "true"],
+     ["--trainer.sync_batchnorm true", "GPUs only", "drop the flag"]),
+    (["--trainer.accelerator", "cpu", "--trainer.devices", "0"], ["Lightning refused", "devices"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("extra,needles", BAD_TRAINER, ids=lambda v: "_".join(v) if isinstance(v, list) else None)
+def test_bad_trainer_settings(capsys, tmp_path, extra, needles):
+    line = fails(capsys, "fit", "--config", str(DEMO_CONFIG), "--trainer.logger.init_args.save_dir", str(tmp_path),
+                 "--trainer.default_root_dir", str(tmp_path), *extra)  # fmt: skip
+    assert line.startswith("gangen: error: ")
+    for needle in needles:
+        assert needle in line, (needle, line)
+    assert list(tmp_path.iterdir()) == []  # no run folder
+
+
+def test_sync_batchnorm_single_process_cpu_is_allowed():
+    from gangen.distributed import check_trainer
+
+    check_trainer({"accelerator": "cpu", "devices": 1, "sync_batchnorm": True})  # one process: nothing to sync
