@@ -61,7 +61,8 @@ def check_trainer(trainer: Any) -> None:
     if isinstance(strategy, str) and strategy.lower() != "auto":
         known = StrategyRegistry.available_strategies()
         if strategy.lower() not in known:
-            common = ["auto"] + [s for s in ("ddp", "ddp_find_unused_parameters_true", "ddp_spawn", "fsdp") if s in known]
+            usual = ("ddp", "ddp_find_unused_parameters_true", "ddp_spawn", "fsdp")
+            common = ["auto"] + [s for s in usual if s in known]
             raise ConfigError(
                 f"--trainer.strategy {strategy!r} is not a Lightning strategy: use one of {', '.join(common)} "
                 "(or see lightning.pytorch.strategies.StrategyRegistry)"
@@ -77,4 +78,5 @@ def check_trainer(trainer: Any) -> None:
 def global_batch(per_device: int, devices: int, nodes: int) -> str:
     """The one line that states the global batch of a run."""
     d, n = "device" if devices == 1 else "devices", "node" if nodes == 1 else "nodes"
-    return f"gangen: global batch {per_device * devices * nodes} = {per_device} per device x {devices} {d} x {nodes} {n}"
+    total = per_device * devices * nodes
+    return f"gangen: global batch {total} = {per_device} per device x {devices} {d} x {nodes} {n}"

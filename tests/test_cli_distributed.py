@@ -29,12 +29,18 @@ def test_two_nodes_one_process_each(tmp_path):
     for key in ("GANGEN_DEBUG", "LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK"):
         base.pop(key, None)
     nodes = [
-        subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, env={**base, "NODE_RANK": str(rank)},
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "cli.py"), *args],
+            cwd=ROOT,
+            env={**base, "NODE_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
         for rank in (0, 1)
     ]
     outputs = [node.communicate(timeout=400) for node in nodes]
-    for node, (out, err) in zip(nodes, outputs):
+    for node, (_, err) in zip(nodes, outputs, strict=True):
         assert node.returncode == 0, err[-3000:]
     assert "MEMBER: 1/2" in outputs[0][1] + outputs[0][0] and "MEMBER: 2/2" in outputs[1][1] + outputs[1][0]
     # the global batch, stated once (rank 0): 64 per device x 1 device x 2 nodes
@@ -52,7 +58,8 @@ def test_two_nodes_one_process_each(tmp_path):
 BAD_TRAINER = [
     (["--trainer.accelerator", "gpu"], ["--trainer.accelerator gpu", "no CUDA GPU", "--trainer.accelerator cpu"]),
     (["--trainer.accelerator", "cuda", "--trainer.devices", "64"], ["cuda", "no CUDA GPU"]),
-    (["--trainer.strategy", "ddp_turbo"], ["'ddp_turbo'", "not a Lightning strategy", "ddp_find_unused_parameters_true"]),
+    (["--trainer.strategy", "ddp_turbo"],
+     ["'ddp_turbo'", "not a Lightning strategy", "ddp_find_unused_parameters_true"]),
     (["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.sync_batchnorm", "true"],
      ["--trainer.sync_batchnorm true", "GPUs only", "drop the flag"]),
     (["--trainer.accelerator", "cpu", "--trainer.devices", "0"], ["Lightning refused", "devices"]),
@@ -73,3 +80,40 @@ def test_sync_batchnorm_single_process_cpu_is_allowed():
     from gangen.distributed import check_trainer
 
     check_trainer({"accelerator": "cpu", "devices": 1, "sync_batchnorm": True})  # one process: nothing to sync
+
+
+SLURM_ENV = {"SLURM_NODEID": "0", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "1",
+             "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "gangen", "SLURM_JOB_ID": "7",
+             "SLURM_NODELIST": "localhost"}  # fmt: skip
+
+
+@pytest.mark.parametrize("cluster", ["slurm", "torchrun"])
+def test_cluster_configs_combine(cluster, tmp_path, monkeypatch):
+    """The cluster configs build a DDP trainer (here shrunk to one CPU process); SLURM's requeues on SIGUSR1."""
+    import re
+
+    import yaml
+
+    from gangen.cli import GANCLI
+    from gangen.data import ImageDataModule
+    from gangen.system import GAN
+
+    for key, value in SLURM_ENV.items():
+        if cluster == "slurm":
+            monkeypatch.setenv(key, value)
+        else:
+            monkeypatch.delenv(key, raising=False)
+    cli = GANCLI(GAN, ImageDataModule, run=False, auto_configure_optimizers=False, args=[
+        "--config", str(DEMO_CONFIG), "--config", str(ROOT / "configs" / "cluster" / f"{cluster}.yaml"),
+        "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "1",
+        "--trainer.logger.init_args.save_dir", str(tmp_path), "--data.limit", "64"])  # fmt: skip
+    strategy = cli.trainer.strategy
+    assert type(strategy).__name__ == "DDPStrategy" and strategy._ddp_kwargs.get("find_unused_parameters") is True
+    if cluster == "slurm":
+        assert type(strategy.cluster_environment).__name__ == "SLURMEnvironment"
+        assert strategy.cluster_environment.auto_requeue
+        sbatch = (ROOT / "configs" / "cluster" / "slurm.sbatch").read_text()
+        trainer = yaml.safe_load((ROOT / "configs" / "cluster" / "slurm.yaml").read_text())["trainer"]
+        assert f"--ntasks-per-node={trainer['devices']}" in sbatch and f"--nodes={trainer['num_nodes']}" in sbatch
+        assert re.search(r"#SBATCH --signal=SIGUSR1@\d+", sbatch) and "srun python cli.py fit" in sbatch
+    assert not any(tmp_path.iterdir())

@@ -7,7 +7,7 @@ import struct
 import time
 
 import pytest
-from conftest import ROOT, DEMO_CONFIG, run_cli, tiny_fit_args
+from conftest import DEMO_CONFIG, ROOT, run_cli, tiny_fit_args
 from test_errors import fails
 
 from gangen.wandb_files import BLOCK_SIZE, read_chunks, read_run
@@ -19,7 +19,8 @@ WANDB_CONFIG = str(ROOT / "configs" / "logger" / "wandb.yaml")
 def wandb_env(tmp_path, monkeypatch):
     """wandb's folders, settings and credentials confined to tmp_path: no key, no netrc, nothing leaks."""
     env = {"HOME": tmp_path / "home", "WANDB_DIR": tmp_path / "wandb_dir", "WANDB_CACHE_DIR": tmp_path / "cache",
-           "WANDB_CONFIG_DIR": tmp_path / "config", "WANDB_DATA_DIR": tmp_path / "data", "NETRC": tmp_path / "netrc"}  # fmt: skip
+           "WANDB_CONFIG_DIR": tmp_path / "config", "WANDB_DATA_DIR": tmp_path / "data",
+           "NETRC": tmp_path / "netrc"}  # fmt: skip
     for key, value in env.items():
         if key != "NETRC":  # NETRC names a file that does not exist: no credentials
             value.mkdir(exist_ok=True)
@@ -35,7 +36,8 @@ def test_offline_fit_logs_losses_fd_grids_and_config(tmp_path, wandb_env, incept
         runs, "--config", WANDB_CONFIG, "--trainer.logger.init_args.save_dir", str(runs),
         "--trainer.logger.init_args.tags", "[test, cpu]", "--trainer.logger.init_args.group", "g1",
         "--metrics.feature_extractor", "inception", "--metrics.inception_weights", str(inception_weights),
-        "--metrics.num_samples", "16", "--metrics.num_real", "16", "--metrics.cache_dir", str(tmp_path / "cache"), "--data.limit", "320",
+        "--metrics.num_samples", "16", "--metrics.num_real", "16", "--metrics.cache_dir", str(tmp_path / "cache"),
+        "--data.limit", "320",
     )  # fmt: skip
     r = run_cli(*args, env=wandb_env)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -43,7 +45,8 @@ def test_offline_fit_logs_losses_fd_grids_and_config(tmp_path, wandb_env, incept
     assert r.stderr.count("gangen: W&B:") == 1
     assert "gangen: global batch 64 = 64 per device x 1 device x 1 node" in r.stderr
     [run] = list((runs / "gangen").iterdir())  # one folder per run: runs/<project>/<run id>
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch=1-step=20.ckpt", "last.ckpt"]  # global_step: 2 optimizers x 10 batches
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["epoch=1-step=20.ckpt", "last.ckpt"]  # global_step: 2 optimizers x 10 batches
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["final.png", "kimg000000.png"]
     assert (run / "config.yaml").is_file()
     [offline] = list((run / "wandb").glob(f"offline-run-*-{run.name}"))
