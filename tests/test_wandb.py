@@ -10,6 +10,8 @@ import pytest
 from conftest import DEMO_CONFIG, ROOT, run_cli, tiny_fit_args
 from test_errors import fails
 
+from gangen.classifier import save_classifier, train_classifier
+from gangen.data import ImageDataModule
 from gangen.wandb_files import BLOCK_SIZE, read_chunks, read_run
 
 WANDB_CONFIG = str(ROOT / "configs" / "logger" / "wandb.yaml")
@@ -30,12 +32,21 @@ def wandb_env(tmp_path, monkeypatch):
     return {k: str(v) for k, v in env.items()} | {"WANDB_API_KEY": None, "WANDB_MODE": None}
 
 
-def test_offline_fit_logs_losses_fd_grids_and_config(tmp_path, wandb_env, inception_weights):
+@pytest.fixture(scope="module")
+def classifier_file(tmp_path_factory):
+    """A domain classifier for metric/fd_clf (much cheaper on CPU than Inception at 299 px)."""
+    classifier, accuracy = train_classifier(
+        ImageDataModule(limit=1000, batch_size=64), epochs=1, enable_progress_bar=False, accelerator="cpu"
+    )
+    return save_classifier(classifier, tmp_path_factory.mktemp("clf") / "clf.pt", accuracy=accuracy)
+
+
+def test_offline_fit_logs_losses_fd_grids_and_config(tmp_path, wandb_env, classifier_file):
     runs = tmp_path / "runs"
     args = tiny_fit_args(
         runs, "--config", WANDB_CONFIG, "--trainer.logger.init_args.save_dir", str(runs),
         "--trainer.logger.init_args.tags", "[test, cpu]", "--trainer.logger.init_args.group", "g1",
-        "--metrics.feature_extractor", "inception", "--metrics.inception_weights", str(inception_weights),
+        "--metrics.feature_extractor", str(classifier_file),
         "--metrics.num_samples", "16", "--metrics.num_real", "16", "--metrics.cache_dir", str(tmp_path / "cache"),
         "--data.limit", "320",
     )  # fmt: skip
@@ -64,13 +75,13 @@ def test_offline_fit_logs_losses_fd_grids_and_config(tmp_path, wandb_env, incept
     losses = logged.values("loss/g")
     assert len(losses) == 2 and all(isinstance(x, float) for x in losses)  # every 5 of 10 batches
     jsonl = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert logged.values("metric/fid") == pytest.approx([row["fid"] for row in jsonl]) and len(jsonl) == 2
+    assert logged.values("metric/fd_clf") == pytest.approx([row["fd_clf"] for row in jsonl]) and len(jsonl) == 2
     assert logged.values("metric/num_samples") == [16, 16]
     # the resolved CLI config, nested as in config.yaml
     assert logged.config["trainer"]["max_epochs"] == 2 and logged.config["data"]["limit"] == 320
     assert logged.config["metrics"]["num_samples"] == 16
     assert logged.config["trainer"]["logger"]["class_path"] == "gangen.tracking.WandbLogger"
-    assert logged.summary["metric/fid"] == pytest.approx(jsonl[-1]["fid"])
+    assert logged.summary["metric/fd_clf"] == pytest.approx(jsonl[-1]["fd_clf"])
     assert not list(offline.rglob("model-*"))  # no checkpoint artifacts offline: they stay in checkpoints/
 
 
