@@ -3,8 +3,10 @@
     gangen fit --config configs/dcgan_fashion_mnist.yaml [--data.batch_size 128 ...]
     gangen validate --config configs/dcgan_fashion_mnist.yaml --ckpt_path PATH
     gangen generate --ckpt_path PATH --num_samples 64 --output grid.png | DIR/ | samples.npz
+    gangen export --ckpt_path PATH --output generator.safetensors
 
-User errors (gangen.errors.GanGenError) are printed as one line and exit with status 2.
+User errors (gangen.errors.GanGenError) are printed as one line and exit with status 2 (divergence: 3;
+SIGTERM / SIGINT during fit: a checkpoint, then 128 + the signal number).
 Set GANGEN_DEBUG=1 to get the traceback instead.
 """
 
@@ -19,6 +21,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gangen.callbacks import GANMetrics
 from gangen.data import ImageDataModule
@@ -37,7 +40,7 @@ from gangen.system import GAN
 
 DESCRIPTION = (
     "gangen: train DCGAN-style GANs with Lightning. Subcommands: fit, validate (Lightning's CLI; "
-    "see `gangen fit --help`), generate, evaluate, train-classifier and download-weights "
+    "see `gangen fit --help`), generate, evaluate, export, train-classifier and download-weights "
     "(see `gangen generate --help` etc.)."
 )
 
@@ -82,11 +85,56 @@ class GANCLI(LightningCLI):
                     f"(e.g. --data.{key} {g[key]})"
                 )
 
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """Lightning's Trainer plus gangen's fault tolerance: atomic, weights_only checkpoint files (unless a
+        CheckpointIO plugin was configured) and a checkpoint on SIGTERM / SIGINT."""
+        from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+        from gangen.reliability import AtomicCheckpointIO, Preemption
+
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if not any(isinstance(c, Preemption) for c in trainer.callbacks):
+            trainer.callbacks.append(Preemption())
+        return trainer
+
     def before_fit(self) -> None:
         self._check_shapes()
+        self._check_resume()
 
-    def before_validate(self) -> None:
-        self._check_shapes()
+    def _check_resume(self) -> None:
+        """`--ckpt_path last` means the newest last.ckpt of this run name (any version); any checkpoint is read
+        safely and checked against the model before a run folder is written."""
+        from gangen.reliability import find_last_checkpoint
+        from gangen.sampling import read_checkpoint
+
+        config = self.config_init[self.subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path is None:
+            return
+        if ckpt_path == "last":
+            logger = self.trainer.logger
+            folders = [Path(self.trainer.default_root_dir)]
+            if logger is not None and getattr(logger, "root_dir", None):
+                folders.insert(0, Path(logger.root_dir))
+            found = find_last_checkpoint(folders)
+            if found is None:  # Lightning's meaning too: set and forget, the first run starts from scratch
+                print(f"gangen: no last.ckpt under {', '.join(map(str, folders))}: training from scratch", flush=True)
+                config["ckpt_path"] = None
+                return
+            ckpt_path = config["ckpt_path"] = str(found)
+            print(f"gangen: resuming from {found}", flush=True)
+        ckpt = read_checkpoint(ckpt_path)
+        for name in ("generator", "discriminator"):
+            saved = (ckpt["hyper_parameters"].get(name) or {}).get("init_args", {})
+            current = getattr(getattr(self.model, name), "config", {})
+            for key, value in saved.items():
+                if key in current and current[key] != value:
+                    raise ConfigError(
+                        f"checkpoint {ckpt_path} was trained with {name} {key}={value!r}, the config has "
+                        f"{current[key]!r}: resume with the checkpoint's settings (--model.{name}.{key} {value})"
+                    )
 
 
 def _multi_process(trainer: Any) -> bool:
@@ -286,8 +334,28 @@ def download_weights_command(argv: Sequence[str]) -> None:
     print(f"downloaded {INCEPTION_URL} to {path}")
 
 
+def export_command(argv: Sequence[str]) -> None:
+    from gangen.sampling import export_safetensors
+
+    p = _OneLineParser(prog="gangen export", description="Write a checkpoint's generator as .safetensors.")
+    p.add_argument("--ckpt_path", required=True, help="checkpoint written by `gangen fit`")
+    p.add_argument("--output", required=True, help="generator.safetensors (config as JSON in its metadata)")
+    p.add_argument("--no_ema", action="store_true", help="export the trained generator even if there is an EMA one")
+    args = p.parse_args(argv)
+    output = Path(args.output)
+    if output.suffix != ".safetensors":
+        raise ConfigError(f"--output {args.output!r}: end it with .safetensors")
+    if not output.parent.is_dir():
+        raise ConfigError(f"--output {args.output!r}: folder {output.parent} does not exist; create it first")
+    if not os.access(output.parent, os.W_OK):
+        raise ConfigError(f"--output {args.output!r}: folder {output.parent} is not writable; choose another location")
+    path, is_ema = export_safetensors(read_checkpoint(args.ckpt_path), output, ema=not args.no_ema)
+    print(f"wrote the {'EMA ' if is_ema else ''}generator of {args.ckpt_path} to {path}")
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     "evaluate": evaluate_command,
+    "export": export_command,
     "download-weights": download_weights_command,
     "generate": generate_command,
     "train-classifier": train_classifier_command,
@@ -317,4 +385,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if os.environ.get("GANGEN_DEBUG"):
             raise
         print(f"gangen: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(err, "exit_code", 2))
+    except SIGTERMException:  # SIGTERM / SIGINT during fit: Preemption saved a checkpoint
+        from gangen.reliability import received_signal
+
+        sys.exit(128 + (received_signal() or 15))
