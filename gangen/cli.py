@@ -85,6 +85,15 @@ class GANCLI(LightningCLI):
                     f"(e.g. --data.{key} {g[key]})"
                 )
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads the hyperparameters of --ckpt_path here, at parse time: read the file safely first,
+        so a missing, corrupt, foreign or code-carrying checkpoint is one line before anything is built."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc"):
+            read_checkpoint(ckpt_path)
+        super()._parse_ckpt_path()
+
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """Lightning's Trainer plus gangen's fault tolerance: atomic, weights_only checkpoint files (unless a
         CheckpointIO plugin was configured) and a checkpoint on SIGTERM / SIGINT."""
@@ -335,7 +344,7 @@ def download_weights_command(argv: Sequence[str]) -> None:
 
 
 def export_command(argv: Sequence[str]) -> None:
-    from gangen.sampling import export_safetensors
+    from gangen.sampling import check_output_folder, export_safetensors
 
     p = _OneLineParser(prog="gangen export", description="Write a checkpoint's generator as .safetensors.")
     p.add_argument("--ckpt_path", required=True, help="checkpoint written by `gangen fit`")
@@ -345,10 +354,7 @@ def export_command(argv: Sequence[str]) -> None:
     output = Path(args.output)
     if output.suffix != ".safetensors":
         raise ConfigError(f"--output {args.output!r}: end it with .safetensors")
-    if not output.parent.is_dir():
-        raise ConfigError(f"--output {args.output!r}: folder {output.parent} does not exist; create it first")
-    if not os.access(output.parent, os.W_OK):
-        raise ConfigError(f"--output {args.output!r}: folder {output.parent} is not writable; choose another location")
+    check_output_folder(args.output, output.parent)
     path, is_ema = export_safetensors(read_checkpoint(args.ckpt_path), output, ema=not args.no_ema)
     print(f"wrote the {'EMA ' if is_ema else ''}generator of {args.ckpt_path} to {path}")
 

@@ -157,11 +157,22 @@ def output_kind(output: str) -> str:
         raise ConfigError(
             f"--output {output!r}: end it with .png/.jpg (grid), .npz (uint8 array) or / (one PNG per sample)"
         )
+    check_output_folder(output, parent)
+    return kind
+
+
+def check_output_folder(output: str, parent: Path) -> None:
+    """ConfigError unless `parent` exists and a file can really be created in it (root ignores permissions,
+    a read-only filesystem does not: so try, instead of asking os.access)."""
     if not parent.is_dir():
         raise ConfigError(f"--output {output!r}: folder {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"--output {output!r}: folder {parent} is not writable; choose another location")
-    return kind
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            f"--output {output!r}: folder {parent} is not writable ({err.strerror}); choose another location"
+        ) from None
 
 
 def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
