@@ -436,9 +436,8 @@ class ImageDataModule(pl.LightningDataModule):
             )
         sampler = None
         if shuffle:  # an order fixed by (seed, epoch) that a resumed run can enter mid-epoch (reliability.py)
-            if self._sampler_seed is None:
-                self._sampler_seed = torch.initial_seed() % 2**63  # seed_everything's seed
-            sampler = ResumableRandomSampler(len(dataset), self._sampler_seed)
+            seed = self._sampler_seed if self._sampler_seed is not None else torch.initial_seed() % 2**63
+            sampler = ResumableRandomSampler(len(dataset), seed)  # seed: a checkpoint's, else seed_everything's
             if self._resume is not None and self.trainer is not None and self.trainer.world_size == 1:
                 sampler.resume_at(self._resume["epoch"], self._resume["position"])
             self._train_sampler = sampler
