@@ -3,8 +3,10 @@
     gangen fit --config configs/dcgan_fashion_mnist.yaml [--data.batch_size 128 ...]
     gangen validate --config configs/dcgan_fashion_mnist.yaml --ckpt_path PATH
     gangen generate --ckpt_path PATH --num_samples 64 --output grid.png | DIR/ | samples.npz
+    gangen export --ckpt_path PATH --output generator.safetensors
 
-User errors (gangen.errors.GanGenError) are printed as one line and exit with status 2.
+User errors (gangen.errors.GanGenError) are printed as one line and exit with status 2 (divergence: 3;
+SIGTERM / SIGINT during fit: a checkpoint, then 128 + the signal number).
 Set GANGEN_DEBUG=1 to get the traceback instead.
 """
 
@@ -22,6 +24,7 @@ import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gangen.callbacks import GANMetrics
 from gangen.data import ImageDataModule
@@ -42,7 +45,7 @@ from gangen.system import GAN
 
 DESCRIPTION = (
     "gangen: train DCGAN-style GANs with Lightning. Subcommands: fit, validate (Lightning's CLI; "
-    "see `gangen fit --help`), generate, evaluate, train-classifier and download-weights "
+    "see `gangen fit --help`), generate, evaluate, export, train-classifier and download-weights "
     "(see `gangen generate --help` etc.)."
 )
 
@@ -88,16 +91,6 @@ class GANCLI(LightningCLI):
         if trainer.get("strategy") == "auto" and _multi_process(trainer):
             trainer["strategy"] = "ddp_find_unused_parameters_true"
 
-    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """Lightning's refusals of Trainer settings (checked deep in Trainer.__init__) as one ConfigError line."""
-        try:
-            return super().instantiate_trainer(**kwargs)
-        except (MisconfigurationException, ValueError) as err:
-            if isinstance(err, GanGenError):
-                raise
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ConfigError(f"Lightning refused the trainer settings: {first}") from err
-
     def _check_shapes(self) -> None:
         """The data must have the resolution and channels the networks were built for."""
         g = getattr(self.model.generator, "config", {})
@@ -109,8 +102,39 @@ class GANCLI(LightningCLI):
                     f"(e.g. --data.{key} {g[key]})"
                 )
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads the hyperparameters of --ckpt_path here, at parse time: read the file safely first,
+        so a missing, corrupt, foreign or code-carrying checkpoint is one line before anything is built."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc"):
+            read_checkpoint(ckpt_path)
+        super()._parse_ckpt_path()
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Lightning's Trainer plus gangen's fault tolerance: atomic, weights_only checkpoint files (unless a
+        CheckpointIO plugin was configured) and a checkpoint on SIGTERM / SIGINT. Lightning's refusals of
+        Trainer settings become one ConfigError line."""
+        from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+        from gangen.reliability import AtomicCheckpointIO, Preemption
+
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError) as err:  # refused deep in Trainer.__init__: one line
+            if isinstance(err, GanGenError):
+                raise
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"Lightning refused the trainer settings: {first}") from err
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if not any(isinstance(c, Preemption) for c in trainer.callbacks):
+            trainer.callbacks.append(Preemption())
+        return trainer
+
     def before_fit(self) -> None:
         self._check_shapes()
+        self._check_resume()
         trainer = self.trainer
         if trainer.global_rank == 0:  # ranks are known once the Trainer exists, before any process is launched
             line = global_batch(self.datamodule.hparams["batch_size"], trainer.num_devices, trainer.num_nodes)
@@ -118,6 +142,39 @@ class GANCLI(LightningCLI):
 
     def before_validate(self) -> None:
         self._check_shapes()
+
+    def _check_resume(self) -> None:
+        """`--ckpt_path last` means the newest last.ckpt of this run name (any version); any checkpoint is read
+        safely and checked against the model before a run folder is written."""
+        from gangen.reliability import find_last_checkpoint
+        from gangen.sampling import read_checkpoint
+
+        config = self.config_init[self.subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path is None:
+            return
+        if ckpt_path == "last":
+            logger = self.trainer.logger
+            folders = [Path(self.trainer.default_root_dir)]
+            if logger is not None and getattr(logger, "root_dir", None):
+                folders.insert(0, Path(logger.root_dir))
+            found = find_last_checkpoint(folders)
+            if found is None:  # Lightning's meaning too: set and forget, the first run starts from scratch
+                print(f"gangen: no last.ckpt under {', '.join(map(str, folders))}: training from scratch", flush=True)
+                config["ckpt_path"] = None
+                return
+            ckpt_path = config["ckpt_path"] = str(found)
+            print(f"gangen: resuming from {found}", flush=True)
+        ckpt = read_checkpoint(ckpt_path)
+        for name in ("generator", "discriminator"):
+            saved = (ckpt["hyper_parameters"].get(name) or {}).get("init_args", {})
+            current = getattr(getattr(self.model, name), "config", {})
+            for key, value in saved.items():
+                if key in current and current[key] != value:
+                    raise ConfigError(
+                        f"checkpoint {ckpt_path} was trained with {name} {key}={value!r}, the config has "
+                        f"{current[key]!r}: resume with the checkpoint's settings (--model.{name}.{key} {value})"
+                    )
 
 
 def _check_wandb(logger: Any) -> None:
@@ -314,8 +371,25 @@ def download_weights_command(argv: Sequence[str]) -> None:
     print(f"downloaded {INCEPTION_URL} to {path}")
 
 
+def export_command(argv: Sequence[str]) -> None:
+    from gangen.sampling import check_output_folder, export_safetensors
+
+    p = _OneLineParser(prog="gangen export", description="Write a checkpoint's generator as .safetensors.")
+    p.add_argument("--ckpt_path", required=True, help="checkpoint written by `gangen fit`")
+    p.add_argument("--output", required=True, help="generator.safetensors (config as JSON in its metadata)")
+    p.add_argument("--no_ema", action="store_true", help="export the trained generator even if there is an EMA one")
+    args = p.parse_args(argv)
+    output = Path(args.output)
+    if output.suffix != ".safetensors":
+        raise ConfigError(f"--output {args.output!r}: end it with .safetensors")
+    check_output_folder(args.output, output.parent)
+    path, is_ema = export_safetensors(read_checkpoint(args.ckpt_path), output, ema=not args.no_ema)
+    print(f"wrote the {'EMA ' if is_ema else ''}generator of {args.ckpt_path} to {path}")
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     "evaluate": evaluate_command,
+    "export": export_command,
     "download-weights": download_weights_command,
     "generate": generate_command,
     "train-classifier": train_classifier_command,
@@ -345,4 +419,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if os.environ.get("GANGEN_DEBUG"):
             raise
         print(f"gangen: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(err, "exit_code", 2))
+    except SIGTERMException:  # SIGTERM / SIGINT during fit: Preemption saved a checkpoint
+        from gangen.reliability import received_signal
+
+        sys.exit(128 + (received_signal() or 15))

@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from gangen.errors import ConfigError, DataNotFoundError
+from gangen.reliability import ResumableRandomSampler, sampler_state
 
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "celeba", "lsun", "image_folder")
 DEFAULT_FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -272,6 +273,9 @@ class ImageDataModule(pl.LightningDataModule):
         self.root = self._resolve_root(root)
         self._num_classes: int | None = {"fashion_mnist": 10, "mnist": 10, "cifar10": 10}.get(name)
         self._splits: dict[str, Dataset] = {}
+        self._sampler_seed: int | None = None  # training order seed (restored from checkpoints)
+        self._resume: dict | None = None  # {"epoch", "position"} from a checkpoint taken mid-epoch
+        self._train_sampler: ResumableRandomSampler | None = None
         self._check_files()
 
     def _resolve_root(self, root: str | None) -> Path:
@@ -430,16 +434,33 @@ class ImageDataModule(pl.LightningDataModule):
                 f"the {self.dataset} {split} split has {len(dataset)} images, fewer than batch_size "
                 f"{self.batch_size}: lower --data.batch_size or add images"
             )
+        sampler = None
+        if shuffle:  # an order fixed by (seed, epoch) that a resumed run can enter mid-epoch (reliability.py)
+            seed = self._sampler_seed if self._sampler_seed is not None else torch.initial_seed() % 2**63
+            sampler = ResumableRandomSampler(len(dataset), seed)  # seed: a checkpoint's, else seed_everything's
+            if self._resume is not None and self.trainer is not None and self.trainer.world_size == 1:
+                sampler.resume_at(self._resume["epoch"], self._resume["position"])
+            self._train_sampler = sampler
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             drop_last=shuffle,
             num_workers=self.num_workers,
             collate_fn=collate,  # batches come pre-gathered by __getitems__ or as lists of items
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
         )
+
+    def state_dict(self) -> dict:
+        """The training order's seed and position, so `fit --ckpt_path` continues with the same batches."""
+        if self._train_sampler is None:
+            return {}
+        return sampler_state(self.trainer, self._train_sampler, self.batch_size)
+
+    def load_state_dict(self, state: dict) -> None:
+        self._sampler_seed = state.get("seed", self._sampler_seed)
+        self._resume = state if "position" in state else None
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches, incomplete last batch dropped."""

@@ -157,33 +157,92 @@ def output_kind(output: str) -> str:
         raise ConfigError(
             f"--output {output!r}: end it with .png/.jpg (grid), .npz (uint8 array) or / (one PNG per sample)"
         )
-    if not parent.is_dir():
-        raise ConfigError(f"--output {output!r}: folder {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"--output {output!r}: folder {parent} is not writable; choose another location")
+    check_output_folder(output, parent)
     return kind
 
 
-def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
-    """A gangen checkpoint as a dict, loaded with weights_only=True; one-line errors for missing, corrupt,
-    unsafe or foreign files."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise DataNotFoundError(
-            f"checkpoint {str(path)!r} not found: pass a .ckpt written by `gangen fit` "
-            "(e.g. runs/<name>/version_<n>/checkpoints/last.ckpt)"
-        )
+def check_output_folder(output: str, parent: Path) -> None:
+    """ConfigError unless `parent` exists and a file can really be created in it (root ignores permissions,
+    a read-only filesystem does not: so try, instead of asking os.access)."""
+    if not parent.is_dir():
+        raise ConfigError(f"--output {output!r}: folder {parent} does not exist; create it first")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for corrupt or unsafe files
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
         raise ConfigError(
-            f"checkpoint {str(path)!r} could not be loaded safely ({first[:200]}): pass an intact gangen checkpoint"
+            f"--output {output!r}: folder {parent} is not writable ({err.strerror}); choose another location"
         ) from None
+
+
+def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
+    """A gangen checkpoint as a dict, loaded with weights_only=True (a .safetensors from `gangen export` too);
+    one-line errors for missing, corrupt, unsafe or foreign files."""
+    from gangen.reliability import safe_load
+
+    path = Path(ckpt_path)
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    ckpt = safe_load(path)
     hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
-    if not isinstance(hparams.get("generator"), dict) or "state_dict" not in ckpt:
+    if not isinstance(hparams, dict) or not isinstance(hparams.get("generator"), dict) or "state_dict" not in ckpt:
         raise ConfigError(f"{str(path)!r} is not a gangen checkpoint (no generator config): pass one from `gangen fit`")
     return ckpt
+
+
+def generator_state(ckpt: dict[str, Any], ema: bool = True) -> tuple[dict[str, torch.Tensor], bool]:
+    """The generator's state_dict from a checkpoint dict: the EMA generator's if it has one (and ema), else the
+    trained one's; and whether it is the EMA's."""
+    for prefix in ("generator_ema.", "generator.") if ema else ("generator.",):
+        state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+        if state:
+            return state, prefix == "generator_ema."
+    raise ConfigError("the checkpoint holds no generator weights: pass a checkpoint from `gangen fit`")
+
+
+def export_safetensors(ckpt: dict[str, Any], output: str | Path, ema: bool = True) -> tuple[Path, bool]:
+    """Write the generator (EMA if present) as safetensors; its network spec and data settings go in the
+    metadata as JSON. Atomic: nothing is left at `output` on failure."""
+    import json
+
+    from safetensors.torch import save_file
+
+    state, is_ema = generator_state(ckpt, ema)
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    data = dict(ckpt.get("datamodule_hyper_parameters") or {})
+    data.pop("_instantiator", None)
+    metadata = {
+        "format": "gangen.generator/1",
+        "generator": json.dumps(ckpt["hyper_parameters"]["generator"]),
+        "data": json.dumps(data),
+        "ema": json.dumps(is_ema),
+        "images_seen": json.dumps(int((ckpt.get("gangen") or {}).get("images_seen", 0))),
+    }
+    path = Path(output)
+    atomic_file(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+    return path, is_ema
+
+
+def read_safetensors(path: Path) -> dict[str, Any]:
+    """A file from export_safetensors as a checkpoint-like dict (hyper_parameters.generator, state_dict)."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise DataNotFoundError(f"generator file {str(path)!r} not found: write one with `gangen export`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            state = {f"generator.{k}": f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        spec = json.loads(metadata["generator"])
+        data = json.loads(metadata.get("data", "{}"))
+    except (SafetensorError, OSError, KeyError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(
+            f"{str(path)!r} is not a generator file from `gangen export` ({first[:200]}): export one again"
+        ) from None
+    return {"hyper_parameters": {"generator": spec}, "state_dict": state, "datamodule_hyper_parameters": data}
 
 
 def load_generator(ckpt: str | Path | dict[str, Any], device: str | torch.device = "cpu") -> nn.Module:

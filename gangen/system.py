@@ -40,6 +40,7 @@ class GAN(L.LightningModule):
         d_steps_per_g_step: int = 1,  # discriminator steps per generator step
         seed: int = 0,  # latents are drawn from seed + global_rank; the grid latents from seed
         num_grid_samples: int = 64,  # fixed latents for the sample grids (kept in the checkpoint)
+        check_finite_every: int = 50,  # batches between non-finite loss checks (one host sync each)
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -55,6 +56,8 @@ class GAN(L.LightningModule):
             raise ConfigError(f"d_steps_per_g_step {d_steps_per_g_step!r} must be >= 1")
         if num_grid_samples < 1:
             raise ConfigError(f"num_grid_samples {num_grid_samples!r} must be >= 1")
+        if check_finite_every < 1:
+            raise ConfigError(f"check_finite_every {check_finite_every!r} must be >= 1")
         self.loss = make_loss(loss)
         self.g_optimizer = g_optimizer or default_adam
         self.d_optimizer = d_optimizer or default_adam
@@ -69,14 +72,17 @@ class GAN(L.LightningModule):
                 "d_steps_per_g_step": d_steps_per_g_step,
                 "seed": seed,
                 "num_grid_samples": num_grid_samples,
+                "check_finite_every": check_finite_every,
             }
         )
         self.latent_dim: int = self.generator.latent_dim
         grid_rng = torch.Generator().manual_seed(seed)
         self.register_buffer("grid_z", torch.randn(num_grid_samples, self.latent_dim, generator=grid_rng))
         self.images_seen = 0  # global count (all ranks), restored from checkpoints
+        self.batches_seen = 0  # training batches on this rank, restored from checkpoints (G-step schedule)
+        self._finite: torch.Tensor | None = None  # () bool on the device: every loss since the last check finite
         self._latent_rng: torch.Generator | None = None
-        self._latent_rng_state: torch.Tensor | None = None  # from a checkpoint, applied on first use
+        self._latent_rng_state: tuple[str, torch.Tensor] | None = None  # (device type, state) from a checkpoint
 
     # ---- latents -------------------------------------------------------------------------------------
     def sample_latents(self, n: int) -> torch.Tensor:
@@ -84,8 +90,9 @@ class GAN(L.LightningModule):
         if self._latent_rng is None or self._latent_rng.device != self.device:
             rng = torch.Generator(device=self.device)
             rng.manual_seed(self.hparams.seed + self.global_rank)  # distinct z on every rank
-            if self._latent_rng_state is not None and self.device.type == "cpu":
-                rng.set_state(self._latent_rng_state)
+            state = self._latent_rng_state
+            if state is not None and state[0] == self.device.type:  # a CUDA state only fits a CUDA generator
+                rng.set_state(state[1])
             self._latent_rng = rng
         return torch.randn(n, self.latent_dim, device=self.device, generator=self._latent_rng)
 
@@ -100,7 +107,7 @@ class GAN(L.LightningModule):
         real = batch[0] if isinstance(batch, (tuple, list)) else batch  # (B, C, H, W) in [-1, 1]
         opt_g, opt_d = self.optimizers()
         n = real.shape[0]
-        train_g = (batch_idx + 1) % self.hparams.d_steps_per_g_step == 0
+        train_g = (self.batches_seen + 1) % self.hparams.d_steps_per_g_step == 0
         with torch.set_grad_enabled(train_g):
             fake = self.generator(self.sample_latents(n))  # (B, C, H, W)
 
@@ -121,6 +128,8 @@ class GAN(L.LightningModule):
             logs["loss/g"] = g_terms["loss"]
 
         self.images_seen += n * self.trainer.world_size
+        self.batches_seen += 1
+        self._track_finite([value for key, value in logs.items() if key.startswith("loss/")])
         # Tensors stay on the device: Lightning reads them when it writes logs or refreshes the progress bar.
         for key, value in logs.items():
             self.log(key, value.detach(), on_step=True, on_epoch=False, batch_size=n, prog_bar=key.startswith("loss"))
@@ -139,15 +148,48 @@ class GAN(L.LightningModule):
             on_epoch=True, batch_size=real.shape[0], sync_dist=True,
         )  # fmt: skip
 
+    # ---- divergence: non-finite losses, checked every check_finite_every batches ---------------------
+    def _track_finite(self, losses: list[torch.Tensor]) -> None:
+        """Fold the losses into a device-side flag (no host sync); look at it every check_finite_every batches."""
+        ok = torch.stack([loss.detach() for loss in losses]).isfinite().all()
+        self._finite = ok if self._finite is None else self._finite & ok
+        if self.batches_seen % self.hparams.check_finite_every == 0:
+            self.check_finite()
+
+    def check_finite(self, params: bool = False) -> None:
+        """Raise DivergenceError if a loss since the last check (or, with params, a weight) is nan or inf."""
+        from gangen.reliability import DivergenceError
+
+        bad = self._finite is not None and not bool(self._finite)  # the one host sync
+        if params and not bad:
+            bad = not bool(torch.stack([p.detach().isfinite().all() for p in self.parameters()]).all())
+        self._finite = None
+        if bad:
+            raise DivergenceError(
+                f"training diverged: a loss became nan/inf before kimg {self.images_seen / 1000:g} (batch "
+                f"{self.batches_seen}); stopped without saving, so the last checkpoint is the last good state: "
+                "resume from it with a lower learning rate or another loss (e.g. --model.loss hinge)"
+            )
+
     # ---- checkpoint state beyond parameters and buffers ---------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state: dict[str, Any] = {"images_seen": self.images_seen}
-        if self._latent_rng is not None and self._latent_rng.device.type == "cpu":
-            state["latent_rng_state"] = self._latent_rng.get_state()
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            self.check_finite(params=True)  # never write a diverged state over a good checkpoint
+        state: dict[str, Any] = {"images_seen": self.images_seen, "batches_seen": self.batches_seen}
+        if self._latent_rng is not None:  # every rank's stream: rank r resumes with states[r]
+            rng_state = self._latent_rng.get_state()  # (S,) uint8 on the CPU, also for a CUDA generator
+            states = [rng_state]
+            if self._trainer is not None and self.trainer.world_size > 1:  # every rank saves: a collective is safe
+                states = [s.cpu() for s in self.all_gather(rng_state.to(self.device))]  # world x (S,)
+            state["latent_rng_device"] = self._latent_rng.device.type
+            state["latent_rng_states"] = states
         checkpoint["gangen"] = state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("gangen", {})
         self.images_seen = int(state.get("images_seen", 0))
-        self._latent_rng_state = state.get("latent_rng_state")
+        self.batches_seen = int(state.get("batches_seen", 0))
+        states = state.get("latent_rng_states") or [state.get("latent_rng_state")]  # older files: one state
+        rng_state = states[self.global_rank] if self.global_rank < len(states) else None
+        self._latent_rng_state = None if rng_state is None else (state.get("latent_rng_device", "cpu"), rng_state)
         self._latent_rng = None

@@ -1,0 +1,235 @@
+"""Fault tolerance: atomic and safe checkpoint files, exactly resumable data order, preemption, divergence.
+
+- AtomicCheckpointIO: checkpoints go to a temporary file in the target folder, are fsynced and renamed into
+  place, so a kill mid-write never leaves a truncated .ckpt under the final name; loading always uses
+  torch.load(weights_only=True), so a checkpoint cannot run pickled code, and errors are one line.
+- ResumableRandomSampler: the training order depends only on (seed, epoch), and a resumed run starts part-way
+  through an epoch where the checkpoint was taken, so `fit --ckpt_path last` sees the same batches as a run
+  that never stopped (single process; under DDP Lightning's DistributedSampler takes over, and resumes are
+  exact at epoch boundaries only).
+- Preemption: SIGTERM (cluster preemption) and SIGINT (Ctrl-C) stop training at the next batch boundary and
+  write checkpoints/last.ckpt before the process exits with status 128 + signal.
+- DivergenceError: raised by the GAN module when a loss turned non-finite (see GAN.check_finite).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import signal
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+import numpy as np
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.utils.data import Sampler
+
+from gangen.errors import ConfigError, DataNotFoundError, GanGenError
+
+
+class DivergenceError(GanGenError):
+    """Training produced a non-finite loss; the CLI exits with status 3."""
+
+    exit_code = 3
+
+
+# ---- checkpoint files -------------------------------------------------------------------------------------
+def safe_load(path: str | Path, map_location: Any = "cpu") -> Any:
+    """torch.load(path, weights_only=True) with one-line errors for missing, corrupt or code-carrying files."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataNotFoundError(
+            f"checkpoint {str(path)!r} not found: pass a .ckpt written by `gangen fit` "
+            "(e.g. runs/<name>/version_<n>/checkpoints/last.ckpt)"
+        )
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only refuses globals: a class, a function, a code payload
+        found = re.search(r"GLOBAL (\S+)", str(err)) or re.search(r"Unsupported global: (\S+)", str(err))
+        what = found.group(1).rstrip(",.") if found else "non-tensor objects"
+        raise ConfigError(
+            f"checkpoint {str(path)!r} holds pickled code or objects ({what}) that safe loading refuses; nothing "
+            "in it was run: use a checkpoint written by `gangen fit`, and only load files from sources you trust"
+        ) from None
+    except Exception as err:  # torch raises many types for truncated or foreign files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"checkpoint {str(path)!r} could not be loaded safely ({first[:200]}): pass an intact gangen checkpoint"
+        ) from None
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (best effort: not every filesystem allows opening a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """TorchCheckpointIO whose writes are atomic (tmp + fsync + rename) and whose loads are weights_only."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} does not take storage_options, got {storage_options!r}")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        # weights_only is always True here, whatever Lightning passes: a checkpoint never runs code
+        return safe_load(path, map_location=map_location or "cpu")
+
+
+def find_last_checkpoint(folders: list[Path]) -> Path | None:
+    """The newest last*.ckpt in `folders` and their version_*/checkpoints subfolders (by modification time)."""
+    found: list[Path] = []
+    for folder in folders:
+        found += folder.glob("last*.ckpt")
+        found += folder.glob("checkpoints/last*.ckpt")
+        found += folder.glob("version_*/checkpoints/last*.ckpt")
+    return max(found, key=lambda p: p.stat().st_mtime_ns, default=None)
+
+
+# ---- exactly resumable data order -------------------------------------------------------------------------
+class ResumableRandomSampler(Sampler[int]):
+    """A random permutation that depends only on (seed, epoch); it can start part-way through an epoch.
+
+    Lightning calls set_epoch at every epoch start. `resume_at(epoch, position)` makes the next pass over
+    that epoch skip its first `position` items (those a checkpointed run already trained on).
+    """
+
+    def __init__(self, num_items: int, seed: int = 0) -> None:
+        self.num_items = num_items  # dataset length
+        self.seed = seed  # with the epoch, fixes the order
+        self.epoch = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, items to skip)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def resume_at(self, epoch: int, position: int) -> None:
+        self._resume = (epoch, position)
+
+    def order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
+
+    def __iter__(self) -> Iterator[int]:
+        start = 0
+        if self._resume is not None and self._resume[0] == self.epoch:
+            start = self._resume[1]
+        self._resume = None
+        yield from self.order(self.epoch)[start:].tolist()
+
+    def __len__(self) -> int:
+        return self.num_items
+
+
+def sampler_state(trainer: L.Trainer | None, sampler: ResumableRandomSampler, batch_size: int) -> dict[str, int]:
+    """What a checkpoint needs to restart `sampler` where training is now: seed, epoch, items trained on."""
+    state = {"seed": sampler.seed, "epoch": sampler.epoch, "position": 0}
+    if trainer is not None and trainer.training:
+        # processed: batches whose training step ran this epoch (counted before on_train_batch_end, where
+        # ModelCheckpoint(every_n_train_steps) saves, and equal to completed at a SIGTERM stop)
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        state.update(epoch=trainer.current_epoch, position=done * batch_size)
+    return state
+
+
+# ---- preemption -------------------------------------------------------------------------------------------
+_received: dict[str, int] = {}  # {"signum": N} once a stop signal arrived in this process
+
+
+def received_signal() -> int | None:
+    """The stop signal (SIGTERM / SIGINT) this process received during fit, if any."""
+    return _received.get("signum")
+
+
+class Preemption(Checkpoint):
+    """On SIGTERM or SIGINT during fit: finish the current batch, write checkpoints/last.ckpt, exit 128 + signal.
+
+    Lightning already turns SIGTERM into a stop at the next batch boundary (SIGTERMException, broadcast to all
+    ranks under DDP); SIGINT is routed the same way, and this callback writes the checkpoint on that stop. A
+    second SIGINT interrupts at once (no checkpoint).
+    """
+
+    def __init__(self) -> None:
+        self._previous_sigint: Any = None
+        self.saved: Path | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _received.clear()
+        if not _in_main_thread():
+            return
+        lightning_sigterm = signal.getsignal(signal.SIGTERM)
+        previous_term = lightning_sigterm
+
+        def on_term(signum: int, frame: Any) -> None:
+            _received["signum"] = signum
+            if callable(previous_term):
+                previous_term(signum, frame)
+
+        def on_int(signum: int, frame: Any) -> None:
+            if "signum" in _received:  # a second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            on_term(signum, frame)
+
+        signal.signal(signal.SIGTERM, on_term)
+        self._previous_sigint = signal.signal(signal.SIGINT, on_int)
+
+    def _restore(self) -> None:
+        if self._previous_sigint is not None and _in_main_thread():
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()
+        if not isinstance(exception, SIGTERMException) or trainer.global_step == 0:
+            return
+        path = self.checkpoint_path(trainer)
+        trainer.save_checkpoint(path)  # every rank takes part; rank 0 writes (atomically)
+        self.saved = path
+        if trainer.is_global_zero:
+            name = signal.Signals(received_signal() or signal.SIGTERM).name
+            print(f"gangen: {name} received: saved {path} at kimg {pl_module.images_seen / 1000:g}; "
+                  "resume with `fit ... --ckpt_path last`", flush=True)  # fmt: skip
+
+    @staticmethod
+    def checkpoint_path(trainer: L.Trainer) -> Path:
+        """last.ckpt in the first ModelCheckpoint's folder, else <run folder>/checkpoints/last.ckpt."""
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+                return Path(callback.dirpath) / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}.ckpt"
+        return Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

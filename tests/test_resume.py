@@ -1,0 +1,86 @@
+"""Exact resume and preemption, with real signals: SIGKILL mid-epoch then `fit --ckpt_path last` ends with
+the same weights as a run that never stopped; SIGTERM / SIGINT write a checkpoint before the process exits."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, run_cli, tiny_fit_args
+
+PROBE_ENV = {"PYTHONPATH": str(ROOT / "tests")}
+STEPS_PER_BATCH = 2  # global_step counts both optimizers' steps
+
+
+def fit(save_dir: Path, *extra: str) -> object:
+    """A 2-epoch tiny fit (2 x 6 batches of 64) that dumps its final parameters into save_dir/params_rank0.pt."""
+    dump = ["--trainer.callbacks+=ddp_probe.DumpParams", "--trainer.callbacks.folder", str(save_dir)]
+    args = tiny_fit_args(save_dir, "--data.limit", "384", "--trainer.limit_val_batches", "1", *dump, *extra)
+    return run_cli(*args, env=PROBE_ENV)
+
+
+def step_checkpoints(every_batches: int) -> list[str]:
+    return ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+            "--trainer.callbacks.every_n_train_steps", str(every_batches * STEPS_PER_BATCH),
+            "--trainer.callbacks.save_last", "true", "--trainer.callbacks.filename", "step{step}"]  # fmt: skip
+
+
+def signal_at(batch: int, signum: int) -> list[str]:
+    return ["--trainer.callbacks+=fault_probe.SignalAt", "--trainer.callbacks.step", str(batch * STEPS_PER_BATCH),
+            "--trainer.callbacks.signum", str(int(signum))]  # fmt: skip
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    save_dir = tmp_path_factory.mktemp("straight")
+    r = fit(save_dir, "--ckpt_path", "last")  # nothing saved yet: Lightning's "set and forget" meaning
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "no last.ckpt under" in r.stdout and "training from scratch" in r.stdout
+    return torch.load(save_dir / "params_rank0.pt")
+
+
+def test_sigkill_mid_epoch_then_resume_last_is_exact(uninterrupted, tmp_path):
+    # killed at the start of batch 10 (epoch 2, 3 batches in), after the step checkpoint of batch 9
+    r = fit(tmp_path, *step_checkpoints(9), *signal_at(9, signal.SIGKILL))
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    assert not (tmp_path / "params_rank0.pt").exists()  # it really died before the end
+    last = tmp_path / "dcgan_fashion_mnist" / "version_0" / "checkpoints" / "last-v1.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["global_step"] == 18 and ckpt["gangen"]["batches_seen"] == 9
+    assert ckpt["ImageDataModule"]["position"] == 3 * 64  # 3 batches into epoch 1
+    r = fit(tmp_path, "--ckpt_path", "last")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resuming from {last}" in r.stdout
+    resumed = torch.load(tmp_path / "params_rank0.pt")
+    assert int(resumed["images_seen"]) == 2 * 384
+    assert_same_state(uninterrupted, resumed)  # bitwise: G, D, batchnorm statistics, grid latents
+
+
+def test_sigterm_saves_checkpoint_and_resumes_exactly(uninterrupted, tmp_path):
+    r = fit(tmp_path, *signal_at(8, signal.SIGTERM))
+    assert r.returncode == 128 + signal.SIGTERM, (r.returncode, r.stderr[-3000:])
+    last = tmp_path / "dcgan_fashion_mnist" / "version_0" / "checkpoints" / "last.ckpt"
+    assert f"SIGTERM received: saved {last}" in r.stdout
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["gangen"]["batches_seen"] == 9  # the batch running when the signal came was finished
+    assert not (tmp_path / "params_rank0.pt").exists()
+    r = fit(tmp_path, "--ckpt_path", "last")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_state(uninterrupted, torch.load(tmp_path / "params_rank0.pt"))
+
+
+def test_sigint_saves_checkpoint(tmp_path):
+    r = fit(tmp_path, *signal_at(2, signal.SIGINT))
+    assert r.returncode == 128 + signal.SIGINT, (r.returncode, r.stderr[-3000:])
+    last = tmp_path / "dcgan_fashion_mnist" / "version_0" / "checkpoints" / "last.ckpt"
+    assert f"SIGINT received: saved {last}" in r.stdout
+    assert torch.load(last, weights_only=True)["gangen"]["batches_seen"] == 3
+    assert not (tmp_path / "params_rank0.pt").exists()
