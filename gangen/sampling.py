@@ -187,10 +187,14 @@ def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
 
 
 def load_generator(ckpt: str | Path | dict[str, Any], device: str | torch.device = "cpu") -> nn.Module:
-    """The generator of a gangen checkpoint (a path, or a dict from read_checkpoint), in eval mode, on `device`."""
+    """The generator of a gangen checkpoint (a path, or a dict from read_checkpoint), in eval mode, on `device`.
+
+    The EMA generator's weights (`generator_ema.*`) are preferred when the checkpoint has them.
+    """
     ckpt = ckpt if isinstance(ckpt, dict) else read_checkpoint(ckpt)
     generator = build_network(ckpt["hyper_parameters"]["generator"])
-    prefix = "generator."
+    has_ema = any(k.startswith("generator_ema.") for k in ckpt["state_dict"])
+    prefix = "generator_ema." if has_ema else "generator."
     state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     generator.load_state_dict(state)
     return generator.to(device).eval()
