@@ -45,21 +45,24 @@ def test_identical_for_real_and_fake():
     assert not torch.equal(first, second)
 
 
+def shifted(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """x (H, W) read at (i + dy, j + dx), zero outside."""
+    h, w = x.shape
+    padded = torch.zeros(h + 8, w + 8)
+    padded[4 : 4 + h, 4 : 4 + w] = x
+    return padded[4 + dy : 4 + dy + h, 4 + dx : 4 + dx + w]
+
+
 def test_translation_shifts_with_zero_padding():
     x = torch.arange(16.0).view(1, 1, 4, 4) + 1
     aug = DiffAugment("translation", seed=0, translation_ratio=0.5)  # shifts of up to 2 pixels
-    for _ in range(10):
+    seen = set()
+    for _ in range(30):
         out = aug(x)[0, 0]
-        kept = out[out != 0]
-        # every kept pixel is a source pixel, and the rows / columns keep their order (a pure shift)
-        assert set(kept.tolist()) <= set(x.flatten().tolist())
-        nz = out.nonzero()
-        dy, dx = (
-            int(out[nz[0, 0], nz[0, 1]].item() - 1) // 4 - nz[0, 0],
-            int(out[nz[0, 0], nz[0, 1]].item() - 1) % 4 - nz[0, 1],
-        )
-        ys, xs = nz[:, 0] + dy, nz[:, 1] + dx
-        torch.testing.assert_close(out[nz[:, 0], nz[:, 1]], x[0, 0, ys, xs])
+        matches = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if torch.equal(out, shifted(x[0, 0], dy, dx))]
+        assert len(matches) == 1  # exactly one pure shift with zero padding
+        seen.add(matches[0])
+    assert len(seen) > 5  # shifts vary from call to call
 
 
 def test_cutout_zeroes_a_square():
