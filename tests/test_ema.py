@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
+import lightning.pytorch as L
 import pytest
 import torch
 from conftest import run_cli, tiny_fit_args
 from torch import nn
 
+from gangen import GAN, DCGANDiscriminator, DCGANGenerator, ImageDataModule
+from gangen.classifier import save_classifier, train_classifier
 from gangen.ema import ema_beta, make_ema, update_ema_
 from gangen.errors import ConfigError
 from gangen.sampling import load_generator, read_checkpoint
@@ -62,3 +67,58 @@ def test_fit_saves_ema_and_generate_uses_it(tmp_path):
     out = tmp_path / "grid.png"
     result = run_cli("generate", "--ckpt_path", str(ckpt_path), "--output", str(out), "--num_samples", "8")
     assert result.returncode == 0 and out.is_file(), result.stderr[-2000:]
+
+
+class LiveRecorder(L.Callback):
+    """The live generator's parameters after every batch (the EMA update follows the G step)."""
+
+    def __init__(self) -> None:
+        self.params: list[list[torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.params.append([p.detach().clone() for p in pl_module.generator.parameters()])
+
+
+def test_training_updates_ema_with_kimg_schedule():
+    model = GAN(
+        generator=DCGANGenerator(latent_dim=16, resolution=16, channels=1, base_channels=8),
+        discriminator=DCGANDiscriminator(resolution=16, channels=1, base_channels=8, norm="spectral"),
+        loss="hinge", ema_kimg=0.1, ema_rampup=0.5,
+    )  # fmt: skip
+    start = [p.detach().clone() for p in model.generator.parameters()]
+    recorder = LiveRecorder()
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, limit_train_batches=6, limit_val_batches=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder],
+    )  # fmt: skip
+    trainer.fit(model, ImageDataModule(resolution=16, channels=1, batch_size=32, limit=256))
+    expected = start
+    for step, live in enumerate(recorder.params, start=1):  # 32 images a batch, half-life min(100, 0.5 * seen)
+        beta = 0.5 ** (32 / min(100.0, 0.5 * 32 * step))
+        expected = [beta * e + (1 - beta) * p for e, p in zip(expected, live, strict=True)]
+    for got, want in zip(model.generator_ema.parameters(), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    live_buffers = dict(model.generator.named_buffers())
+    for name, buf in model.generator_ema.named_buffers():
+        assert torch.equal(buf, live_buffers[name]), name  # batchnorm statistics copied
+
+
+def test_early_stopping_on_domain_fd_with_ema(tmp_path):
+    """EarlyStopping (and the EMA generator's metrics) on metric/fd_<classifier stem> is accepted in a real fit."""
+    classifier, accuracy = train_classifier(
+        ImageDataModule(limit=640, batch_size=64), epochs=1, enable_progress_bar=False, accelerator="cpu"
+    )
+    clf = save_classifier(classifier, tmp_path / "clf.pt", accuracy=accuracy)
+    args = tiny_fit_args(
+        tmp_path, "--trainer.max_epochs", "4", "--model.ema_kimg", "0.5", "--metrics.feature_extractor", str(clf),
+        "--metrics.num_samples", "32", "--metrics.num_real", "64", "--metrics.cache_dir", str(tmp_path / "cache"),
+        "--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor", "metric/fd_clf",
+        "--trainer.callbacks.patience", "0", "--trainer.callbacks.mode", "min", "--trainer.limit_train_batches", "3",
+    )  # fmt: skip
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "dcgan_fashion_mnist/version_0/metrics.jsonl").open()]
+    fds = [r["fd_clf"] for r in rows]
+    # patience 0: training stops at the first FD that does not improve, or runs all 4 epochs while it improves
+    stopped = next((i for i in range(1, len(fds)) if fds[i] >= fds[i - 1]), None)
+    assert len(fds) == (stopped + 1 if stopped is not None else 4), fds
