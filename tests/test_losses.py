@@ -81,5 +81,71 @@ def test_r1_on_known_discriminator():
 
 
 def test_unknown_loss():
-    with pytest.raises(ConfigError, match="unknown loss 'wgan'.*'non_saturating', 'hinge'"):
+    with pytest.raises(ConfigError, match="unknown loss 'wgan'.*'hinge', 'wasserstein'"):
         make_loss("wgan")
+
+
+@pytest.mark.parametrize("reg,loss", [("r1", "non_saturating"), ("gp", "wasserstein")])
+def test_lazy_regularisation_in_training(monkeypatch, reg, loss):
+    """A real fit: the penalty runs on D steps 0, 4 (reg_every=4 of 8), scaled by 4, and trains D."""
+    import lightning.pytorch as L
+
+    import gangen.system
+    from gangen import GAN, DCGANDiscriminator, DCGANGenerator, ImageDataModule
+
+    calls = []
+    real_fn = {"r1": gangen.system.r1_penalty, "gp": gangen.system.gradient_penalty}[reg]
+
+    def counted(*args, **kwargs):
+        out = real_fn(*args, **kwargs)
+        calls.append(out["loss"].item())
+        return out
+
+    monkeypatch.setattr(gangen.system, {"r1": "r1_penalty", "gp": "gradient_penalty"}[reg], counted)
+    model = GAN(
+        generator=DCGANGenerator(latent_dim=16, resolution=16, channels=1, base_channels=8),
+        discriminator=DCGANDiscriminator(resolution=16, channels=1, base_channels=8, norm="none"),
+        loss=loss, reg=reg, reg_weight=5.0, reg_every=4,
+    )  # fmt: skip
+    seen = []
+    model.log = lambda key, value, **kw: seen.append((key, float(value)))  # what training_step logs
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, limit_train_batches=8, limit_val_batches=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(model, ImageDataModule(resolution=16, channels=1, batch_size=32, limit=256))
+    assert len(calls) == 2 and model.d_steps == 8
+    logged = [v for k, v in seen if k == f"loss/d_{reg}"]
+    assert logged == pytest.approx([4 * c for c in calls])  # scaled by the interval
+    assert all(math.isfinite(v) for _, v in seen)
+
+
+def test_weight_decay_and_sgd_through_optimizer_configs():
+    from conftest import DEMO_CONFIG
+
+    from gangen.cli import GANCLI
+    from gangen.data import ImageDataModule
+    from gangen.system import GAN
+
+    cli = GANCLI(GAN, ImageDataModule, run=False, auto_configure_optimizers=False, args=[
+        "--config", str(DEMO_CONFIG), "--trainer.logger", "false",
+        "--model.d_optimizer", "torch.optim.SGD", "--model.d_optimizer.lr", "0.01",
+        "--model.d_optimizer.momentum", "0.9", "--model.d_optimizer.weight_decay", "1e-5",
+        "--model.g_optimizer", "torch.optim.AdamW", "--model.g_optimizer.weight_decay", "0.01",
+    ])  # fmt: skip
+    opt_g, opt_d = cli.model.configure_optimizers()
+    assert isinstance(opt_d, torch.optim.SGD) and opt_d.defaults["momentum"] == 0.9
+    assert opt_d.defaults["weight_decay"] == 1e-5
+    assert isinstance(opt_g, torch.optim.AdamW) and opt_g.defaults["weight_decay"] == 0.01
+
+
+def test_bad_regulariser_settings():
+    from gangen import GAN, DCGANDiscriminator, DCGANGenerator
+
+    nets = dict(generator=DCGANGenerator(resolution=16), discriminator=DCGANDiscriminator(resolution=16))
+    with pytest.raises(ConfigError, match="unknown reg 'l2'"):
+        GAN(**nets, reg="l2")
+    with pytest.raises(ConfigError, match="reg_every 0"):
+        GAN(**nets, reg="r1", reg_every=0)
+    with pytest.raises(ConfigError, match="ema_kimg -1"):
+        GAN(**nets, ema_kimg=-1)
