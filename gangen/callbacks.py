@@ -30,7 +30,8 @@ def log_image(trainer: L.Trainer, key: str, image: torch.Tensor) -> None:
 
 
 class SampleGrid(L.Callback):
-    """Every `every_kimg` thousand images seen, a grid of the module's fixed latents (`grid_z`).
+    """Every `every_kimg` thousand images seen, a grid of the module's fixed latents (`grid_z`), drawn by the
+    EMA generator when the module has one.
 
     Grids go to <run folder>/samples/kimg<NNNNNN>.png and to the loggers under "samples"; at the end of
     training a final grid is written as samples/final.png. Rank 0 only.
@@ -51,7 +52,8 @@ class SampleGrid(L.Callback):
         folder = self.folder(trainer)  # on every rank: trainer.log_dir is a collective call under DDP
         if not trainer.is_global_zero:
             return None
-        images = generate(pl_module.generator, len(pl_module.grid_z), z=pl_module.grid_z)  # (N, C, H, W)
+        generator = getattr(pl_module, "generator_ema", None) or pl_module.generator  # the EMA one if there is one
+        images = generate(generator, len(pl_module.grid_z), z=pl_module.grid_z)  # (N, C, H, W)
         folder.mkdir(parents=True, exist_ok=True)
         path = save_grid(images, folder / f"{name}.png", nrow=self.nrow)
         log_image(trainer, "samples", grid_image(images, self.nrow))

@@ -203,6 +203,7 @@ def generate_command(argv: Sequence[str]) -> None:
     p.add_argument("--nrow", type=int, default=None, help="images per grid row (default 8, or K with --interpolate)")
     p.add_argument("--batch_size", type=int, default=256, help="images generated per forward pass")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--class_label", type=int, default=None, help="class of every image (conditional models)")
     args = p.parse_args(argv)
 
     num = args.num_samples if args.num_samples is not None else (8 if args.interpolate else 64)
@@ -218,7 +219,16 @@ def generate_command(argv: Sequence[str]) -> None:
     if args.interpolate:
         z = interpolation_latents(num, args.interpolate, generator.latent_dim, args.seed)
         num = len(z)
-    images = generate(generator, num, seed=args.seed, batch_size=args.batch_size, z=z)  # (N, C, H, W)
+    labels = None
+    if args.class_label is not None:
+        classes = int(getattr(generator, "num_classes", 0) or 0)
+        if not 0 <= args.class_label < classes:
+            raise ConfigError(
+                f"--class_label {args.class_label}: the checkpoint's generator "
+                + (f"has classes 0..{classes - 1}" if classes else "is unconditional; drop --class_label")
+            )
+        labels = torch.full((num,), args.class_label, dtype=torch.long)
+    images = generate(generator, num, seed=args.seed, batch_size=args.batch_size, z=z, labels=labels)  # (N,C,H,W)
     if kind == "grid":
         path = save_grid(images, args.output, nrow=args.nrow or (args.interpolate or 8))
     elif kind == "npz":

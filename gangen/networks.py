@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
 
 from gangen.errors import ConfigError
 from gangen.layers import (
@@ -33,6 +34,10 @@ class DCGANGenerator(nn.Module):
 
     A transposed conv maps the latent to 4x4; each following block doubles the size and halves the width
     (up-convolution + norm + ReLU); the last block maps to `channels` with tanh.
+
+    Class-conditional with num_classes > 0: a learned label embedding (latent_dim values) is concatenated
+    to z, and forward takes labels (B,); without labels it uses 0, 1, ..., num_classes - 1, 0, 1, ... so that
+    metrics and grids get every class equally often.
     """
 
     def __init__(
@@ -45,6 +50,7 @@ class DCGANGenerator(nn.Module):
         upsample: str = "transposed",  # "transposed" | "bilinear_transposed" | "resize_conv"
         norm: str = "batch",  # "batch" | "none"
         init: str = "dcgan",  # "dcgan": N(0, 0.02) convs, N(1, 0.02) batchnorm; "pytorch": defaults
+        num_classes: int = 0,  # > 0: class-conditional (label embedding concatenated to z)
     ) -> None:
         super().__init__()
         n_up = check_resolution(resolution) - 2  # number of 2x blocks after the 4x4 stem
@@ -57,15 +63,19 @@ class DCGANGenerator(nn.Module):
                 f"latent_dim, base_channels, max_channels must be >= 1, got {latent_dim}, {base_channels}, "
                 f"{max_channels}"
             )
+        check_num_classes(num_classes)
         self.config: dict[str, Any] = dict(
             latent_dim=latent_dim, resolution=resolution, channels=channels, base_channels=base_channels,
             max_channels=max_channels, upsample=upsample, norm=norm, init=init,
         )  # fmt: skip
-        self.latent_dim = latent_dim
+        if num_classes:
+            self.config["num_classes"] = num_classes  # only when set: unconditional specs stay as they were
+        self.latent_dim, self.num_classes = latent_dim, num_classes
+        self.embed = nn.Embedding(num_classes, latent_dim) if num_classes else None
         widths = [min(max_channels, base_channels * 2 ** (n_up - 1 - i)) for i in range(n_up)]
         bias = norm == "none"  # a bias before batchnorm is redundant
         layers: list[nn.Module] = [
-            nn.ConvTranspose2d(latent_dim, widths[0], kernel_size=4, stride=1, padding=0, bias=bias),
+            nn.ConvTranspose2d(latent_dim * (2 if num_classes else 1), widths[0], 4, stride=1, padding=0, bias=bias),
             norm_2d(norm, widths[0]),
             nn.ReLU(inplace=True),
         ]  # (B, latent, 1, 1) -> (B, widths[0], 4, 4)
@@ -74,16 +84,24 @@ class DCGANGenerator(nn.Module):
         layers += [upsample_layer(widths[-1], channels, upsample, bias=True), nn.Tanh()]
         self.net = nn.Sequential(*layers)
         init_weights(self, init)
+        if self.embed is not None:
+            nn.init.normal_(self.embed.weight)  # N(0, 1), the scale of z
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z.view(z.shape[0], self.latent_dim, 1, 1))  # (B, C, H, W)
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.embed is not None:
+            if labels is None:
+                labels = torch.arange(z.shape[0], device=z.device) % self.num_classes  # (B,) balanced classes
+            z = torch.cat([z, self.embed(labels)], dim=1)  # (B, 2 * latent_dim)
+        return self.net(z.view(z.shape[0], -1, 1, 1))  # (B, C, H, W)
 
 
 class DCGANDiscriminator(nn.Module):
     """image (B, channels, resolution, resolution) -> logits (B,) (no sigmoid).
 
     Stride-2 conv + LeakyReLU(0.2) blocks halve the size and double the width (capped) down to 4x4,
-    then a 4x4 conv gives one logit. No norm on the first block, as in DCGAN.
+    then a 4x4 conv gives one logit. No norm on the first block, as in DCGAN. `dropout` > 0 adds dropout
+    after every hidden block. With num_classes > 0 it is a projection discriminator (Miyato & Koyama 2018):
+    logit = conv(h) + <embed(y), sum_hw h> for the last 4x4 features h, and forward needs labels (B,).
     """
 
     def __init__(
@@ -94,6 +112,8 @@ class DCGANDiscriminator(nn.Module):
         max_channels: int = 512,  # cap on any block's width
         norm: str = "batch",  # "batch" | "spectral" | "none"
         init: str = "dcgan",  # "dcgan": N(0, 0.02) convs, N(1, 0.02) batchnorm; "pytorch": defaults
+        dropout: float = 0.0,  # dropout probability after each hidden block; 0: none
+        num_classes: int = 0,  # > 0: projection discriminator conditioned on class labels
     ) -> None:
         super().__init__()
         n_down = check_resolution(resolution) - 2  # number of 2x halvings down to 4x4
@@ -102,29 +122,57 @@ class DCGANDiscriminator(nn.Module):
         check_choice("init", init, ("dcgan", "pytorch"))
         if base_channels < 1 or max_channels < 1:
             raise ConfigError(f"base_channels, max_channels must be >= 1, got {base_channels}, {max_channels}")
+        if not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"discriminator dropout {dropout!r} must be in [0, 1)")
+        check_num_classes(num_classes)
         self.config: dict[str, Any] = dict(
             resolution=resolution, channels=channels, base_channels=base_channels, max_channels=max_channels,
             norm=norm, init=init,
         )  # fmt: skip
+        self.config |= {k: v for k, v in (("dropout", dropout), ("num_classes", num_classes)) if v}  # only when set
+        self.num_classes = num_classes
         widths = [min(max_channels, base_channels * 2**i) for i in range(n_down)]
+
+        def drop() -> list[nn.Module]:
+            return [nn.Dropout(dropout)] if dropout else []
+
         layers: list[nn.Module] = [
             nn.Conv2d(channels, widths[0], kernel_size=4, stride=2, padding=1),
             nn.LeakyReLU(0.2, inplace=True),
+            *drop(),
         ]  # (B, C, R, R) -> (B, widths[0], R/2, R/2)
         for c_in, c_out in zip(widths[:-1], widths[1:], strict=True):
             layers += [
                 nn.Conv2d(c_in, c_out, kernel_size=4, stride=2, padding=1, bias=norm != "batch"),
                 norm_2d(norm, c_out),
                 nn.LeakyReLU(0.2, inplace=True),
+                *drop(),
             ]
         layers += [nn.Conv2d(widths[-1], 1, kernel_size=4, stride=1, padding=0)]  # (B, 1, 1, 1)
         self.net = nn.Sequential(*layers)
+        self.embed = nn.Embedding(num_classes, widths[-1]) if num_classes else None  # projection vectors
         init_weights(self, init)
+        if self.embed is not None:
+            nn.init.normal_(self.embed.weight, 0.0, 0.02)
         if norm == "spectral":
             apply_spectral_norm_(self)
+            if self.embed is not None:
+                self.embed = spectral_norm(self.embed)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).flatten()  # (B,)
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.embed is None:
+            return self.net(x).flatten()  # (B,)
+        if labels is None:
+            raise ValueError("a conditional discriminator needs labels (B,)")  # a caller bug, not user input
+        h = self.net[:-1](x)  # (B, C_last, 4, 4)
+        projection = (self.embed(labels) * h.sum(dim=(2, 3))).sum(dim=1)  # (B,)
+        return self.net[-1](h).flatten() + projection  # (B,)
+
+
+def check_num_classes(num_classes: int) -> int:
+    if not isinstance(num_classes, int) or num_classes < 0:
+        raise ConfigError(f"num_classes {num_classes!r} must be 0 (unconditional) or the number of classes")
+    return num_classes
 
 
 def network_spec(module: nn.Module) -> dict[str, Any]:

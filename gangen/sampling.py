@@ -34,11 +34,13 @@ def generate(
     seed: int = 0,
     batch_size: int = 256,
     z: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Images (N, C, H, W) in [-1, 1] on the CPU, from `z` or from latents drawn with `seed`.
 
     Runs the generator in eval mode (batchnorm uses its running statistics) on the device its parameters
-    are on, and restores its previous mode.
+    are on, and restores its previous mode. `labels` (N,) picks the classes of a conditional generator
+    (default: its own balanced 0, 1, 2, ... within each batch).
     """
     if num_samples <= 0:
         raise ConfigError(f"num_samples {num_samples!r} must be > 0")
@@ -48,7 +50,12 @@ def generate(
     was_training = generator.training
     generator.eval()
     try:
-        chunks = [generator(zb.to(device)).float().cpu() for zb in z[:num_samples].split(batch_size)]
+        z = z[:num_samples]
+        if labels is None:
+            chunks = [generator(zb.to(device)).float().cpu() for zb in z.split(batch_size)]
+        else:
+            pairs = zip(z.split(batch_size), labels[:num_samples].split(batch_size), strict=True)
+            chunks = [generator(zb.to(device), yb.to(device)).float().cpu() for zb, yb in pairs]
     finally:
         generator.train(was_training)
     return torch.cat(chunks)
@@ -246,10 +253,14 @@ def read_safetensors(path: Path) -> dict[str, Any]:
 
 
 def load_generator(ckpt: str | Path | dict[str, Any], device: str | torch.device = "cpu") -> nn.Module:
-    """The generator of a gangen checkpoint (a path, or a dict from read_checkpoint), in eval mode, on `device`."""
+    """The generator of a gangen checkpoint (a path, or a dict from read_checkpoint), in eval mode, on `device`.
+
+    The EMA generator's weights (`generator_ema.*`) are preferred when the checkpoint has them.
+    """
     ckpt = ckpt if isinstance(ckpt, dict) else read_checkpoint(ckpt)
     generator = build_network(ckpt["hyper_parameters"]["generator"])
-    prefix = "generator."
+    has_ema = any(k.startswith("generator_ema.") for k in ckpt["state_dict"])
+    prefix = "generator_ema." if has_ema else "generator."
     state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     generator.load_state_dict(state)
     return generator.to(device).eval()

@@ -13,8 +13,11 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
+from gangen.augment import DiffAugment
+from gangen.ema import ema_beta, make_ema, update_ema_
 from gangen.errors import ConfigError
-from gangen.losses import make_loss
+from gangen.layers import check_choice
+from gangen.losses import REGULARIZERS, gradient_penalty, make_loss, r1_penalty
 from gangen.networks import build_network, network_spec
 
 
@@ -27,14 +30,23 @@ class GAN(L.LightningModule):
     """Adversarial training of `generator` against `discriminator` with manual optimization.
 
     Each batch: one discriminator step; every `d_steps_per_g_step` batches also one generator step, which
-    reuses the batch's generated images (one G forward per batch, as in the DCGAN reference loop).
+    reuses the batch's generated images (one G forward per batch, as in the DCGAN reference loop), followed
+    by an update of the EMA generator (`generator_ema`, when ema_kimg > 0). Both D inputs pass through the
+    same DiffAugment policy. A class-conditional generator (num_classes > 0) gets the batch's real labels
+    and the discriminator is called with labels too (projection discriminator).
     """
 
     def __init__(
         self,
         generator: nn.Module,  # z (B, latent_dim) -> images (B, C, H, W); needs `latent_dim` and `config`
         discriminator: nn.Module,  # images (B, C, H, W) -> logits (B,)
-        loss: str = "non_saturating",  # "non_saturating" | "hinge"
+        loss: str = "non_saturating",  # "non_saturating" | "hinge" | "wasserstein" | "least_squares"
+        reg: str = "none",  # discriminator regulariser: "none" | "r1" (on reals) | "gp" (WGAN-GP, interpolates)
+        reg_weight: float = 10.0,  # R1 gamma or GP weight
+        reg_every: int = 1,  # lazy regularisation: apply every N discriminator steps, scaled by N
+        ema_kimg: float = 0.0,  # EMA half-life of the generator in thousands of images; 0: no EMA
+        ema_rampup: float | None = None,  # cap the half-life at ema_rampup * images seen (e.g. 0.05); None: off
+        augment: str = "",  # DiffAugment policy for D inputs, e.g. "color,translation,cutout"; "": none
         g_optimizer: OptimizerCallable | None = None,  # None: Adam(lr=2e-4, betas=(0.5, 0.999))
         d_optimizer: OptimizerCallable | None = None,  # None: Adam(lr=2e-4, betas=(0.5, 0.999))
         d_steps_per_g_step: int = 1,  # discriminator steps per generator step
@@ -58,7 +70,21 @@ class GAN(L.LightningModule):
             raise ConfigError(f"num_grid_samples {num_grid_samples!r} must be >= 1")
         if check_finite_every < 1:
             raise ConfigError(f"check_finite_every {check_finite_every!r} must be >= 1")
+        check_choice("reg", reg, REGULARIZERS)
+        if reg_every < 1 or reg_weight < 0:
+            raise ConfigError(f"reg_every {reg_every!r} must be >= 1 and reg_weight {reg_weight!r} >= 0")
+        if ema_kimg < 0 or (ema_rampup is not None and ema_rampup <= 0):
+            raise ConfigError(f"ema_kimg {ema_kimg!r} must be >= 0 and ema_rampup {ema_rampup!r} > 0 or null")
         self.loss = make_loss(loss)
+        self.augment = DiffAugment(augment, seed=seed)
+        self.num_classes: int = int(getattr(self.generator, "num_classes", 0) or 0)
+        d_classes = int(getattr(self.discriminator, "num_classes", 0) or 0)
+        if d_classes != self.num_classes:
+            raise ConfigError(
+                f"generator num_classes={self.num_classes} but discriminator num_classes={d_classes}: set both to "
+                "the same value (0: unconditional)"
+            )
+        self.generator_ema = make_ema(self.generator) if ema_kimg > 0 else None
         self.g_optimizer = g_optimizer or default_adam
         self.d_optimizer = d_optimizer or default_adam
         # Checkpoint hyperparameters are plain values only (loadable with weights_only=True): the networks
@@ -69,6 +95,12 @@ class GAN(L.LightningModule):
                 "generator": network_spec(self.generator),
                 "discriminator": network_spec(self.discriminator),
                 "loss": loss,
+                "reg": reg,
+                "reg_weight": reg_weight,
+                "reg_every": reg_every,
+                "ema_kimg": ema_kimg,
+                "ema_rampup": ema_rampup,
+                "augment": augment,
                 "d_steps_per_g_step": d_steps_per_g_step,
                 "seed": seed,
                 "num_grid_samples": num_grid_samples,
@@ -78,6 +110,7 @@ class GAN(L.LightningModule):
         self.latent_dim: int = self.generator.latent_dim
         grid_rng = torch.Generator().manual_seed(seed)
         self.register_buffer("grid_z", torch.randn(num_grid_samples, self.latent_dim, generator=grid_rng))
+        self.d_steps = 0  # discriminator steps taken (schedules lazy regularisation)
         self.images_seen = 0  # global count (all ranks), restored from checkpoints
         self.batches_seen = 0  # training batches on this rank, restored from checkpoints (G-step schedule)
         self._finite: torch.Tensor | None = None  # () bool on the device: every loss since the last check finite
@@ -103,25 +136,48 @@ class GAN(L.LightningModule):
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.g_optimizer(self.generator.parameters()), self.d_optimizer(self.discriminator.parameters())]
 
+    def _d(self, images: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """Discriminator logits (B,) of augmented images (labels only for a conditional model)."""
+        x = self.augment(images)
+        return self.discriminator(x) if labels is None else self.discriminator(x, labels)
+
+    def _regularize(self, real: torch.Tensor, fake: torch.Tensor, labels: torch.Tensor | None) -> dict:
+        """The lazy R1 / GP term of this D step, already scaled by reg_every ({} when none is due)."""
+        hp = self.hparams
+        if hp.reg == "none" or hp.reg_weight == 0 or self.d_steps % hp.reg_every != 0:
+            return {}
+        critic = lambda x: self._d(x, labels)  # noqa: E731
+        if hp.reg == "r1":
+            terms = r1_penalty(critic, real, hp.reg_weight)
+        else:
+            terms = gradient_penalty(critic, real, fake, hp.reg_weight, generator=self._latent_rng)
+        return {**terms, "loss": terms["loss"] * hp.reg_every}
+
     def training_step(self, batch: Any, batch_idx: int) -> None:
-        real = batch[0] if isinstance(batch, (tuple, list)) else batch  # (B, C, H, W) in [-1, 1]
+        real, labels = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)  # (B, C, H, W)
+        labels = labels if self.num_classes else None  # (B,) int64 class labels for a conditional model
         opt_g, opt_d = self.optimizers()
         n = real.shape[0]
         train_g = (self.batches_seen + 1) % self.hparams.d_steps_per_g_step == 0
+        z = self.sample_latents(n)
         with torch.set_grad_enabled(train_g):
-            fake = self.generator(self.sample_latents(n))  # (B, C, H, W)
+            fake = self.generator(z) if labels is None else self.generator(z, labels)  # (B, C, H, W)
 
         with self.toggled_optimizer(opt_d):
-            d_real, d_fake = self.discriminator(real), self.discriminator(fake.detach())  # (B,), (B,)
+            d_real, d_fake = self._d(real, labels), self._d(fake.detach(), labels)  # (B,), (B,)
             d_terms = self.loss.discriminator(d_real, d_fake)
+            reg = self._regularize(real, fake, labels)
             opt_d.zero_grad(set_to_none=True)
-            self.manual_backward(d_terms["loss"])
+            self.manual_backward(d_terms["loss"] + reg["loss"] if reg else d_terms["loss"])
             opt_d.step()
+            self.d_steps += 1
         logs = {"loss/d": d_terms["loss"], "d/real": d_real.mean(), "d/fake": d_fake.mean()}  # mean logits
+        if reg:
+            logs |= {f"loss/d_{self.hparams.reg}": reg["loss"], f"d/{self.hparams.reg}_grad_norm": reg["grad_norm"]}
 
         if train_g:
             with self.toggled_optimizer(opt_g):
-                g_terms = self.loss.generator(self.discriminator(fake))
+                g_terms = self.loss.generator(self._d(fake, labels))
                 opt_g.zero_grad(set_to_none=True)
                 self.manual_backward(g_terms["loss"])
                 opt_g.step()
@@ -130,6 +186,10 @@ class GAN(L.LightningModule):
         self.images_seen += n * self.trainer.world_size
         self.batches_seen += 1
         self._track_finite([value for key, value in logs.items() if key.startswith("loss/")])
+        if train_g and self.generator_ema is not None:
+            batch_images = n * self.trainer.world_size * self.hparams.d_steps_per_g_step  # images per G step
+            beta = ema_beta(batch_images, self.hparams.ema_kimg, self.images_seen, self.hparams.ema_rampup)
+            update_ema_(self.generator_ema, self.generator, beta)
         # Tensors stay on the device: Lightning reads them when it writes logs or refreshes the progress bar.
         for key, value in logs.items():
             self.log(key, value.detach(), on_step=True, on_epoch=False, batch_size=n, prog_bar=key.startswith("loss"))
@@ -138,10 +198,13 @@ class GAN(L.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         """Discriminator outputs and loss on held-out real images against fresh samples."""
-        real = batch[0] if isinstance(batch, (tuple, list)) else batch
+        real, labels = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+        labels = labels if self.num_classes else None
         rng = torch.Generator(device=self.device).manual_seed(self.hparams.seed + 10_000 + batch_idx)
         z = torch.randn(real.shape[0], self.latent_dim, device=self.device, generator=rng)
-        d_real, d_fake = self.discriminator(real), self.discriminator(self.generator(z))
+        fake = self.generator(z) if labels is None else self.generator(z, labels)
+        d = self.discriminator
+        d_real, d_fake = (d(real), d(fake)) if labels is None else (d(real, labels), d(fake, labels))
         d_terms = self.loss.discriminator(d_real, d_fake)
         self.log_dict(
             {"val/loss_d": d_terms["loss"], "val/d_real": d_real.mean(), "val/d_fake": d_fake.mean()},
@@ -176,6 +239,9 @@ class GAN(L.LightningModule):
         if self._trainer is not None and self.trainer.state.fn == "fit":
             self.check_finite(params=True)  # never write a diverged state over a good checkpoint
         state: dict[str, Any] = {"images_seen": self.images_seen, "batches_seen": self.batches_seen}
+        state["d_steps"] = self.d_steps
+        if self.augment._rng is not None:  # this rank's augmentation stream (exact single-process resume)
+            state["augment_rng_state"] = self.augment._rng.get_state()
         if self._latent_rng is not None:  # every rank's stream: rank r resumes with states[r]
             rng_state = self._latent_rng.get_state()  # (S,) uint8 on the CPU, also for a CUDA generator
             states = [rng_state]
@@ -192,4 +258,6 @@ class GAN(L.LightningModule):
         states = state.get("latent_rng_states") or [state.get("latent_rng_state")]  # older files: one state
         rng_state = states[self.global_rank] if self.global_rank < len(states) else None
         self._latent_rng_state = None if rng_state is None else (state.get("latent_rng_device", "cpu"), rng_state)
+        self.d_steps = int(state.get("d_steps", 0))
+        self.augment.pending_state = state.get("augment_rng_state")
         self._latent_rng = None

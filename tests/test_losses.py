@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gangen.errors import ConfigError
-from gangen.losses import make_loss
+from gangen.losses import gradient_penalty, make_loss, r1_penalty
 
 
 def test_non_saturating_values():
@@ -37,6 +37,115 @@ def test_hinge_values():
     assert loss.generator(torch.tensor([1.0, 3.0]))["loss"].item() == pytest.approx(-2.0)
 
 
+def test_wasserstein_values():
+    loss = make_loss("wasserstein")
+    d = loss.discriminator(torch.tensor([1.0, 3.0]), torch.tensor([-1.0, 0.0]))
+    assert d["real"].item() == pytest.approx(-2.0)  # -mean D(x)
+    assert d["fake"].item() == pytest.approx(-0.5)  # mean D(G(z))
+    assert d["drift"].item() == pytest.approx(5.0)  # mean D(x)^2
+    assert d["loss"].item() == pytest.approx(-2.5 + 1e-3 * 5.0)
+    assert loss.generator(torch.tensor([1.0, 2.0]))["loss"].item() == pytest.approx(-1.5)
+
+
+def test_least_squares_values():
+    loss = make_loss("least_squares")
+    d = loss.discriminator(torch.tensor([1.0, 3.0]), torch.tensor([2.0, 0.0]))
+    assert d["real"].item() == pytest.approx(0.5 * (0 + 4) / 2)  # 0.5 * mean (D(x) - 1)^2
+    assert d["fake"].item() == pytest.approx(0.5 * (4 + 0) / 2)  # 0.5 * mean D(G(z))^2
+    assert loss.generator(torch.tensor([3.0]))["loss"].item() == pytest.approx(2.0)
+
+
+def test_gradient_penalty_on_known_gradient():
+    # D(x) = sum(w * x): gradient w everywhere, so the penalty is weight * (||w|| - 1)^2 at any interpolate
+    w = torch.tensor([3.0, 4.0]).view(1, 2, 1, 1)  # ||w|| = 5
+    real, fake = torch.randn(4, 2, 1, 1), torch.randn(4, 2, 1, 1)
+    terms = gradient_penalty(lambda x: (x * w).flatten(1).sum(1), real, fake, weight=10.0)
+    assert terms["loss"].item() == pytest.approx(10.0 * 16.0)
+    assert terms["grad_norm"].item() == pytest.approx(5.0)
+    # D(x) = ||x||^2 / 2: gradient x_hat, so the penalty depends on the interpolation point and is trainable
+    real = torch.full((3, 1, 2, 2), 2.0)
+    terms = gradient_penalty(lambda x: 0.5 * x.square().flatten(1).sum(1), real, real.clone(), weight=1.0)
+    assert terms["loss"].item() == pytest.approx((4.0 - 1.0) ** 2)  # ||x_hat|| = ||(2,2,2,2)|| = 4
+
+
+def test_r1_on_known_discriminator():
+    # D(x) = a * sum(x^2): grad 2 a x, ||grad||^2 = 4 a^2 ||x||^2; R1 = gamma / 2 * mean of that
+    a = torch.tensor(0.5, requires_grad=True)
+    real = torch.tensor([[1.0, 2.0], [0.0, 3.0]]).view(2, 1, 1, 2)  # ||x||^2 = 5 and 9
+    terms = r1_penalty(lambda x: a * x.square().flatten(1).sum(1), real, gamma=2.0)
+    expected = 2.0 / 2 * (4 * 0.25 * (5 + 9) / 2)  # = 7
+    assert terms["loss"].item() == pytest.approx(expected)
+    terms["loss"].backward()  # the penalty trains D: d/da of gamma/2 * 4 a^2 * 7 = gamma * 4 a * 7
+    assert a.grad.item() == pytest.approx(2.0 * 4 * 0.5 * 7)
+    assert real.grad is None  # the caller's images are not touched
+
+
 def test_unknown_loss():
-    with pytest.raises(ConfigError, match="unknown loss 'wgan'.*'non_saturating', 'hinge'"):
+    with pytest.raises(ConfigError, match="unknown loss 'wgan'.*'hinge', 'wasserstein'"):
         make_loss("wgan")
+
+
+@pytest.mark.parametrize("reg,loss", [("r1", "non_saturating"), ("gp", "wasserstein")])
+def test_lazy_regularisation_in_training(monkeypatch, reg, loss):
+    """A real fit: the penalty runs on D steps 0, 4 (reg_every=4 of 8), scaled by 4, and trains D."""
+    import lightning.pytorch as L
+
+    import gangen.system
+    from gangen import GAN, DCGANDiscriminator, DCGANGenerator, ImageDataModule
+
+    calls = []
+    real_fn = {"r1": gangen.system.r1_penalty, "gp": gangen.system.gradient_penalty}[reg]
+
+    def counted(*args, **kwargs):
+        out = real_fn(*args, **kwargs)
+        calls.append(out["loss"].item())
+        return out
+
+    monkeypatch.setattr(gangen.system, {"r1": "r1_penalty", "gp": "gradient_penalty"}[reg], counted)
+    model = GAN(
+        generator=DCGANGenerator(latent_dim=16, resolution=16, channels=1, base_channels=8),
+        discriminator=DCGANDiscriminator(resolution=16, channels=1, base_channels=8, norm="none"),
+        loss=loss, reg=reg, reg_weight=5.0, reg_every=4,
+    )  # fmt: skip
+    seen = []
+    model.log = lambda key, value, **kw: seen.append((key, float(value)))  # what training_step logs
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, limit_train_batches=8, limit_val_batches=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(model, ImageDataModule(resolution=16, channels=1, batch_size=32, limit=256))
+    assert len(calls) == 2 and model.d_steps == 8
+    logged = [v for k, v in seen if k == f"loss/d_{reg}"]
+    assert logged == pytest.approx([4 * c for c in calls])  # scaled by the interval
+    assert all(math.isfinite(v) for _, v in seen)
+
+
+def test_weight_decay_and_sgd_through_optimizer_configs():
+    from conftest import DEMO_CONFIG
+
+    from gangen.cli import GANCLI
+    from gangen.data import ImageDataModule
+    from gangen.system import GAN
+
+    cli = GANCLI(GAN, ImageDataModule, run=False, auto_configure_optimizers=False, args=[
+        "--config", str(DEMO_CONFIG), "--trainer.logger", "false",
+        "--model.d_optimizer", "torch.optim.SGD", "--model.d_optimizer.lr", "0.01",
+        "--model.d_optimizer.momentum", "0.9", "--model.d_optimizer.weight_decay", "1e-5",
+        "--model.g_optimizer", "torch.optim.AdamW", "--model.g_optimizer.weight_decay", "0.01",
+    ])  # fmt: skip
+    opt_g, opt_d = cli.model.configure_optimizers()
+    assert isinstance(opt_d, torch.optim.SGD) and opt_d.defaults["momentum"] == 0.9
+    assert opt_d.defaults["weight_decay"] == 1e-5
+    assert isinstance(opt_g, torch.optim.AdamW) and opt_g.defaults["weight_decay"] == 0.01
+
+
+def test_bad_regulariser_settings():
+    from gangen import GAN, DCGANDiscriminator, DCGANGenerator
+
+    nets = dict(generator=DCGANGenerator(resolution=16), discriminator=DCGANDiscriminator(resolution=16))
+    with pytest.raises(ConfigError, match="unknown reg 'l2'"):
+        GAN(**nets, reg="l2")
+    with pytest.raises(ConfigError, match="reg_every 0"):
+        GAN(**nets, reg="r1", reg_every=0)
+    with pytest.raises(ConfigError, match="ema_kimg -1"):
+        GAN(**nets, ema_kimg=-1)

@@ -1,0 +1,89 @@
+"""DiffAugment: differentiable, the same policy for real and fake, seeded, and each op does what it says."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gangen.augment import DiffAugment
+from gangen.errors import ConfigError
+
+POLICY = "color,translation,cutout"
+
+
+def test_differentiable_everywhere():
+    x = torch.randn(6, 3, 16, 16, requires_grad=True)
+    out = DiffAugment(POLICY, seed=1)(x)
+    assert out.shape == x.shape
+    weights = torch.randn_like(out)
+    (grad,) = torch.autograd.grad((out * weights).sum(), x)
+    assert grad.abs().sum() > 0
+    # gradients are exact: compare with a finite difference along a random direction
+    xd = x.detach().double()
+    aug = DiffAugment(POLICY, seed=1)
+    f = lambda t: (DiffAugment(POLICY, seed=1)(t) * weights.double()).sum()  # noqa: E731
+    direction = torch.randn_like(xd)
+    eps = 1e-6
+    numeric = (f(xd + eps * direction) - f(xd - eps * direction)) / (2 * eps)
+    xg = xd.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(f(xg), xg)
+    assert (g * direction).sum().item() == pytest.approx(numeric.item(), rel=1e-5)
+    assert aug.ops == ["color", "translation", "cutout"]
+
+
+def test_identical_for_real_and_fake():
+    # one policy object is applied to both; with the same random state the transform of an image does
+    # not depend on whether it is real or generated: the same batch gives the same output
+    real = torch.randn(4, 1, 16, 16)
+    fake = real.clone().requires_grad_(True)  # a "generated" batch carrying gradients
+    a, b = DiffAugment(POLICY, seed=3), DiffAugment(POLICY, seed=3)
+    torch.testing.assert_close(a(real), b(fake).detach())
+    # its own generator: the global RNG is untouched, and successive calls draw fresh parameters
+    state = torch.get_rng_state()
+    first, second = a(real), a(real)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert not torch.equal(first, second)
+
+
+def shifted(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """x (H, W) read at (i + dy, j + dx), zero outside."""
+    h, w = x.shape
+    padded = torch.zeros(h + 8, w + 8)
+    padded[4 : 4 + h, 4 : 4 + w] = x
+    return padded[4 + dy : 4 + dy + h, 4 + dx : 4 + dx + w]
+
+
+def test_translation_shifts_with_zero_padding():
+    x = torch.arange(16.0).view(1, 1, 4, 4) + 1
+    aug = DiffAugment("translation", seed=0, translation_ratio=0.5)  # shifts of up to 2 pixels
+    seen = set()
+    for _ in range(30):
+        out = aug(x)[0, 0]
+        matches = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if torch.equal(out, shifted(x[0, 0], dy, dx))]
+        assert len(matches) == 1  # exactly one pure shift with zero padding
+        seen.add(matches[0])
+    assert len(seen) > 5  # shifts vary from call to call
+
+
+def test_cutout_zeroes_a_square():
+    x = torch.ones(8, 1, 16, 16)
+    out = DiffAugment("cutout", seed=0)(x)
+    zeroed = (out == 0).flatten(1).sum(1)  # (B,)
+    assert (zeroed > 0).all() and (zeroed <= 64).all()  # an 8x8 square, clipped at the border
+    assert (zeroed == 64).any()
+
+
+def test_color_keeps_greyscale_structure():
+    x = torch.rand(5, 1, 8, 8) * 2 - 1
+    out = DiffAugment("color", seed=0)(x)
+    # brightness + contrast are affine per image: out = a x + b with a in [0.5, 1.5] * saturation factor
+    for xi, oi in zip(x, out, strict=True):
+        a = torch.linalg.lstsq(torch.stack([xi.flatten(), torch.ones(64)], 1), oi.flatten()[:, None]).solution
+        torch.testing.assert_close(a[0, 0] * xi + a[1, 0], oi, atol=1e-5, rtol=1e-5)
+
+
+def test_identity_and_bad_policy():
+    x = torch.randn(2, 3, 8, 8)
+    assert not DiffAugment("") and torch.equal(DiffAugment("")(x), x)
+    with pytest.raises(ConfigError, match="unknown augment op 'flip'"):
+        DiffAugment("color,flip")
