@@ -38,30 +38,53 @@ def assert_same_state(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
+# Every piece of state that changes the trajectory: EMA generator, DiffAugment's random stream, the lazy R1
+# schedule (d_steps).
+FULL_STATE = ["--model.ema_kimg", "0.5", "--model.augment", "color,translation,cutout",
+              "--model.reg", "r1", "--model.reg_every", "4"]  # fmt: skip
+VARIANTS = {"dcgan": [], "ema_augment_r1": FULL_STATE}
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> dict:
-    save_dir = tmp_path_factory.mktemp("straight")
-    r = fit(save_dir, "--ckpt_path", "last")  # nothing saved yet: Lightning's "set and forget" meaning
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "no last.ckpt under" in r.stdout and "training from scratch" in r.stdout
-    return torch.load(save_dir / "params_rank0.pt")
+def straight_runs(tmp_path_factory) -> dict:
+    return {}
 
 
-def test_sigkill_mid_epoch_then_resume_last_is_exact(uninterrupted, tmp_path):
+@pytest.fixture(params=["dcgan"])
+def variant(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def uninterrupted(straight_runs, variant, tmp_path_factory) -> dict:
+    """Final parameters of the uninterrupted fit of this variant (trained once per module)."""
+    if variant not in straight_runs:
+        save_dir = tmp_path_factory.mktemp(f"straight_{variant}")
+        r = fit(save_dir, "--ckpt_path", "last", *VARIANTS[variant])  # nothing saved yet: "set and forget"
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "no last.ckpt under" in r.stdout and "training from scratch" in r.stdout
+        straight_runs[variant] = torch.load(save_dir / "params_rank0.pt")
+    return straight_runs[variant]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS), indirect=True)
+def test_sigkill_mid_epoch_then_resume_last_is_exact(uninterrupted, variant, tmp_path):
+    extra = VARIANTS[variant]
     # killed at the start of batch 10 (epoch 2, 3 batches in), after the step checkpoint of batch 9
-    r = fit(tmp_path, *step_checkpoints(9), *signal_at(9, signal.SIGKILL))
+    r = fit(tmp_path, *step_checkpoints(9), *signal_at(9, signal.SIGKILL), *extra)
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     assert not (tmp_path / "params_rank0.pt").exists()  # it really died before the end
     last = tmp_path / "dcgan_fashion_mnist" / "version_0" / "checkpoints" / "last-v1.ckpt"
     ckpt = torch.load(last, weights_only=True)
     assert ckpt["global_step"] == 18 and ckpt["gangen"]["batches_seen"] == 9
     assert ckpt["ImageDataModule"]["position"] == 3 * 64  # 3 batches into epoch 1
-    r = fit(tmp_path, "--ckpt_path", "last")
+    r = fit(tmp_path, "--ckpt_path", "last", *extra)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resuming from {last}" in r.stdout
     resumed = torch.load(tmp_path / "params_rank0.pt")
     assert int(resumed["images_seen"]) == 2 * 384
-    assert_same_state(uninterrupted, resumed)  # bitwise: G, D, batchnorm statistics, grid latents
+    assert any(k.startswith("generator_ema.") for k in resumed) == bool(extra)
+    assert_same_state(uninterrupted, resumed)  # bitwise: G, D, EMA, batchnorm statistics, grid latents
 
 
 def test_sigterm_saves_checkpoint_and_resumes_exactly(uninterrupted, tmp_path):
