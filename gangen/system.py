@@ -63,7 +63,7 @@ class GAN(L.LightningModule):
         d_steps_per_g_step: int = 1,  # discriminator steps per generator step
         seed: int = 0,  # latents are drawn from seed + global_rank; the grid latents from seed
         num_grid_samples: int = 64,  # fixed latents for the sample grids (kept in the checkpoint)
-        channels_last: bool | None = None,  # NHWC networks and batches; None: on CUDA unless compile
+        channels_last: bool | None = None,  # NHWC networks and batches; None: on CUDA and CPU unless compile
         compile: bool = False,  # torch.compile both networks in place (state_dict keys unchanged)
     ) -> None:
         super().__init__()
@@ -123,8 +123,9 @@ class GAN(L.LightningModule):
     def configure_model(self) -> None:
         """Memory format and torch.compile, once the training device is known (Lightning calls this first)."""
         device = self.trainer.strategy.root_device if self._trainer is not None else self.device
-        # auto: NHWC on CUDA, except with compile (channels_last + compile crashed in convolution_backward)
-        auto = device.type == "cuda" and not self.compile_networks
+        # auto: NHWC (CPU: 1.16-1.32x faster at 64x64, README Speed), except with compile (channels_last +
+        # compile crashed in convolution_backward on an H200)
+        auto = device.type in ("cuda", "cpu") and not self.compile_networks
         use_nhwc = self.channels_last if self.channels_last is not None else auto
         if use_nhwc and self._memory_format != torch.channels_last:
             self._memory_format = torch.channels_last
