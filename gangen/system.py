@@ -123,9 +123,10 @@ class GAN(L.LightningModule):
     def configure_model(self) -> None:
         """Memory format and torch.compile, once the training device is known (Lightning calls this first)."""
         device = self.trainer.strategy.root_device if self._trainer is not None else self.device
-        # auto: NHWC (CPU: 1.16-1.32x faster at 64x64, README Speed), except with compile (channels_last +
-        # compile crashed in convolution_backward on an H200)
-        auto = device.type in ("cuda", "cpu") and not self.compile_networks
+        # auto: NHWC when training (CPU: 1.16-1.32x faster at 64x64, README Speed), not in load_from_checkpoint
+        # (which also calls this hook), nor with compile (channels_last + compile crashed on an H200)
+        training = self._trainer is not None and self.trainer.training
+        auto = training and device.type in ("cuda", "cpu") and not self.compile_networks
         use_nhwc = self.channels_last if self.channels_last is not None else auto
         if use_nhwc and self._memory_format != torch.channels_last:
             self._memory_format = torch.channels_last
@@ -187,6 +188,9 @@ class GAN(L.LightningModule):
 
     # ---- checkpoint state beyond parameters and buffers ---------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # weights in the default (NCHW) layout, whatever the training memory format: loaders that assign
+        # tensors as stored (load_generator) then compute exactly as a freshly built network does
+        checkpoint["state_dict"] = {k: v.contiguous() for k, v in checkpoint["state_dict"].items()}
         state: dict[str, Any] = {"images_seen": self.images_seen}
         if self._latent_rng is not None and self._latent_rng.device.type == "cpu":
             state["latent_rng_state"] = self._latent_rng.get_state()

@@ -180,3 +180,14 @@ def test_speed_defaults_leave_cpu_runs_alone():
     trainer = {"accelerator": "cpu", "precision": None, "benchmark": None}
     _speed_defaults(trainer)
     assert trainer == {"accelerator": "cpu", "precision": None, "benchmark": None}
+
+
+def test_channels_last_by_default_in_fit_not_in_loading(dm, tmp_path):
+    trainer, _ = fit(dm, epochs=1)
+    model = trainer.lightning_module
+    assert model.discriminator.net[2].weight.is_contiguous(memory_format=torch.channels_last)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]["discriminator.net.2.weight"]
+    assert saved.is_contiguous()  # checkpoints keep the default layout
+    loaded = GAN.load_from_checkpoint(tmp_path / "last.ckpt", weights_only=True)
+    assert loaded.discriminator.net[2].weight.is_contiguous()  # generation stays NCHW, bit-equal to load_generator
