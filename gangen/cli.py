@@ -90,6 +90,8 @@ class GANCLI(LightningCLI):
         _check_wandb(trainer.get("logger"))
         if trainer.get("strategy") == "auto" and _multi_process(trainer):
             trainer["strategy"] = "ddp_find_unused_parameters_true"
+        if trainer is not None:
+            _speed_defaults(trainer)
 
     def _check_shapes(self) -> None:
         """The data must have the resolution and channels the networks were built for."""
@@ -184,6 +186,18 @@ def _check_wandb(logger: Any) -> None:
     for spec in logger if isinstance(logger, list) else [logger]:
         if str(getattr(spec, "class_path", "") or "").endswith("WandbLogger"):
             wandb_mode((getattr(spec, "init_args", None) or {}).get("offline"))
+
+
+def _speed_defaults(trainer: Any) -> None:
+    """Unset precision / benchmark on a CUDA run: bf16-mixed where the GPU supports bf16, cudnn.benchmark on.
+    An explicit value (e.g. --trainer.precision 32-true) is kept; CPU runs are unchanged."""
+    cuda = trainer.get("accelerator", "auto") in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    if not cuda:
+        return
+    if trainer.get("precision") is None and torch.cuda.is_bf16_supported(including_emulation=False):
+        trainer["precision"] = "bf16-mixed"
+    if trainer.get("benchmark") is None and not trainer.get("deterministic"):
+        trainer["benchmark"] = True
 
 
 class _OneLineParser(argparse.ArgumentParser):

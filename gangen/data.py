@@ -15,6 +15,8 @@ function turns each batch into float32 (B, C, H, W) in [-1, 1] plus int64 labels
 - Validation split: the test split where there is one (fashion_mnist, mnist, cifar10, celeba); LSUN's
   `<class>_val` databases when all are present; otherwise (image_folder, LSUN without val) the training set
   itself, which is what GAN metrics such as FID usually compare against.
+- on_device (in-memory sets only): training batches are built on the training device by
+  gangen.batches.DeviceBatches instead of a DataLoader ("auto": on CUDA when the set fits).
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import os
+from functools import partial
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import lightning.pytorch as pl
 import numpy as np
@@ -33,6 +36,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from gangen.batches import DeviceBatches, fits_on_device, to_unit_range_numpy
 from gangen.errors import ConfigError, DataNotFoundError
 from gangen.reliability import ResumableRandomSampler, sampler_state
 
@@ -58,8 +62,11 @@ class Batch(NamedTuple):
     labels: Tensor  # (B,) int64
 
 
-def collate(batch: Batch | list[tuple[Tensor, int | Tensor]]) -> tuple[Tensor, Tensor]:
-    """Turn a gathered Batch or a list of (uint8 image, label) items into float [-1, 1] images + labels."""
+def collate(batch: Batch | list[tuple[Tensor, int | Tensor]], hflip: bool = False) -> tuple[Tensor, Tensor]:
+    """Turn a gathered Batch or a list of (uint8 image, label) items into float [-1, 1] images + labels.
+
+    hflip: flip each image left-right with probability 1/2 (torch's global generator).
+    """
     if isinstance(batch, Batch):
         images, labels = batch
     else:
@@ -67,10 +74,11 @@ def collate(batch: Batch | list[tuple[Tensor, int | Tensor]]) -> tuple[Tensor, T
         labels = torch.as_tensor([int(item[1]) for item in batch])
     # numpy: this tiny per-batch work stays single-threaded; torch's thread pool took ~30 ms per batch
     # (vs 0.05 ms) when other processes kept the cores busy
-    array = images.numpy().astype(np.float32)
-    array /= np.float32(127.5)  # 0 -> -1 and 255 -> 1 exactly
-    array -= np.float32(1.0)
-    return torch.from_numpy(array), labels.long()
+    images = to_unit_range_numpy(images.numpy())  # 0 -> -1 and 255 -> 1 exactly
+    if hflip:
+        flip = (torch.rand(len(images)) < 0.5).view(-1, 1, 1, 1)
+        images = torch.where(flip, images.flip(-1), images)
+    return images, labels.long()
 
 
 class TensorImageDataset(Dataset):
@@ -232,6 +240,9 @@ class ImageDataModule(pl.LightningDataModule):
         download: bool = False,
         lsun_classes: list[str] | None = None,
         limit: int | None = None,
+        on_device: bool | Literal["auto"] = "auto",
+        hflip: bool = False,
+        seed: int = 0,
     ) -> None:
         """Build and validate the config; files are read in setup (in memory) or per item.
 
@@ -245,6 +256,10 @@ class ImageDataModule(pl.LightningDataModule):
             download: fetch the dataset with torchvision in prepare_data (needs network).
             lsun_classes: LSUN categories to train on (default ["bedroom"]).
             limit: use at most this many images per split (first N; for tests and quick runs).
+            on_device: build training batches on the training device from one uint8 tensor (in-memory sets:
+                fashion_mnist, mnist, cifar10); "auto": on CUDA when the set fits in 1/4 of free memory.
+            hflip: flip training images left-right with probability 1/2.
+            seed: on-device batches: the epoch's shuffle and flips depend on (seed, epoch) only.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -269,13 +284,21 @@ class ImageDataModule(pl.LightningDataModule):
         self.dataset, self.resolution, self.channels = name, resolution, channels
         self.batch_size, self.num_workers, self.limit = batch_size, num_workers, limit
         self.download = download
+        if on_device not in (True, False, "auto"):
+            raise ConfigError(f"on_device {on_device!r} is invalid: use auto, true or false")
+        if on_device is True and name not in _IN_MEMORY_SIZES:
+            raise ConfigError(
+                f"on_device true needs an in-memory dataset ({', '.join(_IN_MEMORY_SIZES)}), not {name}: "
+                "set --data.on_device false (and raise --data.num_workers)"
+            )
+        self.on_device, self.hflip, self.seed = on_device, hflip, seed
         self.lsun_classes = list(lsun_classes or ["bedroom"])
         self.root = self._resolve_root(root)
         self._num_classes: int | None = {"fashion_mnist": 10, "mnist": 10, "cifar10": 10}.get(name)
         self._splits: dict[str, Dataset] = {}
         self._sampler_seed: int | None = None  # training order seed (restored from checkpoints)
         self._resume: dict | None = None  # {"epoch", "position"} from a checkpoint taken mid-epoch
-        self._train_sampler: ResumableRandomSampler | None = None
+        self._train_sampler: ResumableRandomSampler | DeviceBatches | None = None  # what state_dict reads
         self._check_files()
 
     def _resolve_root(self, root: str | None) -> Path:
@@ -447,7 +470,7 @@ class ImageDataModule(pl.LightningDataModule):
             sampler=sampler,
             drop_last=shuffle,
             num_workers=self.num_workers,
-            collate_fn=collate,  # batches come pre-gathered by __getitems__ or as lists of items
+            collate_fn=partial(collate, hflip=shuffle and self.hflip),  # batches come pre-gathered or as items
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
         )
@@ -462,9 +485,39 @@ class ImageDataModule(pl.LightningDataModule):
         self._sampler_seed = state.get("seed", self._sampler_seed)
         self._resume = state if "position" in state else None
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches, incomplete last batch dropped."""
-        return self._loader("train", shuffle=True)
+    def train_dataloader(self) -> DataLoader | DeviceBatches:
+        """Shuffled training batches, incomplete last batch dropped; built on the device when on_device."""
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        if not self.use_on_device(device):
+            return self._loader("train", shuffle=True)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return self.device_batches(device, rank, world)
+
+    def use_on_device(self, device: torch.device) -> bool:
+        """Whether training batches are built on `device` (on_device true, or auto on CUDA when it fits)."""
+        if self.on_device != "auto":
+            return bool(self.on_device)
+        data = self._split("train")
+        return isinstance(data, TensorImageDataset) and fits_on_device(data.images.nbytes, device)
+
+    def device_batches(self, device: torch.device | str, rank: int = 0, world_size: int = 1) -> DeviceBatches:
+        """The training set as DeviceBatches on `device` (the uint8 images are moved there once)."""
+        data = self._split("train")
+        if len(data) // world_size < self.batch_size:
+            raise ConfigError(
+                f"the {self.dataset} train split has {len(data)} images, fewer than batch_size {self.batch_size} "
+                f"x {world_size} processes: lower --data.batch_size or add images"
+            )
+        seed = self._sampler_seed if self._sampler_seed is not None else self.seed  # a checkpoint's, else ours
+        batches = DeviceBatches(
+            data.images, data.labels, self.batch_size, device=device, seed=seed, rank=rank,
+            world_size=world_size, hflip=self.hflip,
+        )  # fmt: skip
+        if self._resume is not None and self.trainer is not None:  # per-rank positions: exact under DDP too
+            batches.resume_at(self._resume["epoch"], self._resume["position"])
+        self._train_sampler = batches
+        return batches
 
     def val_dataloader(self) -> DataLoader:
         """Held-out batches in fixed order (the test split where the dataset has one)."""

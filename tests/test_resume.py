@@ -42,7 +42,11 @@ def assert_same_state(a: dict, b: dict) -> None:
 # schedule (d_steps).
 FULL_STATE = ["--model.ema_kimg", "0.5", "--model.augment", "color,translation,cutout",
               "--model.reg", "r1", "--model.reg_every", "4"]  # fmt: skip
-VARIANTS = {"dcgan": [], "ema_augment_r1": FULL_STATE}
+VARIANTS = {
+    "dcgan": [],
+    "ema_augment_r1": FULL_STATE,
+    "on_device": ["--data.on_device", "true"],  # batches built without a DataLoader (gangen/batches.py)
+}
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,210 @@
+"""Training throughput and peak memory: gangen's real fit loop against the classic DCGAN loop, same run.
+
+    python bench/throughput.py                                  # CPU, 64x64, batch 64, 3 paired repeats
+    python bench/throughput.py --device cuda --batch_size 128 1024 --variants gangen gangen_compile
+    python bench/throughput.py --eval_samples 256               # add a FID/KID/IS evaluation-time row
+
+Every measurement runs in its own subprocess (fresh peak memory, no shared warm caches): the baseline is
+bench/classic_dcgan.py (PIL transforms in 2 DataLoader workers, fp32, Adam, BCE, .item() per step); gangen
+is a Lightning `Trainer.fit` of gangen.system.GAN on gangen.data.ImageDataModule through gangen's CLI
+classes (demo config at --resolution, width 64 like the baseline, no logger / checkpoints / validation),
+timed from batch `--warmup` to the last batch by a callback. Repeats alternate the order of the runs.
+Table: median images/s over repeats with the min-max spread, the median of the paired ratios to the
+baseline (same repeat), and peak memory (CPU: peak RSS of the process plus its largest DataLoader worker;
+GPU: torch.cuda.max_memory_allocated).
+
+Variants (gangen's options on top of its defaults: on CUDA bf16-mixed, channels_last, fused Adam,
+cudnn.benchmark, on_device auto):
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+VARIANTS: dict[str, list[str]] = {
+    "gangen": [],  # the defaults
+    "gangen_loader": ["--data.on_device", "false"],  # DataLoader over the in-memory uint8 set
+    "gangen_on_device": ["--data.on_device", "true"],  # batches built where the model runs
+    "gangen_fp32": ["--trainer.precision", "32-true"],
+    "gangen_bf16": ["--trainer.precision", "bf16-mixed"],
+    "gangen_nhwc": ["--model.channels_last", "true"],
+    "gangen_nchw": ["--model.channels_last", "false"],
+    "gangen_compile": ["--model.compile", "true"],
+}
+__doc__ += "".join(f"    {k}: {' '.join(v) or '(defaults)'}\n" for k, v in VARIANTS.items())
+
+
+def peak_memory_mib(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest exited worker
+    return (own + workers) / 1024
+
+
+def run_baseline(args: argparse.Namespace) -> dict[str, float]:
+    sys.path.insert(0, str(BENCH))
+    from classic_dcgan import train
+
+    result = train(
+        args.root, args.batch, args.steps, args.warmup, args.workers, args.device, width=64, nz=100
+    )  # the DataLoader iterator and its workers are gone when train() returns
+    return {**result, "peak_mib": peak_memory_mib(args.device)}
+
+
+def run_gangen(args: argparse.Namespace, overrides: list[str]) -> dict[str, float]:
+    import lightning.pytorch as L
+
+    from gangen.cli import GANCLI
+    from gangen.data import ImageDataModule
+    from gangen.system import GAN
+
+    class Timer(L.Callback):
+        start = end = 0.0
+        images = 0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if batch_idx == args.warmup:
+                sync(args.device)
+                self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if batch_idx >= args.warmup:
+                self.images += batch[0].shape[0]
+            if batch_idx == args.warmup + args.steps - 1:
+                sync(args.device)
+                self.end = time.perf_counter()
+
+    r, n = args.resolution, args.warmup + args.steps
+    with tempfile.TemporaryDirectory() as tmp:
+        cli = GANCLI(
+            GAN, ImageDataModule, run=False, auto_configure_optimizers=False,
+            args=["--config", str(ROOT / "configs" / "dcgan_fashion_mnist.yaml"), "--trainer.logger", "false",
+                  "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
+                  "--trainer.enable_model_summary", "false", "--trainer.limit_val_batches", "0",
+                  "--trainer.callbacks", "[]", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", str(n),
+                  "--trainer.accelerator", "gpu" if args.device == "cuda" else "cpu", "--trainer.default_root_dir",
+                  tmp, "--data.root", str(args.root), "--data.resolution", str(r), "--data.batch_size",
+                  str(args.batch), "--model.generator.init_args.resolution", str(r),
+                  "--model.discriminator.init_args.resolution", str(r),
+                  "--model.generator.init_args.base_channels", "64",
+                  "--model.discriminator.init_args.base_channels", "64", *overrides],
+        )  # fmt: skip
+        timer = Timer()
+        cli.trainer.callbacks.append(timer)
+        cli.trainer.fit(cli.model, cli.datamodule)
+    seconds = timer.end - timer.start
+    loader = type(cli.trainer.train_dataloader).__name__
+    return {"img_s": timer.images / seconds, "seconds": seconds, "peak_mib": peak_memory_mib(args.device),
+            "precision": str(cli.trainer.precision), "loader": loader}  # fmt: skip
+
+
+def run_eval(args: argparse.Namespace) -> dict[str, float]:
+    """Seconds of one FID + KID + IS evaluation of `eval_samples` images with cached real statistics."""
+    sys.path.insert(0, str(BENCH))
+    from eval_speed import image_sets, run_gangen
+
+    from gangen import metrics
+
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = args.weights or metrics.write_random_inception_weights(Path(tmp) / "random-inception.pth")
+        real, fake = image_sets(args.eval_samples)
+        ns = argparse.Namespace(device=args.device, batch_size=64)
+        run_gangen(real, fake, weights, Path(tmp) / "cache", ns)  # fills the real-statistics cache
+        _, times = run_gangen(real, fake, weights, Path(tmp) / "cache", ns)
+    return {"seconds": sum(times.values()), "peak_mib": peak_memory_mib(args.device)}
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def child(args: argparse.Namespace, name: str, batch: int) -> dict:
+    """Run one measurement in a fresh Python process; its JSON result."""
+    cmd = [sys.executable, __file__, "--child", name, "--batch_size", str(batch)]
+    for key in ("device", "resolution", "steps", "warmup", "workers", "root", "eval_samples", "threads"):
+        cmd += [f"--{key}", str(getattr(args, key))]
+    cmd += ["--weights", str(args.weights)] if args.weights else []
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if out.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def table(args: argparse.Namespace) -> None:
+    names = ["baseline", *args.variants]
+    print(f"device {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else os.cpu_count()} "
+          f"{'' if args.device == 'cuda' else 'CPUs'}), torch {torch.__version__}, {args.resolution}x"
+          f"{args.resolution}, {args.steps} timed steps after {args.warmup}, {args.repeats} repeats, "
+          f"baseline workers {args.workers}", flush=True)  # fmt: skip
+    for batch in args.batch_size:
+        runs: dict[str, list[dict]] = {name: [] for name in names}
+        for rep in range(args.repeats):
+            order = names if rep % 2 == 0 else names[::-1]  # alternate: drift hits both sides equally
+            for name in order:
+                runs[name].append(child(args, name, batch))
+                print(f"  bs{batch} rep{rep} {name}: {runs[name][-1]['img_s']:.1f} img/s", flush=True)
+        base = [r["img_s"] for r in runs["baseline"]]
+        print(f"\nbatch {batch}\n{'run':<18} {'img/s median':>12} {'min-max':>17} {'x baseline':>10} "
+              f"{'ratio min-max':>14} {'peak MiB':>9}  notes")  # fmt: skip
+        for name in names:
+            speeds = [r["img_s"] for r in runs[name]]
+            ratios = [s / b for s, b in zip(speeds, base, strict=True)]  # paired: same repeat
+            notes = f"{runs[name][0].get('precision', '32')}, {runs[name][0].get('loader', 'DataLoader+PIL')}"
+            print(f"{name:<18} {statistics.median(speeds):12.1f} {min(speeds):8.1f}-{max(speeds):<8.1f} "
+                  f"{statistics.median(ratios):10.2f} {min(ratios):6.2f}-{max(ratios):<7.2f} "
+                  f"{max(r['peak_mib'] for r in runs[name]):9.0f}  {notes}")  # fmt: skip
+    if args.eval_samples:
+        result = child(args, "eval", args.batch_size[0])
+        print(f"\nFID+KID+IS evaluation, {args.eval_samples} generated images, real statistics cached: "
+              f"{result['seconds']:.1f} s ({args.eval_samples / result['seconds']:.1f} img/s; "
+              f"bench/eval_speed.py has the full comparison with torch-fidelity)")  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--batch_size", type=int, nargs="+", default=[64])
+    p.add_argument("--steps", type=int, default=10, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workers", type=int, default=2, help="baseline DataLoader workers")
+    p.add_argument("--variants", nargs="*", default=["gangen"], choices=list(VARIANTS))
+    p.add_argument("--root", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
+    p.add_argument("--eval_samples", type=int, default=0, help="also time a FID evaluation of N images (0: no)")
+    p.add_argument("--weights", type=Path, default=None, help="Inception weights (default: a random file)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads in every run (0: torch's default)")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child is None:
+        return table(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.batch = args.batch_size[0]
+    if args.child == "baseline":
+        result = run_baseline(args)
+    elif args.child == "eval":
+        result = run_eval(args)
+    else:
+        result = run_gangen(args, VARIANTS[args.child])
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Speed paths: on-device batches (values, DDP shards, determinism, resume), fused Adam, compile, CLI defaults."""
+
+from __future__ import annotations
+
+import lightning.pytorch as L
+import pytest
+import torch
+from conftest import run_cli, tiny_fit_args
+
+from gangen.batches import DeviceBatches
+from gangen.cli import _speed_defaults
+from gangen.data import ImageDataModule, collate
+from gangen.errors import ConfigError
+from gangen.networks import DCGANDiscriminator, DCGANGenerator
+from gangen.system import GAN, fused_if_cuda, use_fused
+
+
+@pytest.fixture(scope="module")
+def dm() -> ImageDataModule:
+    """300 real Fashion-MNIST training images at 16x16, batch 32, built on the CPU 'device'."""
+    module = ImageDataModule(resolution=16, batch_size=32, limit=300, on_device=True, seed=3)
+    module.setup("fit")
+    return module
+
+
+def tiny_gan(compile: bool = False) -> GAN:
+    g = DCGANGenerator(latent_dim=8, resolution=16, channels=1, base_channels=8)
+    return GAN(g, DCGANDiscriminator(resolution=16, channels=1, base_channels=8), compile=compile)
+
+
+def test_device_batches_equal_in_memory_batches(dm):
+    batches = dm.device_batches("cpu")
+    assert len(batches) == 300 // 32
+    data = dm._split("train")
+    index, _ = batches.epoch_plan(0)
+    seen = []
+    for i, (images, labels) in enumerate(batches):
+        want_images, want_labels = collate(data.__getitems__(index[i * 32 : (i + 1) * 32].tolist()))
+        assert images.shape == (32, 1, 16, 16) and images.dtype == torch.float32
+        assert torch.equal(images, want_images) and torch.equal(labels, want_labels)  # same values as the loader
+        assert images.min() >= -1 and images.max() <= 1
+        seen.append(index[i * 32 : (i + 1) * 32])
+    seen = torch.cat(seen)
+    assert len(seen.unique()) == len(seen) == 9 * 32  # no image twice in an epoch
+
+
+def test_ddp_shards_are_disjoint_and_equal(dm):
+    data = dm._split("train")
+    ranks = [DeviceBatches(data.images, data.labels, 32, seed=3, rank=r, world_size=3) for r in range(3)]
+    assert [len(b) for b in ranks] == [300 // 3 // 32] * 3  # same batch count on every rank
+    shards = [b.epoch_plan(5)[0] for b in ranks]
+    union = torch.cat(shards)
+    assert len(union.unique()) == len(union) == 3 * 3 * 32  # disjoint
+    one = DeviceBatches(data.images, data.labels, 32, seed=3).epoch_plan(5)[0]
+    assert torch.equal(union, one[: len(union)])  # slices of the one (seed, epoch) permutation
+
+
+def test_order_depends_only_on_seed_and_epoch(dm):
+    data = dm._split("train")
+    a = DeviceBatches(data.images, data.labels, 32, seed=3, hflip=True)
+    b = DeviceBatches(data.images.clone(), data.labels, 32, seed=3, hflip=True)
+    a.set_epoch(2)
+    b.set_epoch(2)
+    assert all(torch.equal(x[0], y[0]) for x, y in zip(a, b, strict=True))
+    assert not torch.equal(a.epoch_plan(2)[0], a.epoch_plan(3)[0])
+    other = DeviceBatches(data.images, data.labels, 32, seed=4)
+    assert not torch.equal(a.epoch_plan(2)[0], other.epoch_plan(2)[0])
+
+
+def test_hflip_flips_about_half(dm):
+    data = dm._split("train")
+    batches = DeviceBatches(data.images, data.labels, 32, seed=3, hflip=True)
+    index, flips = batches.epoch_plan(0)
+    images = torch.cat([x for x, _ in batches])  # (288, 1, 16, 16)
+    plain = collate(data.__getitems__(index.tolist()))[0]
+    assert torch.equal(images[flips], plain[flips].flip(-1)) and torch.equal(images[~flips], plain[~flips])
+    assert 0.3 < flips.float().mean() < 0.7
+
+
+class RecordBatches(L.Callback):
+    def __init__(self) -> None:
+        self.batches: dict[int, list[torch.Tensor]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batches.setdefault(trainer.current_epoch, []).append(batch[0].clone())
+
+
+def fit(dm: ImageDataModule, epochs: int, ckpt_path: str | None = None) -> tuple[L.Trainer, RecordBatches]:
+    record = RecordBatches()
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, callbacks=[record],
+    )  # fmt: skip
+    trainer.fit(tiny_gan(), dm, ckpt_path=ckpt_path)
+    return trainer, record
+
+
+def test_lightning_sets_the_epoch_and_resume_replays_it(dm, tmp_path):
+    trainer, full = fit(dm, epochs=2)
+    assert isinstance(trainer.train_dataloader, DeviceBatches)
+    for epoch in (0, 1):
+        want = torch.cat([x for x, _ in _epoch(dm, epoch)])
+        assert torch.equal(torch.cat(full.batches[epoch]), want)
+    first, _ = fit(dm, epochs=1)
+    first.save_checkpoint(tmp_path / "epoch1.ckpt")
+    _, resumed = fit(dm, epochs=2, ckpt_path=str(tmp_path / "epoch1.ckpt"))
+    assert list(resumed.batches) == [1]
+    assert torch.equal(torch.cat(resumed.batches[1]), torch.cat(full.batches[1]))  # exact resume
+
+
+def _epoch(dm: ImageDataModule, epoch: int) -> DeviceBatches:
+    batches = dm.device_batches("cpu")
+    batches.set_epoch(epoch)
+    return batches
+
+
+def test_on_device_cli_fit(tmp_path):
+    result = run_cli(*tiny_fit_args(tmp_path, "--data.on_device", "true", "--data.hflip", "true"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "dcgan_fashion_mnist" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    config = (tmp_path / "dcgan_fashion_mnist" / "version_0" / "config.yaml").read_text()
+    assert "on_device: true" in config and "hflip: true" in config
+
+
+def test_on_device_refuses_per_image_datasets(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    with pytest.raises(ConfigError, match="on_device true needs an in-memory dataset"):
+        ImageDataModule(dataset="image_folder", root=str(tmp_path), on_device=True)
+    with pytest.raises(ConfigError, match="on_device 'yes' is invalid"):
+        ImageDataModule(on_device="yes")
+
+
+def test_auto_stays_off_on_cpu(dm):
+    auto = ImageDataModule(resolution=16, batch_size=32, limit=300)
+    assert auto.on_device == "auto" and not auto.use_on_device(torch.device("cpu"))
+    assert dm.use_on_device(torch.device("cpu"))  # on_device true: CPU in-memory batches without a DataLoader
+
+
+def test_fused_adam_same_hyperparameters_and_steps():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    plain = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.5, 0.9), eps=1e-7)
+    assert fused_if_cuda(plain) is plain  # CPU parameters: unchanged
+    fused = use_fused(torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.5, 0.9), eps=1e-7), ("cpu",))
+    assert fused.defaults["fused"] is True and fused.param_groups[0]["betas"] == (0.5, 0.9)
+    assert fused.defaults["lr"] == 1e-3 and fused.defaults["eps"] == 1e-7
+    twin = torch.nn.Linear(4, 3)
+    twin.load_state_dict(net.state_dict())
+    reference = torch.optim.Adam(twin.parameters(), lr=1e-3, betas=(0.5, 0.9), eps=1e-7)
+    for _ in range(3):
+        for model, opt in ((net, fused), (twin, reference)):
+            opt.zero_grad()
+            model(torch.ones(2, 4)).square().sum().backward()
+            opt.step()
+    torch.testing.assert_close(net.weight, twin.weight)
+    user_choice = torch.optim.Adam(net.parameters(), foreach=False)
+    assert use_fused(user_choice, ("cpu",)) is user_choice  # an explicit foreach/fused is respected
+
+
+def test_compile_option_compiles_in_place_and_keeps_keys():
+    model = tiny_gan(compile=True)
+    keys = list(model.state_dict())
+    model.configure_model()
+    assert model.generator._compiled_call_impl is not None and model.discriminator._compiled_call_impl is not None
+    assert list(model.state_dict()) == keys  # no `_orig_mod.` prefixes: checkpoints stay interchangeable
+
+
+def test_channels_last_option(dm):
+    model = GAN(
+        DCGANGenerator(latent_dim=8, resolution=16, channels=1, base_channels=8),
+        DCGANDiscriminator(resolution=16, channels=1, base_channels=8),
+        channels_last=True,
+    )
+    model.configure_model()
+    conv = model.discriminator.net[2].weight  # (C_out, C_in, 4, 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+
+
+def test_speed_defaults_leave_cpu_runs_alone():
+    trainer = {"accelerator": "cpu", "precision": None, "benchmark": None}
+    _speed_defaults(trainer)
+    assert trainer == {"accelerator": "cpu", "precision": None, "benchmark": None}
+
+
+def test_channels_last_by_default_in_fit_not_in_loading(dm, tmp_path):
+    trainer, _ = fit(dm, epochs=1)
+    model = trainer.lightning_module
+    assert model.discriminator.net[2].weight.is_contiguous(memory_format=torch.channels_last)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]["discriminator.net.2.weight"]
+    assert saved.is_contiguous()  # checkpoints keep the default layout
+    loaded = GAN.load_from_checkpoint(tmp_path / "last.ckpt", weights_only=True)
+    assert loaded.discriminator.net[2].weight.is_contiguous()  # generation stays NCHW, bit-equal to load_generator
