@@ -125,6 +125,13 @@ class GANMetrics(L.Callback):
         self._real: Any = None
         self._last_kimg: float | None = None
 
+    def state_dict(self) -> dict[str, Any]:
+        """The evaluation schedule, so a resumed run evaluates when the uninterrupted one would have."""
+        return {"last_kimg": self._last_kimg}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_kimg = state_dict.get("last_kimg")
+
     def _setup_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from gangen.metrics import make_feature_extractor, real_statistics
 

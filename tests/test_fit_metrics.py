@@ -9,6 +9,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from conftest import run_cli, tiny_fit_args
 
 from gangen.classifier import save_classifier, train_classifier
@@ -57,6 +58,9 @@ def test_fit_logs_fid_kid_is_and_keeps_the_best_checkpoint(fid_run, inception_we
     name = f"best-kimg{best['kimg']:06.0f}-fid{best['fid']:.2f}.ckpt"
     assert name in os.listdir(run / "checkpoints")
     assert len(list((fid_run / "cache").glob("*.pt"))) == 1  # real statistics cached once
+    callbacks = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]
+    (schedule,) = [v for k, v in callbacks.items() if k.startswith("GANMetrics")]
+    assert schedule == {"last_kimg": results[-1]["kimg"]}  # a resumed run keeps the evaluation schedule
 
 
 def test_evaluate_checkpoint_reuses_the_cache(fid_run, inception_weights, tmp_path):
