@@ -140,7 +140,7 @@ class GANCLI(LightningCLI):
         trainer = self.trainer
         if trainer.global_rank == 0:  # ranks are known once the Trainer exists, before any process is launched
             line = global_batch(self.datamodule.hparams["batch_size"], trainer.num_devices, trainer.num_nodes)
-            print(line, file=sys.stderr, flush=True)
+            print(line, flush=True)  # information on stdout; stderr carries errors only
 
     def before_validate(self) -> None:
         self._check_shapes()

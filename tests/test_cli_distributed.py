@@ -44,8 +44,8 @@ def test_two_nodes_one_process_each(tmp_path):
         assert node.returncode == 0, err[-3000:]
     assert "MEMBER: 1/2" in outputs[0][1] + outputs[0][0] and "MEMBER: 2/2" in outputs[1][1] + outputs[1][0]
     # the global batch, stated once (rank 0): 64 per device x 1 device x 2 nodes
-    assert "gangen: global batch 128 = 64 per device x 1 device x 2 nodes" in outputs[0][1]
-    assert "global batch" not in outputs[1][1]
+    assert "gangen: global batch 128 = 64 per device x 1 device x 2 nodes" in outputs[0][0]
+    assert "global batch" not in outputs[1][0] + outputs[1][1]
     ranks = [torch.load(tmp_path / f"params_rank{i}.pt") for i in (0, 1)]
     params = [k for k in ranks[0] if "running_" not in k and "num_batches" not in k and k != "images_seen"]
     assert params and all(torch.equal(ranks[0][k], ranks[1][k]) for k in params)

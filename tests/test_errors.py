@@ -29,7 +29,7 @@ FIT_CASES = [
     (["--model.generator.upsample", "pixel_shuffle"], ["'pixel_shuffle'", "'resize_conv'"]),
     (["--model.generator.norm", "instance"], ["'instance'", "'batch'"]),
     (["--model.discriminator.norm", "instance"], ["'instance'", "'spectral'"]),
-    (["--model.loss", "wasserstein"], ["'wasserstein'", "'hinge'"]),
+    (["--model.loss", "wgan"], ["'wgan'", "'hinge'", "'wasserstein'"]),
     (["--data.resolution", "64"], ["data.resolution=64", "resolution=32"]),
     (["--model.discriminator.resolution", "64"], ["discriminator resolution=64"]),
     (["--data.channels", "3"], ["data.channels=3", "channels=1"]),
