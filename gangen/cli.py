@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import yaml
+from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -428,7 +429,7 @@ def run_lightning_cli(argv: Sequence[str] | None) -> None:
         auto_configure_optimizers=False,
         save_config_callback=SaveFitConfig,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": DESCRIPTION},
+        parser_kwargs={"description": DESCRIPTION, "exit_on_error": False},  # errors: one line (main)
     )
 
 
@@ -439,6 +440,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             COMMANDS[args[0]](args[1:])
         else:
             run_lightning_cli(argv)  # None: Lightning reads sys.argv itself
+    except ArgumentError as err:  # jsonargparse: unknown keys, bad types; its usage dump becomes one line
+        if os.environ.get("GANGEN_DEBUG"):
+            raise
+        message = " ".join(str(err).split())
+        command = args[0] if args and args[0] in GANCLI.subcommands() else ""
+        message = message if len(message) <= 400 else message[:400] + " ..."
+        print(f"gangen: error: {message} (see `gangen {command + ' ' if command else ''}--help`)", file=sys.stderr)
+        sys.exit(2)
     except GanGenError as err:
         if os.environ.get("GANGEN_DEBUG"):
             raise

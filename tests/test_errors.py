@@ -89,6 +89,18 @@ def test_generate_folder_refuses_to_mix_runs(capsys, trained_ckpt, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["000000.png"]
 
 
-def test_unknown_config_key_exits_nonzero(tmp_path):
-    r = run_cli("fit", "--config", str(DEMO_CONFIG), "--model.generator.widht", "3")
-    assert r.returncode != 0 and "widht" in r.stderr
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--model.generator.widht", "3"], "'widht' is not accepted"),  # unknown key
+        (["--data.batch_size", "abc"], "abc"),  # wrong type
+        (["--config", "missing.yaml"], "missing.yaml"),  # missing config file
+    ],
+)
+def test_config_parse_errors_are_one_line(tmp_path, args, named):
+    r = run_cli("fit", "--config", str(DEMO_CONFIG), *args, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gangen: error: ") and named in lines[0], lines
+    assert "gangen fit --help" in lines[0]
+    assert list(tmp_path.iterdir()) == []  # nothing written
