@@ -16,10 +16,6 @@ from gangen.data import DEFAULT_FASHION_MNIST_ROOT, ImageDataModule, collate, re
 from gangen.errors import ConfigError, DataNotFoundError
 
 FMNIST = Path(DEFAULT_FASHION_MNIST_ROOT)
-needs_fmnist = pytest.mark.skipif(
-    not (FMNIST / "train-images-idx3-ubyte.gz").is_file(),
-    reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist",
-)
 IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
@@ -58,7 +54,6 @@ def write_idx(folder: Path, arrays: dict[str, np.ndarray], gz: bool = False) -> 
 
 
 # ---------------------------------------------------------------- real Fashion-MNIST
-@needs_fmnist
 def test_fashion_mnist_full_splits() -> None:
     dm = ImageDataModule(batch_size=128)
     dm.setup("fit")
@@ -73,7 +68,6 @@ def test_fashion_mnist_full_splits() -> None:
     assert train.dataset.labels.bincount().tolist() == [6000] * 10
 
 
-@needs_fmnist
 @pytest.mark.parametrize("resolution, channels", [(16, 1), (64, 1), (32, 3), (8, 3)])
 def test_fashion_mnist_variants(resolution: int, channels: int) -> None:
     dm = ImageDataModule(resolution=resolution, channels=channels, batch_size=32, limit=100)
@@ -84,7 +78,6 @@ def test_fashion_mnist_variants(resolution: int, channels: int) -> None:
         assert torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 0], images[:, 2])
 
 
-@needs_fmnist
 def test_val_order_fixed_and_train_shuffled() -> None:
     dm = ImageDataModule(batch_size=16, limit=64)
     assert torch.equal(first_batch(dm, "val")[0], first_batch(dm, "val")[0])
@@ -95,7 +88,6 @@ def test_val_order_fixed_and_train_shuffled() -> None:
     assert not torch.equal(a, first_batch(dm)[1])
 
 
-@needs_fmnist
 def test_getitems_matches_getitem_and_workers() -> None:
     dm = ImageDataModule(batch_size=8, limit=64, num_workers=1)
     dataset = dm._split("train")
@@ -121,7 +113,6 @@ def test_resize_matches_pil() -> None:
         assert ours.shape == ref.shape and (ours.int() - ref.int()).abs().max() <= 1
 
 
-@needs_fmnist
 def test_lightning_fit_uses_datamodule(tmp_path: Path) -> None:
     class Tiny(pl.LightningModule):
         def __init__(self) -> None:
