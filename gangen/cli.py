@@ -111,7 +111,7 @@ class GANCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and ckpt_path not in ("last", "best", "hpc"):
-            read_checkpoint(ckpt_path)
+            self._read_ckpt = (ckpt_path, read_checkpoint(ckpt_path))  # kept for _check_resume: read once
         super()._parse_ckpt_path()
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
@@ -150,7 +150,6 @@ class GANCLI(LightningCLI):
         """`--ckpt_path last` means the newest last.ckpt of this run name (any version); any checkpoint is read
         safely and checked against the model before a run folder is written."""
         from gangen.reliability import find_last_checkpoint
-        from gangen.sampling import read_checkpoint
 
         config = self.config_init[self.subcommand]
         ckpt_path = config.get("ckpt_path")
@@ -168,7 +167,9 @@ class GANCLI(LightningCLI):
                 return
             ckpt_path = config["ckpt_path"] = str(found)
             print(f"gangen: resuming from {found}", flush=True)
-        ckpt = read_checkpoint(ckpt_path)
+        cached_path, ckpt = getattr(self, "_read_ckpt", (None, None))
+        self._read_ckpt = (None, None)  # not kept alive during training
+        ckpt = ckpt if cached_path == ckpt_path else read_checkpoint(ckpt_path)
         for name in ("generator", "discriminator"):
             saved = (ckpt["hyper_parameters"].get(name) or {}).get("init_args", {})
             current = getattr(getattr(self.model, name), "config", {})

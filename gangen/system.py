@@ -28,7 +28,8 @@ def default_adam(params: Any) -> torch.optim.Optimizer:
 
 def use_fused(optimizer: torch.optim.Optimizer, device_types: tuple[str, ...] = ("cuda",)) -> torch.optim.Optimizer:
     """The same Adam / AdamW with fused=True (one kernel per step) when all its parameters are on
-    `device_types` and the user chose neither `fused` nor `foreach`; anything else is returned as it is."""
+    `device_types` and the user chose neither `fused` nor `foreach`; anything else is returned as it is.
+    The default is CUDA only: on CPU the default foreach Adam was as fast (README Speed)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     defaults = optimizer.defaults
     if (
@@ -42,11 +43,6 @@ def use_fused(optimizer: torch.optim.Optimizer, device_types: tuple[str, ...] = 
         return optimizer
     groups = [{**group, "fused": True} for group in optimizer.param_groups]
     return type(optimizer)(groups, **{**defaults, "fused": True})
-
-
-def fused_if_cuda(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """use_fused on CUDA parameters only (on CPU the default foreach Adam was as fast; see README Speed)."""
-    return use_fused(optimizer, ("cuda",))
 
 
 class GAN(L.LightningModule):
@@ -135,9 +131,8 @@ class GAN(L.LightningModule):
         self.latent_dim: int = self.generator.latent_dim
         grid_rng = torch.Generator().manual_seed(seed)
         self.register_buffer("grid_z", torch.randn(num_grid_samples, self.latent_dim, generator=grid_rng))
-        self.d_steps = 0  # discriminator steps taken (schedules lazy regularisation)
         self.images_seen = 0  # global count (all ranks), restored from checkpoints
-        self.batches_seen = 0  # training batches on this rank, restored from checkpoints (G-step schedule)
+        self.batches_seen = 0  # training batches (= D steps) on this rank, from checkpoints (G-step, R1/GP schedules)
         self._finite: torch.Tensor | None = None  # () bool on the device: every loss since the last check finite
         self.channels_last, self.compile_networks = channels_last, compile  # runtime options, not hparams
         self._memory_format = torch.contiguous_format  # set in configure_model
@@ -178,8 +173,8 @@ class GAN(L.LightningModule):
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         return [
-            fused_if_cuda(self.g_optimizer(self.generator.parameters())),
-            fused_if_cuda(self.d_optimizer(self.discriminator.parameters())),
+            use_fused(self.g_optimizer(self.generator.parameters())),
+            use_fused(self.d_optimizer(self.discriminator.parameters())),
         ]
 
     def _d(self, images: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
@@ -190,7 +185,7 @@ class GAN(L.LightningModule):
     def _regularize(self, real: torch.Tensor, fake: torch.Tensor, labels: torch.Tensor | None) -> dict:
         """The lazy R1 / GP term of this D step, already scaled by reg_every ({} when none is due)."""
         hp = self.hparams
-        if hp.reg == "none" or hp.reg_weight == 0 or self.d_steps % hp.reg_every != 0:
+        if hp.reg == "none" or hp.reg_weight == 0 or self.batches_seen % hp.reg_every != 0:
             return {}
         critic = lambda x: self._d(x, labels)  # noqa: E731
         if hp.reg == "r1":
@@ -217,7 +212,6 @@ class GAN(L.LightningModule):
             opt_d.zero_grad(set_to_none=True)
             self.manual_backward(d_terms["loss"] + reg["loss"] if reg else d_terms["loss"])
             opt_d.step()
-            self.d_steps += 1
         logs = {"loss/d": d_terms["loss"], "d/real": d_real.mean(), "d/fake": d_fake.mean()}  # mean logits
         if reg:
             logs |= {f"loss/d_{self.hparams.reg}": reg["loss"], f"d/{self.hparams.reg}_grad_norm": reg["grad_norm"]}
@@ -289,7 +283,6 @@ class GAN(L.LightningModule):
         if self._trainer is not None and self.trainer.state.fn == "fit":
             self.check_finite(params=True)  # never write a diverged state over a good checkpoint
         state: dict[str, Any] = {"images_seen": self.images_seen, "batches_seen": self.batches_seen}
-        state["d_steps"] = self.d_steps
         if self.augment._rng is not None:  # this rank's augmentation stream (exact single-process resume)
             state["augment_rng_state"] = self.augment._rng.get_state()
         if self._latent_rng is not None:  # every rank's stream: rank r resumes with states[r]
@@ -308,6 +301,5 @@ class GAN(L.LightningModule):
         states = state.get("latent_rng_states") or [state.get("latent_rng_state")]  # older files: one state
         rng_state = states[self.global_rank] if self.global_rank < len(states) else None
         self._latent_rng_state = None if rng_state is None else (state.get("latent_rng_device", "cpu"), rng_state)
-        self.d_steps = int(state.get("d_steps", 0))
         self.augment.pending_state = state.get("augment_rng_state")
         self._latent_rng = None

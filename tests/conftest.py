@@ -25,6 +25,29 @@ def run_cli(
     )  # fmt: skip
 
 
+def fails(capsys, *argv: str) -> str:
+    """Run the CLI in-process; it must exit 2 with exactly one line on stderr. Returns that line."""
+    from gangen.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def assert_fit_refused(capsys, save_dir: Path, extra: list[str], needles: list[str]) -> None:
+    """`fit` of the demo config plus `extra` stops with one `gangen: error:` line holding every needle and
+    writes nothing under save_dir (no run folder, config or checkpoint)."""
+    line = fails(capsys, "fit", "--config", str(DEMO_CONFIG), "--trainer.logger.init_args.save_dir", str(save_dir),
+                 "--trainer.default_root_dir", str(save_dir), *extra)  # fmt: skip
+    assert line.startswith("gangen: error: ")
+    for needle in needles:
+        assert needle in line, (needle, line)
+    assert list(save_dir.iterdir()) == []
+
+
 def tiny_fit_args(save_dir: Path, *extra: str) -> list[str]:
     """The demo config cut down to a few steps on 640 real Fashion-MNIST images."""
     return [

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEMO_CONFIG
+from conftest import DEMO_CONFIG, fails
 from PIL import Image
-from test_errors import fails
 
 READ_ONLY = "/proc/sys"  # not writable even by root (unlike a chmod-ed folder)
 

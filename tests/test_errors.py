@@ -4,20 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEMO_CONFIG, run_cli
-
-from gangen.cli import main
-
-
-def fails(capsys, *argv: str) -> str:
-    """Run the CLI in-process; it must exit 2 with exactly one line on stderr. Returns that line."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(argv))
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
-
+from conftest import DEMO_CONFIG, assert_fit_refused, fails, run_cli
 
 FIT_CASES = [
     (["--data.dataset", "imagenet"], ["'imagenet'", "fashion_mnist"]),
@@ -38,12 +25,7 @@ FIT_CASES = [
 
 @pytest.mark.parametrize("extra,needles", FIT_CASES, ids=lambda v: "_".join(v) if isinstance(v, list) else None)
 def test_fit_bad_input(capsys, tmp_path, extra, needles):
-    line = fails(capsys, "fit", "--config", str(DEMO_CONFIG), "--trainer.logger.init_args.save_dir", str(tmp_path),
-                 "--trainer.default_root_dir", str(tmp_path), *extra)  # fmt: skip
-    assert line.startswith("gangen: error: ")
-    for needle in needles:
-        assert needle in line, (needle, line)
-    assert list(tmp_path.iterdir()) == []  # no run folder, config or checkpoint was written
+    assert_fit_refused(capsys, tmp_path, extra, needles)
 
 
 def test_generate_num_samples(capsys, trained_ckpt, tmp_path):

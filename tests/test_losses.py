@@ -114,7 +114,7 @@ def test_lazy_regularisation_in_training(monkeypatch, reg, loss):
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
     trainer.fit(model, ImageDataModule(resolution=16, channels=1, batch_size=32, limit=256))
-    assert len(calls) == 2 and model.d_steps == 8
+    assert len(calls) == 2 and model.batches_seen == 8
     logged = [v for k, v in seen if k == f"loss/d_{reg}"]
     assert logged == pytest.approx([4 * c for c in calls])  # scaled by the interval
     assert all(math.isfinite(v) for _, v in seen)

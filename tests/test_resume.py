@@ -39,7 +39,7 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 
 # Every piece of state that changes the trajectory: EMA generator, DiffAugment's random stream, the lazy R1
-# schedule (d_steps).
+# schedule (batches seen).
 FULL_STATE = ["--model.ema_kimg", "0.5", "--model.augment", "color,translation,cutout",
               "--model.reg", "r1", "--model.reg_every", "4"]  # fmt: skip
 VARIANTS = {

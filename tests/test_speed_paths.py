@@ -12,7 +12,7 @@ from gangen.cli import _speed_defaults
 from gangen.data import ImageDataModule, collate
 from gangen.errors import ConfigError
 from gangen.networks import DCGANDiscriminator, DCGANGenerator
-from gangen.system import GAN, fused_if_cuda, use_fused
+from gangen.system import GAN, use_fused
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_fused_adam_same_hyperparameters_and_steps():
     torch.manual_seed(0)
     net = torch.nn.Linear(4, 3)
     plain = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.5, 0.9), eps=1e-7)
-    assert fused_if_cuda(plain) is plain  # CPU parameters: unchanged
+    assert use_fused(plain) is plain  # CPU parameters: unchanged
     fused = use_fused(torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.5, 0.9), eps=1e-7), ("cpu",))
     assert fused.defaults["fused"] is True and fused.param_groups[0]["betas"] == (0.5, 0.9)
     assert fused.defaults["lr"] == 1e-3 and fused.defaults["eps"] == 1e-7

@@ -7,8 +7,7 @@ import struct
 import time
 
 import pytest
-from conftest import DEMO_CONFIG, ROOT, run_cli, tiny_fit_args
-from test_errors import fails
+from conftest import DEMO_CONFIG, ROOT, fails, run_cli, tiny_fit_args
 
 from gangen.classifier import save_classifier, train_classifier
 from gangen.data import ImageDataModule
