@@ -19,6 +19,12 @@ def logging_step(trainer: L.Trainer) -> int:
     return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
+def eval_generator(pl_module: L.LightningModule) -> torch.nn.Module:
+    """The generator to sample from: GAN.eval_generator (the EMA one, statistics re-estimated) or `.generator`."""
+    pick = getattr(pl_module, "eval_generator", None)
+    return pick() if callable(pick) else pl_module.generator
+
+
 def log_image(trainer: L.Trainer, key: str, image: torch.Tensor) -> None:
     """Send one (C, H, W) image in [-1, 1] to every logger that takes images, at the scalars' step."""
     step = logging_step(trainer)
@@ -50,9 +56,9 @@ class SampleGrid(L.Callback):
 
     def write(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> Path | None:
         folder = self.folder(trainer)  # on every rank: trainer.log_dir is a collective call under DDP
+        generator = eval_generator(pl_module)  # on every rank too: its batchnorm re-estimate runs forward passes
         if not trainer.is_global_zero:
             return None
-        generator = getattr(pl_module, "generator_ema", None) or pl_module.generator  # the EMA one if there is one
         images = generate(generator, len(pl_module.grid_z), z=pl_module.grid_z)  # (N, C, H, W)
         folder.mkdir(parents=True, exist_ok=True)
         path = save_grid(images, folder / f"{name}.png", nrow=self.nrow)
@@ -155,7 +161,7 @@ class GANMetrics(L.Callback):
         from gangen.metrics import Evaluator, generated_features
 
         self._setup_metrics(trainer, pl_module)
-        generator = getattr(pl_module, "generator_ema", None) or pl_module.generator
+        generator = eval_generator(pl_module)
         z = latents(self.num_samples, generator.latent_dim, self.seed)  # (N, latent), the same on every rank
         rank, world = trainer.global_rank, trainer.world_size
         mine = z[rank * len(z) // world : (rank + 1) * len(z) // world]  # this rank's share; shares add up to N

@@ -14,7 +14,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
 from gangen.augment import DiffAugment
-from gangen.ema import ema_beta, make_ema, update_ema_
+from gangen.ema import ema_beta, make_ema, recalibrate_batchnorm_, update_ema_
 from gangen.errors import ConfigError
 from gangen.layers import check_choice
 from gangen.losses import REGULARIZERS, gradient_penalty, make_loss, r1_penalty
@@ -106,6 +106,7 @@ class GAN(L.LightningModule):
                 "the same value (0: unconditional)"
             )
         self.generator_ema = make_ema(self.generator) if ema_kimg > 0 else None
+        self._ema_stats_at: int | None = None  # batches_seen when the EMA's batchnorm statistics were re-estimated
         self.g_optimizer = g_optimizer or default_adam
         self.d_optimizer = d_optimizer or default_adam
         # Checkpoint hyperparameters are plain values only (loadable with weights_only=True): the networks
@@ -275,8 +276,24 @@ class GAN(L.LightningModule):
                 "resume from it with a lower learning rate or another loss (e.g. --model.loss hinge)"
             )
 
+    def eval_generator(self) -> nn.Module:
+        """The generator to sample and evaluate: the EMA one (its batchnorm statistics re-estimated for the
+        averaged weights, once per training batch at most) if there is one, else the live one."""
+        ema = self.generator_ema
+        if ema is None:
+            return self.generator
+        if self._ema_stats_at != self.batches_seen:
+            recalibrate_batchnorm_(ema, seed=self.hparams.seed)
+            self._ema_stats_at = self.batches_seen
+        return ema
+
     # ---- checkpoint state beyond parameters and buffers ---------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.generator_ema is not None:  # the saved EMA carries statistics of its own weights
+            state_dict = checkpoint["state_dict"]
+            for name, buf in self.eval_generator().named_buffers():
+                if f"generator_ema.{name}" in state_dict:
+                    state_dict[f"generator_ema.{name}"] = buf.detach().clone()
         # weights in the default (NCHW) layout, whatever the training memory format: loaders that assign
         # tensors as stored (load_generator) then compute exactly as a freshly built network does
         checkpoint["state_dict"] = {k: v.contiguous() for k, v in checkpoint["state_dict"].items()}
@@ -302,4 +319,5 @@ class GAN(L.LightningModule):
         rng_state = states[self.global_rank] if self.global_rank < len(states) else None
         self._latent_rng_state = None if rng_state is None else (state.get("latent_rng_device", "cpu"), rng_state)
         self.augment.pending_state = state.get("augment_rng_state")
+        self._ema_stats_at = None  # loaded EMA statistics are re-estimated before use (older files copied them)
         self._latent_rng = None

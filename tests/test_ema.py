@@ -12,7 +12,7 @@ from torch import nn
 
 from gangen import GAN, DCGANDiscriminator, DCGANGenerator, ImageDataModule
 from gangen.classifier import save_classifier, train_classifier
-from gangen.ema import ema_beta, make_ema, update_ema_
+from gangen.ema import ema_beta, make_ema, recalibrate_batchnorm_, update_ema_
 from gangen.errors import ConfigError
 from gangen.sampling import load_generator, read_checkpoint
 
@@ -64,6 +64,11 @@ def test_fit_saves_ema_and_generate_uses_it(tmp_path):
     assert not torch.equal(state[f"generator_ema.{w}"], state[f"generator.{w}"])  # averaged, so different
     generator = load_generator(ckpt)
     assert torch.equal(generator.state_dict()[w], state[f"generator_ema.{w}"])
+    # the saved EMA statistics are its own (re-estimated), not the live generator's copied ones
+    stat = "net.1.running_mean"
+    assert not torch.equal(state[f"generator_ema.{stat}"], state[f"generator.{stat}"])
+    recalibrate_batchnorm_(generator, seed=ckpt["hyper_parameters"]["seed"])
+    assert torch.equal(generator.state_dict()[stat], state[f"generator_ema.{stat}"])
     out = tmp_path / "grid.png"
     result = run_cli("generate", "--ckpt_path", str(ckpt_path), "--output", str(out), "--num_samples", "8")
     assert result.returncode == 0 and out.is_file(), result.stderr[-2000:]
@@ -122,3 +127,45 @@ def test_early_stopping_on_domain_fd_with_ema(tmp_path):
     # patience 0: training stops at the first FD that does not improve, or runs all 4 epochs while it improves
     stopped = next((i for i in range(1, len(fds)) if fds[i] >= fds[i - 1]), None)
     assert len(fds) == (stopped + 1 if stopped is not None else 4), fds
+
+
+def test_recalibrate_batchnorm_is_the_average_over_its_own_outputs():
+    g = DCGANGenerator(latent_dim=8, resolution=16, channels=1, base_channels=4).eval()
+    first = g.net[1]  # the first BatchNorm2d
+    assert isinstance(first, nn.BatchNorm2d)
+    seen = []
+    hook = first.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    rng_before = torch.get_rng_state()
+    assert recalibrate_batchnorm_(g, batches=3, batch_size=5, seed=7)
+    hook.remove()
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the global stream is untouched
+    assert not g.training and first.momentum == 0.1  # mode and momentum restored
+    x = torch.cat(seen)  # (15, C, 4, 4): the three batches' inputs to the layer
+    per_batch_mean = torch.stack([b.mean((0, 2, 3)) for b in seen])  # (3, C)
+    per_batch_var = torch.stack([b.var((0, 2, 3), unbiased=True) for b in seen])
+    torch.testing.assert_close(first.running_mean, per_batch_mean.mean(0))  # cumulative average over batches
+    torch.testing.assert_close(first.running_var, per_batch_var.mean(0))
+    assert first.num_batches_tracked.item() == 3 and x.shape[0] == 15
+    before = {k: v.clone() for k, v in g.state_dict().items()}
+    recalibrate_batchnorm_(g, batches=3, batch_size=5, seed=7)
+    assert all(torch.equal(before[k], v) for k, v in g.state_dict().items())  # same seed, same statistics
+    assert not recalibrate_batchnorm_(DCGANGenerator(latent_dim=8, resolution=16, channels=1, norm="none"))
+
+
+def test_eval_generator_reestimates_ema_statistics_once_per_batch():
+    model = GAN(
+        generator=DCGANGenerator(latent_dim=8, resolution=16, channels=1, base_channels=4),
+        discriminator=DCGANDiscriminator(resolution=16, channels=1, base_channels=4), ema_kimg=1.0,
+    )  # fmt: skip
+    live_stats = model.generator.net[1].running_var.clone()
+    ema = model.eval_generator()
+    assert ema is model.generator_ema
+    assert not torch.equal(ema.net[1].running_var, live_stats)  # its own statistics now
+    marker = ema.net[1].running_var.clone()
+    ema.net[1].running_var.fill_(3.0)
+    assert model.eval_generator().net[1].running_var.eq(3.0).all()  # same batch: not re-estimated again
+    model.batches_seen += 1
+    torch.testing.assert_close(model.eval_generator().net[1].running_var, marker)  # next batch: re-estimated
+    plain = GAN(generator=DCGANGenerator(latent_dim=8, resolution=16, channels=1, base_channels=4),
+                discriminator=DCGANDiscriminator(resolution=16, channels=1, base_channels=4))  # fmt: skip
+    assert plain.eval_generator() is plain.generator
