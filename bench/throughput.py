@@ -13,8 +13,8 @@ Table: median images/s over repeats with the min-max spread, the median of the p
 baseline (same repeat), and peak memory (CPU: peak RSS of the process plus its largest DataLoader worker;
 GPU: torch.cuda.max_memory_allocated).
 
-Variants (gangen's options on top of its defaults: on CUDA bf16-mixed, channels_last, fused Adam,
-cudnn.benchmark, on_device auto):
+Variants (gangen's options on top of its defaults: bf16-mixed on CUDA and on CPUs with native bf16, channels_last,
+fused Adam and cudnn.benchmark on CUDA, on_device auto):
 """
 
 from __future__ import annotations

@@ -91,8 +91,7 @@ class GANCLI(LightningCLI):
         _check_wandb(trainer.get("logger"))
         if trainer.get("strategy") == "auto" and _multi_process(trainer):
             trainer["strategy"] = "ddp_find_unused_parameters_true"
-        if trainer is not None:
-            _speed_defaults(trainer)
+        _speed_defaults(trainer)
 
     def _check_shapes(self) -> None:
         """The data must have the resolution and channels the networks were built for."""
@@ -190,16 +189,23 @@ def _check_wandb(logger: Any) -> None:
             wandb_mode((getattr(spec, "init_args", None) or {}).get("offline"))
 
 
+def native_bf16_cpu() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): bf16 convolutions there run about 2x fp32."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch.cpu probes (torch >= 2.3)
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
 def _speed_defaults(trainer: Any) -> None:
-    """Unset precision / benchmark on a CUDA run: bf16-mixed where the GPU supports bf16, cudnn.benchmark on.
-    An explicit value (e.g. --trainer.precision 32-true) is kept; CPU runs are unchanged."""
-    cuda = trainer.get("accelerator", "auto") in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    if not cuda:
-        return
-    if trainer.get("precision") is None and torch.cuda.is_bf16_supported(including_emulation=False):
+    """Unset precision / benchmark: bf16-mixed where the GPU (or the CPU, natively) computes bf16, and
+    cudnn.benchmark on CUDA. An explicit value (e.g. --trainer.precision 32-true) is kept."""
+    accelerator = trainer.get("accelerator", "auto")
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        if trainer.get("precision") is None and torch.cuda.is_bf16_supported(including_emulation=False):
+            trainer["precision"] = "bf16-mixed"
+        if trainer.get("benchmark") is None and not trainer.get("deterministic"):
+            trainer["benchmark"] = True
+    elif accelerator in ("auto", "cpu") and trainer.get("precision") is None and native_bf16_cpu():
         trainer["precision"] = "bf16-mixed"
-    if trainer.get("benchmark") is None and not trainer.get("deterministic"):
-        trainer["benchmark"] = True
 
 
 class _OneLineParser(argparse.ArgumentParser):

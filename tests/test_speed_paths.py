@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning.pytorch as L
 import pytest
 import torch
 from conftest import run_cli, tiny_fit_args
 
 from gangen.batches import DeviceBatches
-from gangen.cli import _speed_defaults
+from gangen.cli import _speed_defaults, native_bf16_cpu
 from gangen.data import ImageDataModule, collate
 from gangen.errors import ConfigError
 from gangen.networks import DCGANDiscriminator, DCGANGenerator
@@ -120,6 +122,9 @@ def test_on_device_cli_fit(tmp_path):
     assert (tmp_path / "dcgan_fashion_mnist" / "version_0" / "checkpoints" / "last.ckpt").is_file()
     config = (tmp_path / "dcgan_fashion_mnist" / "version_0" / "config.yaml").read_text()
     assert "on_device: true" in config and "hflip: true" in config
+    precision = "bf16-mixed" if native_bf16_cpu() else "null"  # the CPU bf16 default reaches the Trainer
+    assert f"precision: {precision}" in config
+    assert ("Using bfloat16 Automatic Mixed Precision" in result.stdout + result.stderr) == native_bf16_cpu()
 
 
 def test_on_device_refuses_per_image_datasets(tmp_path):
@@ -176,10 +181,20 @@ def test_channels_last_option(dm):
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
 
 
-def test_speed_defaults_leave_cpu_runs_alone():
+def test_speed_defaults_on_cpu_bf16_only_where_native():
     trainer = {"accelerator": "cpu", "precision": None, "benchmark": None}
     _speed_defaults(trainer)
-    assert trainer == {"accelerator": "cpu", "precision": None, "benchmark": None}
+    expected = "bf16-mixed" if native_bf16_cpu() else None  # AVX512-BF16 / AMX: about 2x (bench/throughput.py)
+    assert trainer == {"accelerator": "cpu", "precision": expected, "benchmark": None}
+    explicit = {"accelerator": "cpu", "precision": "32-true", "benchmark": None}
+    _speed_defaults(explicit)
+    assert explicit["precision"] == "32-true"  # a user's choice is kept
+
+
+def test_native_bf16_probe_matches_cpu_flags():
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() else []
+    if flags:
+        assert native_bf16_cpu() == ("avx512_bf16" in flags or "amx_tile" in flags)
 
 
 def test_channels_last_by_default_in_fit_not_in_loading(dm, tmp_path):
