@@ -54,6 +54,7 @@ def fit_command(config: str, seed: int, args: argparse.Namespace) -> list[str]:
     return [
         sys.executable, str(ROOT / "cli.py"), "fit", "--config", str(ROOT / "configs" / f"{config}.yaml"),
         "--config", str(extra), "--seed_everything", str(seed), "--model.seed", str(seed),
+        "--data.seed", str(seed),
         "--trainer.logger.init_args.save_dir", str(args.out), "--trainer.logger.init_args.name", f"{config}_s{seed}",
         "--trainer.logger.init_args.version", "0", "--trainer.max_epochs", "-1", "--trainer.max_steps",
         str(2 * total), "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",

@@ -262,7 +262,9 @@ class ImageDataModule(pl.LightningDataModule):
             seed: on-device batches: the epoch's shuffle and flips depend on (seed, epoch) only.
         """
         super().__init__()
-        self.save_hyperparameters()
+        # `seed` stays out of the hparams: Lightning refuses a run whose model and datamodule hparams share a
+        # key with different values, and GAN has its own `seed` (config.yaml and checkpoints still hold it)
+        self.save_hyperparameters(ignore=["seed"])
         name = str(dataset).lower().replace("-", "_")
         if name not in DATASETS:
             raise ConfigError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")

@@ -7,7 +7,8 @@ import math
 
 import numpy as np
 import torch
-from conftest import DEMO_CONFIG, run_cli
+import yaml
+from conftest import DEMO_CONFIG, run_cli, tiny_fit_args
 from PIL import Image
 
 from gangen import GAN, DCGANGenerator, generate, load_generator
@@ -150,3 +151,14 @@ def test_tensorboard_logger_gets_scalars_and_grids(tmp_path):
     assert (grids[-1].width, grids[-1].height) == (274, 274)
     assert "loss/d" in events.Tags()["scalars"] and "loss/g" in events.Tags()["scalars"]
     assert (run / "samples" / "final.png").is_file()
+
+
+def test_model_and_data_seeds_may_differ(tmp_path):
+    """GAN and ImageDataModule both take a `seed`; Lightning refuses differing shared hparams, so the data's
+    stays out of the hparams (it is in config.yaml and in the checkpoint's training-order state)."""
+    result = run_cli(*tiny_fit_args(tmp_path, "--model.seed", "1", "--data.seed", "2", "--trainer.max_epochs", "1"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = tmp_path / "dcgan_fashion_mnist" / "version_0"
+    assert "seed: 1" in (run / "hparams.yaml").read_text()
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["model"]["seed"] == 1 and config["data"]["seed"] == 2
