@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import pickle
 import re
@@ -98,6 +99,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             Path(tmp).unlink(missing_ok=True)
             raise
         _fsync_dir(path.parent)
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a writer killed mid-write
+            stale.unlink(missing_ok=True)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         # weights_only is always True here, whatever Lightning passes: a checkpoint never runs code

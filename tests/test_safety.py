@@ -43,6 +43,8 @@ def test_sigkill_mid_write_leaves_the_previous_checkpoint(tmp_path):
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(5))  # intact, not truncated
     leftovers = [p.name for p in tmp_path.iterdir() if p != path]
     assert len(leftovers) == 1 and leftovers[0].startswith(".last.ckpt.")  # hidden, never matches last*.ckpt
+    AtomicCheckpointIO().save_checkpoint({"w": torch.arange(6)}, path)  # the next good write of that file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # removes the killed writer's tmp file
 
 
 def test_failed_write_leaves_no_file(tmp_path):
