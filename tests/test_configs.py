@@ -31,7 +31,8 @@ def build(*args: str) -> GANCLI:
 def test_there_are_configs():
     names = {p.name for p in CONFIGS}
     assert {"dcgan_fashion_mnist.yaml", "dcgan_mnist.yaml", "dcgan_cifar10.yaml", "dcgan_celeba64.yaml",
-            "dcgan_image_folder.yaml"} <= names  # fmt: skip
+            "dcgan_image_folder.yaml", "sngan_fashion_mnist.yaml", "wgangp_fashion_mnist.yaml",
+            "r1gan_fashion_mnist.yaml"} <= names  # fmt: skip
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
