@@ -5,8 +5,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
-CONFIG ?= configs/dcgan_fashion_mnist.yaml
-RUNS   ?= runs/dcgan_fashion_mnist
+CONFIG ?= configs/r1gan_fashion_mnist.yaml
+RUNS   ?= runs/r1gan_fashion_mnist
+EPOCHS ?= 3
 
 .PHONY: venv data demo test lint clean
 
@@ -26,7 +27,7 @@ data:
 	  else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist'" >&2; exit 1; fi; }
 
 demo: $(STAMP) data
-	$(PY) cli.py fit --config $(CONFIG)
+	$(PY) cli.py fit --config $(CONFIG) --trainer.max_epochs $(EPOCHS)
 	$(PY) cli.py generate --ckpt_path "$$(ls -td $(RUNS)/version_*/ | head -n 1)checkpoints/last.ckpt" \
 	  --num_samples 64 --output demo_samples.png
 
