@@ -33,6 +33,7 @@ from gangen.distributed import check_trainer, global_batch
 from gangen.distributed import multi_process as _multi_process
 from gangen.errors import ConfigError, GanGenError
 from gangen.sampling import (
+    checkpoint_data,
     generate,
     interpolation_latents,
     load_generator,
@@ -385,8 +386,7 @@ def evaluate_command(argv: Sequence[str]) -> None:
 
 def _checkpoint_data(ckpt: dict, ckpt_path: str) -> dict:
     """The data settings a gangen checkpoint was trained with (its datamodule hyperparameters)."""
-    data = dict(ckpt.get("datamodule_hyper_parameters") or {})
-    data.pop("_instantiator", None)
+    data = checkpoint_data(ckpt)
     if not data:
         raise ConfigError(f"{ckpt_path} does not record its data: pass --data.dataset ... --data.resolution ...")
     return data

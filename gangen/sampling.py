@@ -207,6 +207,13 @@ def generator_state(ckpt: dict[str, Any], ema: bool = True) -> tuple[dict[str, t
     raise ConfigError("the checkpoint holds no generator weights: pass a checkpoint from `gangen fit`")
 
 
+def checkpoint_data(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The data settings a checkpoint was trained with (its datamodule hyperparameters; {} if none)."""
+    data = dict(ckpt.get("datamodule_hyper_parameters") or {})
+    data.pop("_instantiator", None)
+    return data
+
+
 def export_safetensors(ckpt: dict[str, Any], output: str | Path, ema: bool = True) -> tuple[Path, bool]:
     """Write the generator (EMA if present) as safetensors; its network spec and data settings go in the
     metadata as JSON. Atomic: nothing is left at `output` on failure."""
@@ -216,12 +223,10 @@ def export_safetensors(ckpt: dict[str, Any], output: str | Path, ema: bool = Tru
 
     state, is_ema = generator_state(ckpt, ema)
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    data = dict(ckpt.get("datamodule_hyper_parameters") or {})
-    data.pop("_instantiator", None)
     metadata = {
         "format": "gangen.generator/1",
         "generator": json.dumps(ckpt["hyper_parameters"]["generator"]),
-        "data": json.dumps(data),
+        "data": json.dumps(checkpoint_data(ckpt)),
         "ema": json.dumps(is_ema),
         "images_seen": json.dumps(int((ckpt.get("gangen") or {}).get("images_seen", 0))),
     }
@@ -259,8 +264,5 @@ def load_generator(ckpt: str | Path | dict[str, Any], device: str | torch.device
     """
     ckpt = ckpt if isinstance(ckpt, dict) else read_checkpoint(ckpt)
     generator = build_network(ckpt["hyper_parameters"]["generator"])
-    has_ema = any(k.startswith("generator_ema.") for k in ckpt["state_dict"])
-    prefix = "generator_ema." if has_ema else "generator."
-    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    generator.load_state_dict(state)
+    generator.load_state_dict(generator_state(ckpt)[0])
     return generator.to(device).eval()
