@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning.pytorch as L
 import torch
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from gangen.errors import ConfigError
@@ -17,6 +18,13 @@ from gangen.sampling import generate, grid_image, latents, save_grid
 def logging_step(trainer: L.Trainer) -> int:
     """The step Lightning logs scalars at: batches trained (not global_step, which counts both optimizers)."""
     return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def writes_logs_now(trainer: L.Trainer) -> bool:
+    """Whether Lightning sends this training batch's step scalars to the loggers (asked during the batch):
+    every log_every_n_steps batches, and when the run stops."""
+    every = trainer.log_every_n_steps
+    return trainer.should_stop or (every > 0 and (logging_step(trainer) + 1) % every == 0)
 
 
 def eval_generator(pl_module: L.LightningModule) -> torch.nn.Module:
@@ -33,6 +41,49 @@ def log_image(trainer: L.Trainer, key: str, image: torch.Tensor) -> None:
             logger.experiment.add_image(key, (image + 1) / 2, global_step=step)
         elif hasattr(logger, "log_image"):  # WandbLogger and others with the same method
             logger.log_image(key=key, images=[((image + 1) / 2).clamp(0, 1)], step=step)
+
+
+class _SyncFreeBar:
+    """Progress-bar mixin: the bar's metrics are read every `metrics_every` training batches only, and they
+    include the module's logged `show` scalars (read from callback_metrics, as numbers).
+
+    Turning a logged GPU tensor into a number waits for all queued GPU work. Lightning does that for every
+    `prog_bar=True` scalar at every batch end (even with no bar), so on CUDA GAN logs its step scalars
+    without `prog_bar` and this bar shows them, at most `metrics_every` batches old. The counter and speed
+    refresh as usual. The CLI puts it in place of Lightning's TQDM / Rich bar on CUDA runs.
+    """
+
+    def __init__(self, *args: Any, metrics_every: int = 50, show: tuple[str, ...] = ("loss/",), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if metrics_every < 1:
+            raise ConfigError(f"metrics_every {metrics_every!r} must be >= 1")
+        self.metrics_every, self.show = metrics_every, show
+        self._metrics: dict[str, Any] | None = None
+        self._stale_ok = False  # True while a training-batch refresh may show the last metrics read
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        if self._metrics is None or not self._stale_ok:
+            metrics = super().get_metrics(trainer, pl_module)
+            for key, value in trainer.callback_metrics.items():
+                if key.startswith(self.show) and key not in metrics:
+                    metrics[key] = float(value)  # the one host-device sync of this refresh
+            self._metrics = metrics
+        return self._metrics
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._stale_ok = (args[-1] + 1) % self.metrics_every != 0  # args[-1]: batch_idx
+        try:
+            super().on_train_batch_end(trainer, pl_module, *args)
+        finally:
+            self._stale_ok = False
+
+
+class SyncFreeProgressBar(_SyncFreeBar, TQDMProgressBar):
+    """Lightning's TQDMProgressBar without a host-device sync per batch (see _SyncFreeBar)."""
+
+
+class SyncFreeRichProgressBar(_SyncFreeBar, RichProgressBar):
+    """Lightning's RichProgressBar without a host-device sync per batch (see _SyncFreeBar)."""
 
 
 class SampleGrid(L.Callback):

@@ -133,11 +133,14 @@ class GANCLI(LightningCLI):
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         if not any(isinstance(c, Preemption) for c in trainer.callbacks):
             trainer.callbacks.append(Preemption())
+        _sync_free_progress_bar(trainer)
         return trainer
 
     def before_fit(self) -> None:
         self._check_shapes()
         self._check_resume()
+        if getattr(self.model, "cuda_graph", False):
+            self.model.check_cuda_graph(self.trainer)
         trainer = self.trainer
         if trainer.global_rank == 0:  # ranks are known once the Trainer exists, before any process is launched
             line = global_batch(self.datamodule.hparams["batch_size"], trainer.num_devices, trainer.num_nodes)
@@ -194,6 +197,26 @@ def native_bf16_cpu() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): bf16 convolutions there run about 2x fp32."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch.cpu probes (torch >= 2.3)
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def _sync_free_progress_bar(trainer: Trainer, device_type: str | None = None) -> None:
+    """On CUDA (`device_type`, default: the trainer's), Lightning's own TQDM or Rich bar becomes gangen's
+    sync-free one with the same settings, showing the losses every log_every_n_steps batches."""
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    from gangen.callbacks import SyncFreeProgressBar, SyncFreeRichProgressBar
+
+    bar = trainer.progress_bar_callback
+    if (device_type or trainer.strategy.root_device.type) != "cuda":
+        return
+    every = max(1, trainer.log_every_n_steps or 50)
+    if type(bar) is TQDMProgressBar:
+        new = SyncFreeProgressBar(bar.refresh_rate, bar.process_position, bar._leave, metrics_every=every)
+    elif type(bar) is RichProgressBar:
+        new = SyncFreeRichProgressBar(bar.refresh_rate, bar._leave, bar.theme, bar._console_kwargs, metrics_every=every)
+    else:  # none, or the user's own
+        return
+    trainer.callbacks[trainer.callbacks.index(bar)] = new
 
 
 def _speed_defaults(trainer: Any) -> None:

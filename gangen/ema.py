@@ -39,12 +39,24 @@ def make_ema(generator: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def update_ema_(ema: nn.Module, live: nn.Module, beta: float) -> None:
-    """ema <- beta * ema + (1 - beta) * live for parameters; buffers copied from `live`."""
+def update_ema_(
+    ema: nn.Module, live: nn.Module, beta: float | None = None, *, weight: torch.Tensor | None = None
+) -> None:
+    """ema <- beta * ema + (1 - beta) * live for parameters; buffers copied from `live`.
+
+    Give either `beta` (a float) or `weight` = 1 - beta as a 0-d tensor on the parameters' device: the same
+    arithmetic (lerp) without a host value, so a CUDA graph can replay it with a new weight.
+    """
     ema_params, live_params = list(ema.parameters()), list(live.parameters())
     if len(ema_params) != len(live_params):
         raise ValueError("EMA and live generator have different parameters")  # an invariant, not user input
-    torch._foreach_lerp_(ema_params, [p.detach() for p in live_params], 1.0 - beta)
+    if (beta is None) == (weight is None):
+        raise ValueError("give exactly one of beta and weight")
+    live_params = [p.detach() for p in live_params]
+    if weight is None:
+        torch._foreach_lerp_(ema_params, live_params, 1.0 - beta)
+    else:
+        torch._foreach_lerp_(ema_params, live_params, [weight] * len(ema_params))
     for b_ema, b_live in zip(ema.buffers(), live.buffers(), strict=True):
         b_ema.copy_(b_live)
 

@@ -6,6 +6,7 @@ the latent sampling and the images-seen counter that schedules count in.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import lightning.pytorch as L
@@ -14,11 +15,15 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
 from gangen.augment import DiffAugment
+from gangen.callbacks import writes_logs_now
 from gangen.ema import ema_beta, make_ema, recalibrate_batchnorm_, update_ema_
 from gangen.errors import ConfigError
+from gangen.graphs import StepGraphs
 from gangen.layers import check_choice
 from gangen.losses import REGULARIZERS, gradient_penalty, make_loss, r1_penalty
 from gangen.networks import build_network, network_spec
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def default_adam(params: Any) -> torch.optim.Optimizer:
@@ -43,6 +48,21 @@ def use_fused(optimizer: torch.optim.Optimizer, device_types: tuple[str, ...] = 
         return optimizer
     groups = [{**group, "fused": True} for group in optimizer.param_groups]
     return type(optimizer)(groups, **{**defaults, "fused": True})
+
+
+def make_capturable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The same optimizer with capturable=True (its step counters on the device: a CUDA graph may replay
+    its step), when it has that option; anything else (SGD: nothing to count) is returned as it is."""
+    if "capturable" not in optimizer.defaults or optimizer.defaults["capturable"]:
+        return optimizer
+    groups = [{**group, "capturable": True} for group in optimizer.param_groups]
+    return type(optimizer)(groups, **{**optimizer.defaults, "capturable": True})
+
+
+def intermittent_scalars(logs: dict[str, torch.Tensor], d_steps_per_g_step: int) -> dict[str, torch.Tensor]:
+    """The step scalars that not every batch has: R1 / GP terms, and the G loss unless G trains every batch."""
+    every_batch = {"loss/d", "d/real", "d/fake"} | ({"loss/g"} if d_steps_per_g_step == 1 else set())
+    return {key: value for key, value in logs.items() if key not in every_batch}
 
 
 class GAN(L.LightningModule):
@@ -73,7 +93,8 @@ class GAN(L.LightningModule):
         num_grid_samples: int = 64,  # fixed latents for the sample grids (kept in the checkpoint)
         check_finite_every: int = 50,  # batches between non-finite loss checks (one host sync each)
         channels_last: bool | None = None,  # NHWC networks and batches; None: on CUDA and CPU unless compile
-        compile: bool = False,  # torch.compile both networks in place (state_dict keys unchanged)
+        compile: bool | str = False,  # torch.compile both networks in place; a string: its mode ("reduce-overhead")
+        cuda_graph: bool = False,  # capture the whole training step in CUDA graphs (one GPU; README Speed)
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -135,7 +156,17 @@ class GAN(L.LightningModule):
         self.images_seen = 0  # global count (all ranks), restored from checkpoints
         self.batches_seen = 0  # training batches (= D steps) on this rank, from checkpoints (G-step, R1/GP schedules)
         self._finite: torch.Tensor | None = None  # () bool on the device: every loss since the last check finite
+        if compile not in (True, False) and compile not in COMPILE_MODES:
+            modes = ", ".join(COMPILE_MODES)
+            raise ConfigError(f"compile {compile!r} must be true, false or a torch.compile mode: {modes}")
+        if cuda_graph and compile:
+            raise ConfigError("cuda_graph and compile are both set: choose one (reduce-overhead compile also graphs)")
         self.channels_last, self.compile_networks = channels_last, compile  # runtime options, not hparams
+        self.cuda_graph = cuda_graph
+        self.scalars_on_bar: bool | None = None  # losses as prog_bar scalars; None: not on CUDA (_log_step_scalars)
+        self._step_graphs: StepGraphs | None = None  # set at fit start when cuda_graph
+        self._ema_weight: torch.Tensor | None = None  # (): 1 - EMA beta, the graphs' input
+        self._cudagraph_trees = False  # compiled with a mode that uses CUDA graphs: mark each step's start
         self._memory_format = torch.contiguous_format  # set in configure_model
         self._latent_rng: torch.Generator | None = None
         self._latent_rng_state: tuple[str, torch.Tensor] | None = None  # (device type, state) from a checkpoint
@@ -169,25 +200,55 @@ class GAN(L.LightningModule):
             self.generator.to(memory_format=torch.channels_last)
             self.discriminator.to(memory_format=torch.channels_last)
         if self.compile_networks and not getattr(self.generator, "_compiled_call_impl", None):
-            self.generator.compile()  # in place: the state_dict keeps its keys (no `_orig_mod.`)
-            self.discriminator.compile()
+            mode = None if self.compile_networks is True else self.compile_networks
+            self.generator.compile(mode=mode)  # in place: the state_dict keeps its keys (no `_orig_mod.`)
+            self.discriminator.compile(mode=mode)
+            self._cudagraph_trees = device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
+
+    def on_fit_start(self) -> None:
+        if self.cuda_graph:
+            self.check_cuda_graph(self.trainer)
+            self._step_graphs = StepGraphs()
+            self._ema_weight = torch.zeros((), device=self.device)
+
+    def on_fit_end(self) -> None:
+        if self._step_graphs is not None:  # Lightning has moved the model off the GPU: the graphs point at
+            self._step_graphs.clear()  # freed memory, and their pools would stay allocated
+
+    def check_cuda_graph(self, trainer: L.Trainer) -> None:
+        """One-line errors for runs that a captured step cannot serve (the CLI asks before anything is written)."""
+        fix = "or drop --model.cuda_graph"
+        precision, world, device = str(trainer.precision), trainer.world_size, trainer.strategy.root_device.type
+        if device != "cuda":
+            raise ConfigError(f"cuda_graph needs a CUDA device, this run is on {device}: use a GPU {fix}")
+        if world > 1:
+            raise ConfigError(f"cuda_graph is single-GPU only, this run has {world} processes: train on one GPU {fix}")
+        if precision not in ("32-true", "32", "bf16-mixed", "bf16-true"):
+            raise ConfigError(f"cuda_graph does not support precision {precision!r} (a loss scaler): use bf16 {fix}")
+        if self.augment or self.hparams.reg == "gp":
+            what = f"augment {self.hparams.augment!r}" if self.augment else "reg 'gp'"
+            raise ConfigError(f"cuda_graph does not support {what} (random numbers inside the step) {fix}")
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        return [
+        optimizers = [
             use_fused(self.g_optimizer(self.generator.parameters())),
             use_fused(self.d_optimizer(self.discriminator.parameters())),
         ]
+        return [make_capturable(opt) for opt in optimizers] if self.cuda_graph else optimizers
 
     def _d(self, images: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """Discriminator logits (B,) of augmented images (labels only for a conditional model)."""
         x = self.augment(images)
         return self.discriminator(x) if labels is None else self.discriminator(x, labels)
 
-    def _regularize(self, real: torch.Tensor, fake: torch.Tensor, labels: torch.Tensor | None) -> dict:
-        """The lazy R1 / GP term of this D step, already scaled by reg_every ({} when none is due)."""
+    def _reg_due(self) -> bool:
+        """Whether this D step adds the lazy R1 / GP term."""
         hp = self.hparams
-        if hp.reg == "none" or hp.reg_weight == 0 or self.batches_seen % hp.reg_every != 0:
-            return {}
+        return hp.reg != "none" and hp.reg_weight != 0 and self.batches_seen % hp.reg_every == 0
+
+    def _regularize(self, real: torch.Tensor, fake: torch.Tensor, labels: torch.Tensor | None) -> dict:
+        """The R1 / GP term of this D step, already scaled by reg_every (lazy regularisation)."""
+        hp = self.hparams
         critic = lambda x: self._d(x, labels)  # noqa: E731
         if hp.reg == "r1":
             terms = r1_penalty(critic, real, hp.reg_weight)
@@ -195,23 +256,29 @@ class GAN(L.LightningModule):
             terms = gradient_penalty(critic, real, fake, hp.reg_weight, generator=self._latent_rng)
         return {**terms, "loss": terms["loss"] * hp.reg_every}
 
-    def training_step(self, batch: Any, batch_idx: int) -> None:
-        real, labels = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)  # (B, C, H, W)
-        labels = labels if self.num_classes else None  # (B,) int64 class labels for a conditional model
-        real = real.contiguous(memory_format=self._memory_format)  # no copy unless channels_last
-        opt_g, opt_d = self.optimizers()
-        n = real.shape[0]
-        train_g = (self.batches_seen + 1) % self.hparams.d_steps_per_g_step == 0
-        z = self.sample_latents(n)
+    def _adversarial_step(
+        self,
+        real: torch.Tensor,  # (B, C, H, W) in the training memory format
+        labels: torch.Tensor | None,  # (B,) int64 for a conditional model
+        z: torch.Tensor,  # (B, latent_dim)
+        ema_decay: float | torch.Tensor | None,  # EMA beta; in a CUDA graph 1 - beta as a 0-d device tensor
+        *,
+        train_g: bool,
+        reg_due: bool,
+        optimizers: tuple[Any, Any],  # (G, D): Lightning's wrappers, or the raw ones in a CUDA graph
+        backward: Any,  # loss -> None
+    ) -> dict[str, torch.Tensor]:
+        """One D step and, if train_g, one G step and EMA update; the step's named scalar logs."""
+        opt_g, opt_d = optimizers
         with torch.set_grad_enabled(train_g):
             fake = self.generator(z) if labels is None else self.generator(z, labels)  # (B, C, H, W)
 
         with self.toggled_optimizer(opt_d):
             d_real, d_fake = self._d(real, labels), self._d(fake.detach(), labels)  # (B,), (B,)
             d_terms = self.loss.discriminator(d_real, d_fake)
-            reg = self._regularize(real, fake, labels)
+            reg = self._regularize(real, fake, labels) if reg_due else {}
             opt_d.zero_grad(set_to_none=True)
-            self.manual_backward(d_terms["loss"] + reg["loss"] if reg else d_terms["loss"])
+            backward(d_terms["loss"] + reg["loss"] if reg else d_terms["loss"])
             opt_d.step()
         logs = {"loss/d": d_terms["loss"], "d/real": d_real.mean(), "d/fake": d_fake.mean()}  # mean logits
         if reg:
@@ -221,20 +288,70 @@ class GAN(L.LightningModule):
             with self.toggled_optimizer(opt_g):
                 g_terms = self.loss.generator(self._d(fake, labels))
                 opt_g.zero_grad(set_to_none=True)
-                self.manual_backward(g_terms["loss"])
+                backward(g_terms["loss"])
                 opt_g.step()
             logs["loss/g"] = g_terms["loss"]
+            if self.generator_ema is not None and isinstance(ema_decay, torch.Tensor):
+                update_ema_(self.generator_ema, self.generator, weight=ema_decay)
+            elif self.generator_ema is not None:
+                update_ema_(self.generator_ema, self.generator, ema_decay)
+        return logs
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        real, labels = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)  # (B, C, H, W)
+        labels = labels if self.num_classes else None  # (B,) int64 class labels for a conditional model
+        real = real.contiguous(memory_format=self._memory_format)  # no copy unless channels_last
+        if self._cudagraph_trees:
+            torch.compiler.cudagraph_mark_step_begin()  # torch.compile(mode="reduce-overhead"): a new step
+        n = real.shape[0]
+        hp = self.hparams
+        train_g = (self.batches_seen + 1) % hp.d_steps_per_g_step == 0
+        reg_due = self._reg_due()
+        beta = None
+        if train_g and self.generator_ema is not None:
+            batch_images = n * self.trainer.world_size * hp.d_steps_per_g_step  # images per G step
+            beta = ema_beta(batch_images, hp.ema_kimg, self.images_seen + n * self.trainer.world_size, hp.ema_rampup)
+        z = self.sample_latents(n)
+        if self._step_graphs is None:
+            logs = self._adversarial_step(
+                real, labels, z, beta, train_g=train_g, reg_due=reg_due, optimizers=self.optimizers(),
+                backward=self.manual_backward,
+            )  # fmt: skip
+        else:
+            opt_g, opt_d = self.optimizers()
+            step = functools.partial(
+                self._adversarial_step, train_g=train_g, reg_due=reg_due,
+                optimizers=(opt_g.optimizer, opt_d.optimizer), backward=torch.Tensor.backward,
+            )  # fmt: skip
+            weight = None if beta is None else self._ema_weight.fill_(1.0 - beta)  # a fill kernel, no copy
+            logs = self._step_graphs((train_g, reg_due), step, real, labels, z, weight)
+            for opt in (opt_d, opt_g) if train_g else (opt_d,):  # Lightning's step counters (global_step)
+                opt._on_before_step()
+                opt._on_after_step()
 
         self.images_seen += n * self.trainer.world_size
         self.batches_seen += 1
         self._track_finite([value for key, value in logs.items() if key.startswith("loss/")])
-        if train_g and self.generator_ema is not None:
-            batch_images = n * self.trainer.world_size * self.hparams.d_steps_per_g_step  # images per G step
-            beta = ema_beta(batch_images, self.hparams.ema_kimg, self.images_seen, self.hparams.ema_rampup)
-            update_ema_(self.generator_ema, self.generator, beta)
-        # Tensors stay on the device: Lightning reads them when it writes logs or refreshes the progress bar.
+        self._log_step_scalars(logs, n)
+
+    def _log_step_scalars(self, logs: dict[str, torch.Tensor], n: int) -> None:
+        """self.log the step's scalars. They stay device tensors: Lightning reads them when it writes logs.
+
+        On CUDA, where the host has to run ahead of the GPU: the losses are not prog_bar scalars (Lightning
+        turns those into numbers at every batch end, a sync; the CLI's bar shows them instead), and the
+        scalars every batch has are logged only on the batches whose scalars Lightning writes (self.log
+        costs ~0.2 ms of host time). The intermittent ones (R1 / GP, a G step that is not every batch) are
+        logged when they happen: Lightning writes the last value logged, as before.
+        """
+        cuda = self.device.type == "cuda"
+        if cuda and self.batches_seen > 1 and not writes_logs_now(self.trainer):
+            logs = intermittent_scalars(logs, self.hparams.d_steps_per_g_step)
+            if not logs:
+                return
+        on_bar = self.scalars_on_bar if self.scalars_on_bar is not None else not cuda
         for key, value in logs.items():
-            self.log(key, value.detach(), on_step=True, on_epoch=False, batch_size=n, prog_bar=key.startswith("loss"))
+            bar = on_bar and key.startswith("loss")
+            self.log(key, value.detach(), on_step=True, on_epoch=False, batch_size=n, prog_bar=bar)
         kimg = torch.full((), self.images_seen / 1000.0, device=self.device)  # a fill kernel, no host-to-device copy
         self.log("progress/kimg", kimg, on_step=True, on_epoch=False, batch_size=n)
 
