@@ -43,6 +43,10 @@ VARIANTS: dict[str, list[str]] = {
     "gangen_nhwc": ["--model.channels_last", "true"],
     "gangen_nchw": ["--model.channels_last", "false"],
     "gangen_compile": ["--model.compile", "true"],
+    "gangen_compile_ro": ["--model.compile", "reduce-overhead"],  # torch.compile with CUDA graphs per network
+    "gangen_graph": ["--model.cuda_graph", "true"],  # the whole D+G step as CUDA graphs
+    "gangen_graph_fp32": ["--model.cuda_graph", "true", "--trainer.precision", "32-true"],
+    "gangen_graph_nchw": ["--model.cuda_graph", "true", "--model.channels_last", "false"],
 }
 __doc__ += "".join(f"    {k}: {' '.join(v) or '(defaults)'}\n" for k, v in VARIANTS.items())
 
@@ -73,7 +77,7 @@ def run_gangen(args: argparse.Namespace, overrides: list[str]) -> dict[str, floa
     from gangen.system import GAN
 
     class Timer(L.Callback):
-        start = end = 0.0
+        start = end = replay_img_s = 0.0
         images = 0
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -87,6 +91,17 @@ def run_gangen(args: argparse.Namespace, overrides: list[str]) -> dict[str, floa
             if batch_idx == args.warmup + args.steps - 1:
                 sync(args.device)
                 self.end = time.perf_counter()
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            graphs = getattr(pl_module, "_step_graphs", None)  # the GPU-side ceiling: one captured step alone
+            if graphs is not None and len(graphs):  # (before fit's teardown moves the model off the GPU)
+                graph = next(iter(graphs._graphs.values())).graph
+                sync(args.device)
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    graph.replay()
+                sync(args.device)
+                self.replay_img_s = args.batch * args.steps / (time.perf_counter() - start)
 
     r, n = args.resolution, args.warmup + args.steps
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,8 +123,11 @@ def run_gangen(args: argparse.Namespace, overrides: list[str]) -> dict[str, floa
         cli.trainer.fit(cli.model, cli.datamodule)
     seconds = timer.end - timer.start
     loader = type(cli.trainer.train_dataloader).__name__
-    return {"img_s": timer.images / seconds, "seconds": seconds, "peak_mib": peak_memory_mib(args.device),
-            "precision": str(cli.trainer.precision), "loader": loader}  # fmt: skip
+    result = {"img_s": timer.images / seconds, "seconds": seconds, "peak_mib": peak_memory_mib(args.device),
+              "precision": str(cli.trainer.precision), "loader": loader}  # fmt: skip
+    if timer.replay_img_s:
+        result["replay_img_s"] = timer.replay_img_s
+    return result
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, float]:
@@ -133,16 +151,21 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def child(args: argparse.Namespace, name: str, batch: int) -> dict:
-    """Run one measurement in a fresh Python process; its JSON result."""
+def child(args: argparse.Namespace, name: str, batch: int) -> dict | None:
+    """Run one measurement in a fresh Python process; its JSON result, or None (and its error) if it failed."""
     cmd = [sys.executable, __file__, "--child", name, "--batch_size", str(batch)]
     for key in ("device", "resolution", "steps", "warmup", "workers", "root", "eval_samples", "threads"):
         cmd += [f"--{key}", str(getattr(args, key))]
     cmd += ["--weights", str(args.weights)] if args.weights else []
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=args.child_timeout)
+    except subprocess.TimeoutExpired:
+        print(f"  {name} stopped after --child_timeout {args.child_timeout:g} s", flush=True)
+        return None
     if out.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
+        print(f"  {name} failed (exit {out.returncode}):\n{out.stderr[-3000:]}", flush=True)
+        return None
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -157,20 +180,29 @@ def table(args: argparse.Namespace) -> None:
         for rep in range(args.repeats):
             order = names if rep % 2 == 0 else names[::-1]  # alternate: drift hits both sides equally
             for name in order:
-                runs[name].append(child(args, name, batch))
-                print(f"  bs{batch} rep{rep} {name}: {runs[name][-1]['img_s']:.1f} img/s", flush=True)
-        base = [r["img_s"] for r in runs["baseline"]]
+                result = child(args, name, batch)
+                if result is not None:  # a failed variant is reported and left out, the table goes on
+                    runs[name].append({**result, "rep": rep})
+                    print(f"  bs{batch} rep{rep} {name}: {result['img_s']:.1f} img/s", flush=True)
+        base = {r["rep"]: r["img_s"] for r in runs["baseline"]}
         print(f"\nbatch {batch}\n{'run':<18} {'img/s median':>12} {'min-max':>17} {'x baseline':>10} "
               f"{'ratio min-max':>14} {'peak MiB':>9}  notes")  # fmt: skip
         for name in names:
+            if not runs[name]:
+                print(f"{name:<18} {'failed':>12}")
+                continue
             speeds = [r["img_s"] for r in runs[name]]
-            ratios = [s / b for s, b in zip(speeds, base, strict=True)]  # paired: same repeat
+            ratios = [r["img_s"] / base[r["rep"]] for r in runs[name] if r["rep"] in base] or [float("nan")]  # paired
             notes = f"{runs[name][0].get('precision', '32')}, {runs[name][0].get('loader', 'DataLoader+PIL')}"
+            if "replay_img_s" in runs[name][0]:
+                notes += f", graph replay alone {statistics.median(r['replay_img_s'] for r in runs[name]):.0f} img/s"
             print(f"{name:<18} {statistics.median(speeds):12.1f} {min(speeds):8.1f}-{max(speeds):<8.1f} "
                   f"{statistics.median(ratios):10.2f} {min(ratios):6.2f}-{max(ratios):<7.2f} "
                   f"{max(r['peak_mib'] for r in runs[name]):9.0f}  {notes}")  # fmt: skip
     if args.eval_samples:
         result = child(args, "eval", args.batch_size[0])
+        if result is None:
+            return
         print(f"\nFID+KID+IS evaluation, {args.eval_samples} generated images, real statistics cached: "
               f"{result['seconds']:.1f} s ({args.eval_samples / result['seconds']:.1f} img/s; "
               f"bench/eval_speed.py has the full comparison with torch-fidelity)")  # fmt: skip
@@ -190,6 +222,7 @@ def main() -> None:
     p.add_argument("--eval_samples", type=int, default=0, help="also time a FID evaluation of N images (0: no)")
     p.add_argument("--weights", type=Path, default=None, help="Inception weights (default: a random file)")
     p.add_argument("--threads", type=int, default=0, help="torch threads in every run (0: torch's default)")
+    p.add_argument("--child_timeout", type=float, default=900, help="seconds one measurement may take")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child is None:
