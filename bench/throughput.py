@@ -69,7 +69,7 @@ def run_baseline(args: argparse.Namespace) -> dict[str, float]:
     return {**result, "peak_mib": peak_memory_mib(args.device)}
 
 
-def run_gangen(args: argparse.Namespace, overrides: list[str]) -> dict[str, float]:
+def run_gangen(args: argparse.Namespace, overrides: list[str], callbacks: tuple = ()) -> dict[str, float]:
     import lightning.pytorch as L
 
     from gangen.cli import GANCLI
@@ -119,7 +119,7 @@ def run_gangen(args: argparse.Namespace, overrides: list[str]) -> dict[str, floa
                   "--model.discriminator.init_args.base_channels", "64", *overrides],
         )  # fmt: skip
         timer = Timer()
-        cli.trainer.callbacks.append(timer)
+        cli.trainer.callbacks.extend([timer, *callbacks])
         cli.trainer.fit(cli.model, cli.datamodule)
     seconds = timer.end - timer.start
     loader = type(cli.trainer.train_dataloader).__name__

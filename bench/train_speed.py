@@ -11,15 +11,18 @@ Issue-5's bench/throughput.py compares against a classic DCGAN loop; this one on
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import lightning.pytorch as L
 import torch
 
-from gangen.cli import GANCLI
-from gangen.data import ImageDataModule
-from gangen.system import GAN
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, without PYTHONPATH
+from gangen.cli import GANCLI  # noqa: E402
+from gangen.data import ImageDataModule  # noqa: E402
+from gangen.system import GAN  # noqa: E402
 
 
 class BatchTimer(L.Callback):

@@ -1,0 +1,75 @@
+"""Where the time of gangen's training step goes: torch.profiler over timed batches of the real fit loop.
+
+    python bench/profile_step.py --steps 3 --warmup 1                          # CPU, 64x64, batch 64
+    python bench/profile_step.py --device cuda --batch_size 1024 --variant gangen --steps 20
+
+Runs bench/throughput.py's gangen fit (same config, same variants) with a profiler switched on from batch
+`--warmup` for `--steps` batches, then prints the top operators / kernels by self time on the device
+(CUDA) or the CPU, and the share of the top rows. For CUDA-graph variants the replayed kernels are not
+listed one by one: profile the eager variant (at batch 1024 it runs as fast, README Speed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import lightning.pytorch as L
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # bench/, gangen
+from throughput import VARIANTS, run_gangen  # noqa: E402
+
+
+class Profiled(L.Callback):
+    """A torch.profiler session from batch `start` to batch `start + steps - 1`."""
+
+    def __init__(self, start: int, steps: int, cuda: bool) -> None:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        self.start, self.stop, self.cuda = start, start + steps - 1, cuda
+        self.prof = profile(activities=activities)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.start:
+            self.prof.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.stop:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--variant", default="gangen", choices=list(VARIANTS))
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=10, help="profiled batches")
+    p.add_argument("--warmup", type=int, default=5, help="batches before the profiler starts")
+    p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--root", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
+    args = p.parse_args()
+    args.batch = args.batch_size
+    cuda = args.device == "cuda"
+    prof = Profiled(args.warmup, args.steps, cuda)
+    result = run_gangen(args, VARIANTS[args.variant], callbacks=(prof,))
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = prof.prof.key_averages()
+    total = sum(getattr(e, key) for e in events)
+    top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[: args.rows]
+    print(f"{args.variant}, {args.device}, batch {args.batch}, {args.resolution}x{args.resolution}: "
+          f"{result['img_s']:.0f} img/s with the profiler on; {args.steps} batches, self time {total / 1e3:.1f} ms "
+          f"({total / 1e3 / args.steps:.2f} ms per batch)")  # fmt: skip
+    print(f"{'self ms':>9} {'share':>6} {'calls':>6}  name")
+    for e in top:
+        t = getattr(e, key)
+        print(f"{t / 1e3:9.2f} {t / total:6.1%} {e.count:6d}  {e.key[:110]}")
+    print(f"top {len(top)} rows: {sum(getattr(e, key) for e in top) / total:.1%} of the self time")
+
+
+if __name__ == "__main__":
+    main()
