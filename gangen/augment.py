@@ -49,7 +49,7 @@ class DiffAugment:
         if self._rng is None or self._rng.device != device:
             self._rng = torch.Generator(device=device).manual_seed(self.seed)
             if self.pending_state is not None:
-                self._rng.set_state(self.pending_state)
+                self._rng.set_state(self.pending_state.clone())  # never a view with a storage offset
                 self.pending_state = None
         return self._rng
 

@@ -462,8 +462,10 @@ class ImageDataModule(pl.LightningDataModule):
         sampler = None
         if shuffle:  # an order fixed by (seed, epoch) that a resumed run can enter mid-epoch (reliability.py)
             seed = self._sampler_seed if self._sampler_seed is not None else torch.initial_seed() % 2**63
-            sampler = ResumableRandomSampler(len(dataset), seed)  # seed: a checkpoint's, else seed_everything's
-            if self._resume is not None and self.trainer is not None and self.trainer.world_size == 1:
+            trainer = self.trainer
+            rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+            sampler = ResumableRandomSampler(len(dataset), seed, rank, world)  # seed: a checkpoint's, else the run's
+            if self._resume is not None:
                 sampler.resume_at(self._resume["epoch"], self._resume["position"])
             self._train_sampler = sampler
         return DataLoader(

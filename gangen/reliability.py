@@ -5,8 +5,7 @@
   torch.load(weights_only=True), so a checkpoint cannot run pickled code, and errors are one line.
 - ResumableRandomSampler: the training order depends only on (seed, epoch), and a resumed run starts part-way
   through an epoch where the checkpoint was taken, so `fit --ckpt_path last` sees the same batches as a run
-  that never stopped (single process; under DDP Lightning's DistributedSampler takes over, and resumes are
-  exact at epoch boundaries only).
+  that never stopped; under DDP each rank shards the permutation itself and skips its own consumed items.
 - Preemption: SIGTERM (cluster preemption) and SIGINT (Ctrl-C) stop training at the next batch boundary and
   write checkpoints/last.ckpt before the process exits with status 128 + signal.
 - DivergenceError: raised by the GAN module when a loss turned non-finite (see GAN.check_finite).
@@ -30,7 +29,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler
 
 from gangen.errors import ConfigError, DataNotFoundError, GanGenError
 
@@ -118,18 +117,26 @@ def find_last_checkpoint(folders: list[Path]) -> Path | None:
 
 
 # ---- exactly resumable data order -------------------------------------------------------------------------
-class ResumableRandomSampler(Sampler[int]):
+class ResumableRandomSampler(DistributedSampler):
     """A random permutation that depends only on (seed, epoch); it can start part-way through an epoch.
 
     Lightning calls set_epoch at every epoch start. `resume_at(epoch, position)` makes the next pass over
-    that epoch skip its first `position` items (those a checkpointed run already trained on).
+    that epoch skip its first `position` items (those a checkpointed run already trained on, on this rank).
+    Under DDP every rank takes its own contiguous slice of the permutation (all slices equally long, the
+    leftover items skipped), so each rank can skip exactly its own consumed items. It is a DistributedSampler
+    only so that Lightning does not wrap it in another one; its own sharding is the one used.
     """
 
-    def __init__(self, num_items: int, seed: int = 0) -> None:
+    def __init__(self, num_items: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, {world_size})")  # an invariant, not user input
         self.num_items = num_items  # dataset length
         self.seed = seed  # with the epoch, fixes the order
         self.epoch = 0
-        self._resume: tuple[int, int] | None = None  # (epoch, items to skip)
+        self.rank, self.num_replicas = rank, world_size  # DistributedSampler's names
+        self.num_samples = num_items // world_size  # items per rank and epoch
+        self.total_size, self.shuffle, self.drop_last = self.num_samples * world_size, True, True
+        self._resume: tuple[int, int] | None = None  # (epoch, items of this rank to skip)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -138,6 +145,7 @@ class ResumableRandomSampler(Sampler[int]):
         self._resume = (epoch, position)
 
     def order(self, epoch: int) -> np.ndarray:
+        """The whole permutation of `epoch` (all ranks)."""
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
 
     def __iter__(self) -> Iterator[int]:
@@ -145,10 +153,11 @@ class ResumableRandomSampler(Sampler[int]):
         if self._resume is not None and self._resume[0] == self.epoch:
             start = self._resume[1]
         self._resume = None
-        yield from self.order(self.epoch)[start:].tolist()
+        shard = self.order(self.epoch)[self.rank * self.num_samples : (self.rank + 1) * self.num_samples]
+        yield from shard[start:].tolist()
 
     def __len__(self) -> int:
-        return self.num_items
+        return self.num_samples
 
 
 def sampler_state(trainer: L.Trainer | None, sampler: ResumableRandomSampler, batch_size: int) -> dict[str, int]:

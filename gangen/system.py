@@ -179,7 +179,7 @@ class GAN(L.LightningModule):
             rng.manual_seed(self.hparams.seed + self.global_rank)  # distinct z on every rank
             state = self._latent_rng_state
             if state is not None and state[0] == self.device.type:  # a CUDA state only fits a CUDA generator
-                rng.set_state(state[1])
+                rng.set_state(state[1].clone())  # an own, offset-free copy (files before the fix hold views)
             self._latent_rng = rng
         return torch.randn(n, self.latent_dim, device=self.device, generator=self._latent_rng)
 
@@ -423,7 +423,9 @@ class GAN(L.LightningModule):
             rng_state = self._latent_rng.get_state()  # (S,) uint8 on the CPU, also for a CUDA generator
             states = [rng_state]
             if self._trainer is not None and self.trainer.world_size > 1:  # every rank saves: a collective is safe
-                states = [s.cpu() for s in self.all_gather(rng_state.to(self.device))]  # world x (S,)
+                # own copies: a row view of the gathered (world, S) tensor is saved with its storage offset, and
+                # Generator.set_state misreads such a view ("Invalid mt19937 state" on rank 1 at resume)
+                states = [s.cpu().clone() for s in self.all_gather(rng_state.to(self.device))]  # world x (S,)
             state["latent_rng_device"] = self._latent_rng.device.type
             state["latent_rng_states"] = states
         checkpoint["gangen"] = state

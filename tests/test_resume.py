@@ -34,8 +34,8 @@ def signal_at(batch: int, signum: int) -> list[str]:
 
 def assert_same_state(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    differ = [key for key in a if not torch.equal(a[key], b[key])]
+    assert not differ, differ
 
 
 # Every piece of state that changes the trajectory: EMA generator, DiffAugment's random stream, the lazy R1
@@ -111,3 +111,45 @@ def test_sigint_saves_checkpoint(tmp_path):
     assert f"SIGINT received: saved {last}" in r.stdout
     assert torch.load(last, weights_only=True)["gangen"]["batches_seen"] == 3
     assert not (tmp_path / "params_rank0.pt").exists()
+
+
+@pytest.mark.parametrize("loader", ["dataloader", "on_device"])
+def test_two_process_mid_epoch_resume_is_exact(loader, tmp_path):
+    """DDP (2 CPU processes, gloo): stopped mid-epoch 1 at a step checkpoint, then `--ckpt_path last`; every
+    rank ends with the same weights as a run that never stopped (each rank skips its own consumed batches)."""
+    ddp = ["--trainer.devices", "2", "--trainer.accelerator", "cpu", "--data.on_device", str(loader == "on_device")]
+    straight = tmp_path / "straight"
+    r = fit(straight, *ddp)  # 384 images: 3 batches of 64 per rank and epoch, 2 epochs
+    assert r.returncode == 0, r.stderr[-3000:]
+    stopped = tmp_path / "stopped"
+    r = fit(stopped, *ddp, *step_checkpoints(4), "--trainer.max_steps", str(4 * STEPS_PER_BATCH))
+    assert r.returncode == 0, r.stderr[-3000:]
+    # the step checkpoint (the one a killed job leaves; the train-end save after max_steps is not mid-epoch)
+    step_ckpt = stopped / "dcgan_fashion_mnist" / "version_0" / "checkpoints" / f"stepstep={4 * STEPS_PER_BATCH}.ckpt"
+    ckpt = torch.load(step_ckpt, weights_only=True)
+    assert ckpt["gangen"]["batches_seen"] == 4 and ckpt["ImageDataModule"]["position"] == 64  # 1 batch into epoch 1
+    r = fit(stopped, *ddp, "--ckpt_path", str(step_ckpt))
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in (0, 1):
+        want, got = torch.load(straight / f"params_rank{rank}.pt"), torch.load(stopped / f"params_rank{rank}.pt")
+        assert int(got["images_seen"]) == 2 * 384
+        if rank > 0:  # batchnorm running statistics are per rank, and a checkpoint holds rank 0's only
+            own = ("running_", "num_batches_tracked")
+            want, got = ({k: v for k, v in d.items() if not any(o in k for o in own)} for d in (want, got))
+        assert_same_state(want, got)  # bitwise: every weight on every rank, and all of rank 0's state
+
+
+def test_latent_rng_state_restores_from_a_row_view():
+    """A checkpoint's per-rank RNG states can be row views of one gathered (world, S) tensor (files written
+    before the fix are); Generator.set_state misread those, so rank 1 could not resume."""
+    from gangen.networks import DCGANDiscriminator, DCGANGenerator
+    from gangen.system import GAN
+
+    gathered = torch.stack([torch.Generator().manual_seed(s).get_state() for s in (5, 6)])  # (2, S)
+    model = GAN(DCGANGenerator(latent_dim=8, resolution=16, channels=1, base_channels=8),
+                DCGANDiscriminator(resolution=16, channels=1, base_channels=8))  # fmt: skip
+    view = gathered[1]  # what rank 1 reads: a view at storage offset S
+    assert view.storage_offset() > 0
+    model.on_load_checkpoint({"gangen": {"latent_rng_device": "cpu", "latent_rng_states": [view, gathered[0]]}})
+    want = torch.randn(4, 8, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(model.sample_latents(4), want)
