@@ -115,7 +115,7 @@ def test_sigint_saves_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("loader", ["dataloader", "on_device"])
 def test_two_process_mid_epoch_resume_is_exact(loader, tmp_path):
-    """DDP (2 CPU processes, gloo): stopped mid-epoch 1 at a step checkpoint, then `--ckpt_path last`; every
+    """DDP (2 CPU processes, gloo): stopped mid-epoch 1, then resumed from its step checkpoint; every
     rank ends with the same weights as a run that never stopped (each rank skips its own consumed batches)."""
     ddp = ["--trainer.devices", "2", "--trainer.accelerator", "cpu", "--data.on_device", str(loader == "on_device")]
     straight = tmp_path / "straight"
