@@ -462,9 +462,7 @@ class ImageDataModule(pl.LightningDataModule):
         sampler = None
         if shuffle:  # an order fixed by (seed, epoch) that a resumed run can enter mid-epoch (reliability.py)
             seed = self._sampler_seed if self._sampler_seed is not None else torch.initial_seed() % 2**63
-            trainer = self.trainer
-            rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-            sampler = ResumableRandomSampler(len(dataset), seed, rank, world)  # seed: a checkpoint's, else the run's
+            sampler = ResumableRandomSampler(len(dataset), seed, *self._rank_world())  # seed: checkpoint or run
             if self._resume is not None:
                 sampler.resume_at(self._resume["epoch"], self._resume["position"])
             self._train_sampler = sampler
@@ -495,8 +493,12 @@ class ImageDataModule(pl.LightningDataModule):
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         if not self.use_on_device(device):
             return self._loader("train", shuffle=True)
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        return self.device_batches(device, rank, world)
+        return self.device_batches(device, *self._rank_world())
+
+    def _rank_world(self) -> tuple[int, int]:
+        """(this process's rank, number of training processes); (0, 1) without a trainer."""
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def use_on_device(self, device: torch.device) -> bool:
         """Whether training batches are built on `device` (on_device true, or auto on CUDA when it fits)."""
