@@ -139,7 +139,7 @@ class GANCLI(LightningCLI):
     def before_fit(self) -> None:
         self._check_shapes()
         self._check_resume()
-        if getattr(self.model, "cuda_graph", False):
+        if getattr(self.model, "cuda_graph", None) is True:  # None (auto) falls back to the eager step instead
             self.model.check_cuda_graph(self.trainer)
         trainer = self.trainer
         if trainer.global_rank == 0:  # ranks are known once the Trainer exists, before any process is launched

@@ -12,6 +12,7 @@ from typing import Any
 import lightning.pytorch as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from gangen.augment import DiffAugment
@@ -59,6 +60,18 @@ def make_capturable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return type(optimizer)(groups, **{**optimizer.defaults, "capturable": True})
 
 
+GRADIENT_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
+
+
+def gradient_hook_owners(module: L.LightningModule, callbacks: list[L.Callback]) -> list[str]:
+    """Class names of the callbacks (and the module) that override a hook Lightning calls between a backward
+    pass and its optimizer step: a replayed CUDA graph runs no Python there."""
+    owners = [cb for cb in callbacks if any(getattr(type(cb), h) is not getattr(L.Callback, h) for h in GRADIENT_HOOKS)]
+    if any(getattr(type(module), h) is not getattr(L.LightningModule, h) for h in GRADIENT_HOOKS):
+        owners.append(module)
+    return [type(owner).__name__ for owner in owners]
+
+
 def intermittent_scalars(logs: dict[str, torch.Tensor], d_steps_per_g_step: int) -> dict[str, torch.Tensor]:
     """The step scalars that not every batch has: R1 / GP terms, and the G loss unless G trains every batch."""
     every_batch = {"loss/d", "d/real", "d/fake"} | ({"loss/g"} if d_steps_per_g_step == 1 else set())
@@ -94,7 +107,8 @@ class GAN(L.LightningModule):
         check_finite_every: int = 50,  # batches between non-finite loss checks (one host sync each)
         channels_last: bool | None = None,  # NHWC networks and batches; None: on CUDA and CPU unless compile
         compile: bool | str = False,  # torch.compile both networks in place; a string: its mode ("reduce-overhead")
-        cuda_graph: bool = False,  # capture the whole training step in CUDA graphs (one GPU; README Speed)
+        cuda_graph: bool | None = None,  # the whole training step as CUDA graphs; None: when the run allows it
+        # (one CUDA GPU, bf16 or fp32, no augment / GP / compile / gradient hooks; README Speed)
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -159,12 +173,13 @@ class GAN(L.LightningModule):
         if compile not in (True, False) and compile not in COMPILE_MODES:
             modes = ", ".join(COMPILE_MODES)
             raise ConfigError(f"compile {compile!r} must be true, false or a torch.compile mode: {modes}")
-        if cuda_graph and compile:
+        if cuda_graph is True and compile:
             raise ConfigError("cuda_graph and compile are both set: choose one (reduce-overhead compile also graphs)")
         self.channels_last, self.compile_networks = channels_last, compile  # runtime options, not hparams
-        self.cuda_graph = cuda_graph
+        self.cuda_graph = cuda_graph  # as asked: True, False or None (auto)
+        self._graphed = False  # this fit captures its steps: resolved in configure_model
         self.scalars_on_bar: bool | None = None  # losses as prog_bar scalars; None: not on CUDA (_log_step_scalars)
-        self._step_graphs: StepGraphs | None = None  # set at fit start when cuda_graph
+        self._step_graphs: StepGraphs | None = None  # set at fit start when the steps are captured
         self._ema_weight: torch.Tensor | None = None  # (): 1 - EMA beta, the graphs' input
         self._cudagraph_trees = False  # compiled with a mode that uses CUDA graphs: mark each step's start
         self._memory_format = torch.contiguous_format  # set in configure_model
@@ -204,10 +219,26 @@ class GAN(L.LightningModule):
             self.generator.compile(mode=mode)  # in place: the state_dict keeps its keys (no `_orig_mod.`)
             self.discriminator.compile(mode=mode)
             self._cudagraph_trees = device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
+        self._graphed = training and self._use_cuda_graph(self.trainer)
+
+    def _use_cuda_graph(self, trainer: L.Trainer) -> bool:
+        """Whether this fit captures its steps: cuda_graph true (refused in one line where it cannot), or
+        None and nothing in the run needs the eager step (said once on a GPU, either way)."""
+        if self.cuda_graph is True:
+            self.check_cuda_graph(trainer)
+            return True
+        if self.cuda_graph is False:
+            return False
+        blocker = self.cuda_graph_blocker(trainer)
+        if trainer.strategy.root_device.type == "cuda":
+            rank_zero_info(
+                "gangen: training step captured as CUDA graphs (--model.cuda_graph false: eager)"
+                if blocker is None else f"gangen: eager training step, not CUDA graphs: {blocker}"
+            )  # fmt: skip
+        return blocker is None
 
     def on_fit_start(self) -> None:
-        if self.cuda_graph:
-            self.check_cuda_graph(self.trainer)
+        if self._graphed:
             self._step_graphs = StepGraphs()
             self._ema_weight = torch.zeros((), device=self.device)
 
@@ -215,26 +246,37 @@ class GAN(L.LightningModule):
         if self._step_graphs is not None:  # Lightning has moved the model off the GPU: the graphs point at
             self._step_graphs.clear()  # freed memory, and their pools would stay allocated
 
-    def check_cuda_graph(self, trainer: L.Trainer) -> None:
-        """One-line errors for runs that a captured step cannot serve (the CLI asks before anything is written)."""
-        fix = "or drop --model.cuda_graph"
+    def cuda_graph_blocker(self, trainer: L.Trainer) -> str | None:
+        """Why a captured step cannot serve this run, or None if it can."""
         precision, world, device = str(trainer.precision), trainer.world_size, trainer.strategy.root_device.type
         if device != "cuda":
-            raise ConfigError(f"cuda_graph needs a CUDA device, this run is on {device}: use a GPU {fix}")
+            return f"cuda_graph needs a CUDA device, this run is on {device}: use a GPU"
         if world > 1:
-            raise ConfigError(f"cuda_graph is single-GPU only, this run has {world} processes: train on one GPU {fix}")
+            return f"cuda_graph is single-GPU only, this run has {world} processes: train on one GPU"
         if precision not in ("32-true", "32", "bf16-mixed", "bf16-true"):
-            raise ConfigError(f"cuda_graph does not support precision {precision!r} (a loss scaler): use bf16 {fix}")
+            return f"cuda_graph does not support precision {precision!r} (a loss scaler): use bf16"
         if self.augment or self.hparams.reg == "gp":
             what = f"augment {self.hparams.augment!r}" if self.augment else "reg 'gp'"
-            raise ConfigError(f"cuda_graph does not support {what} (random numbers inside the step) {fix}")
+            return f"cuda_graph does not support {what} (random numbers inside the step)"
+        if self.compile_networks:
+            return f"cuda_graph and compile {self.compile_networks!r} are both set: choose one"
+        hooked = gradient_hook_owners(self, trainer.callbacks)
+        if hooked:
+            return f"{', '.join(hooked)} run Python code between backward and step, which a graph replay skips"
+        return None
+
+    def check_cuda_graph(self, trainer: L.Trainer) -> None:
+        """One-line error for a run that a captured step cannot serve (the CLI asks before anything is written)."""
+        blocker = self.cuda_graph_blocker(trainer)
+        if blocker is not None:
+            raise ConfigError(f"{blocker} or drop --model.cuda_graph")
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         optimizers = [
             use_fused(self.g_optimizer(self.generator.parameters())),
             use_fused(self.d_optimizer(self.discriminator.parameters())),
         ]
-        return [make_capturable(opt) for opt in optimizers] if self.cuda_graph else optimizers
+        return [make_capturable(opt) for opt in optimizers] if self._graphed else optimizers
 
     def _d(self, images: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """Discriminator logits (B,) of augmented images (labels only for a conditional model)."""

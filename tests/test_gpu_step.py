@@ -21,7 +21,7 @@ from gangen.ema import make_ema, update_ema_
 from gangen.errors import ConfigError
 from gangen.graphs import StepGraphs
 from gangen.networks import DCGANDiscriminator, DCGANGenerator
-from gangen.system import GAN, intermittent_scalars, make_capturable
+from gangen.system import GAN, gradient_hook_owners, intermittent_scalars, make_capturable
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
 
@@ -58,7 +58,10 @@ def test_cuda_graph_on_cpu_is_refused_in_one_line():
 @pytest.mark.parametrize(
     ("extra", "needles"),
     [
-        (["--model.cuda_graph", "true"], ["cuda_graph needs a CUDA device, this run is on cpu", "--model.cuda_graph"]),
+        (
+            ["--model.cuda_graph", "true", "--trainer.accelerator", "cpu"],  # also where a GPU is present
+            ["cuda_graph needs a CUDA device, this run is on cpu", "--model.cuda_graph"],
+        ),
         (["--model.compile", "fast"], ["compile 'fast' must be true, false or a torch.compile mode"]),
     ],
 )
@@ -107,6 +110,37 @@ def test_ema_update_with_a_weight_tensor_equals_the_float_update():
         update_ema_(a, live)
 
 
+class GradNorms(L.Callback):
+    """A callback with Python code between backward and the optimizer step (a graph replay would skip it)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.calls += 1
+
+
+def test_gradient_hook_owners_names_what_a_replay_would_skip():
+    class Hooked(GAN):
+        def on_after_backward(self) -> None:
+            pass
+
+    plain = tiny_gan()
+    hooked = Hooked(DCGANGenerator(resolution=16, base_channels=8), DCGANDiscriminator(resolution=16, base_channels=8))
+    bars = [SyncFreeProgressBar(), TQDMProgressBar(), RichProgressBar()]
+    assert gradient_hook_owners(plain, bars) == []  # Lightning's and gangen's callbacks have no such hooks
+    assert gradient_hook_owners(plain, [*bars, GradNorms()]) == ["GradNorms"]
+    assert gradient_hook_owners(hooked, [GradNorms()]) == ["GradNorms", "Hooked"]
+
+
+def test_auto_cuda_graph_on_cpu_trains_eagerly():
+    model = tiny_gan()  # cuda_graph None: graphs where the run allows them
+    assert model.cuda_graph is None
+    trainer = fit(model, "cpu", steps=3)
+    assert trainer.global_step == 6 and model._step_graphs is None and not model._graphed
+    assert not any(opt.optimizer.defaults.get("capturable") for opt in model.optimizers())
+
+
 def test_step_graphs_needs_a_warmup_run():
     with pytest.raises(ValueError, match="warmup 0 must be >= 1"):
         StepGraphs(warmup=0)
@@ -153,6 +187,31 @@ def test_graphed_fit_matches_eager_fit(options):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
     moved = [not torch.equal(a, b) for a, b in zip(tiny_gan(**options).parameters(), graphed.parameters(), strict=True)]
     assert all(moved)  # replays really trained every weight
+
+
+@gpu
+def test_auto_cuda_graph_captures_where_it_can_and_falls_back_where_it_cannot():
+    model = tiny_gan()  # the default: graphs on one CUDA GPU
+    trainer = fit(model, "gpu", precision="bf16-mixed", steps=8)
+    assert model._graphed and model._step_graphs.captured == 1 and trainer.global_step == 16
+    for kwargs, callbacks, reason in [
+        ({"augment": "translation"}, [], "augment 'translation'"),
+        ({"reg": "gp", "loss": "wasserstein"}, [], "reg 'gp'"),
+        ({}, [GradNorms()], "GradNorms run Python code between backward and step"),
+    ]:
+        model = tiny_gan(**kwargs)
+        trainer = L.Trainer(
+            accelerator="gpu", devices=1, max_epochs=1, limit_train_batches=4, logger=False, callbacks=callbacks,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        )  # fmt: skip
+        trainer.fit(model, train_dataloaders=random_batches("cuda"))
+        assert not model._graphed and model._step_graphs is None and trainer.global_step == 8, reason
+        assert reason in model.cuda_graph_blocker(trainer)  # said on the log at fit start
+        if callbacks:
+            assert callbacks[0].calls == 8  # the hook ran at every D and G step
+        with pytest.raises(ConfigError, match=reason):  # asked for explicitly: refused
+            model.cuda_graph = True
+            model.check_cuda_graph(trainer)
 
 
 @gpu
