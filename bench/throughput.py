@@ -14,7 +14,7 @@ baseline (same repeat), and peak memory (CPU: peak RSS of the process plus its l
 GPU: torch.cuda.max_memory_allocated).
 
 Variants (gangen's options on top of its defaults: bf16-mixed on CUDA and on CPUs with native bf16, channels_last,
-fused Adam and cudnn.benchmark on CUDA, on_device auto):
+fused Adam, cudnn.benchmark and the step as CUDA graphs on one CUDA GPU, on_device auto):
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ VARIANTS: dict[str, list[str]] = {
     "gangen_nchw": ["--model.channels_last", "false"],
     "gangen_compile": ["--model.compile", "true"],
     "gangen_compile_ro": ["--model.compile", "reduce-overhead"],  # torch.compile with CUDA graphs per network
-    "gangen_graph": ["--model.cuda_graph", "true"],  # the whole D+G step as CUDA graphs
+    "gangen_eager": ["--model.cuda_graph", "false"],  # no CUDA graphs (the default graphs the step where it can)
+    "gangen_graph": ["--model.cuda_graph", "true"],  # the whole D+G step as CUDA graphs, or an error
     "gangen_graph_fp32": ["--model.cuda_graph", "true", "--trainer.precision", "32-true"],
     "gangen_graph_nchw": ["--model.cuda_graph", "true", "--model.channels_last", "false"],
 }

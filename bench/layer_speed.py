@@ -1,0 +1,134 @@
+"""Forward + backward time of each layer of the 64x64 DCGAN, on a GPU, to find where a GPU-bound step goes.
+
+    python bench/layer_speed.py --batch_size 1024            # bf16 autocast, NHWC and NCHW
+    python bench/layer_speed.py --batch_size 128 --channels 3
+
+For every conv / transposed conv of gangen's DCGANGenerator and DCGANDiscriminator (width 64) it times, with
+CUDA events over `--iters` runs after warm-up: the forward alone and forward + backward (input and weight
+gradients), in each memory format. For the layers with `--channels` (1 for Fashion-MNIST) image channels,
+which tensor-core convolutions cannot serve directly, it also times the same maths with the image channels
+zero-padded to 8 (padded weight for the generator's last layer, padded input and weight for the
+discriminator's first): the result is the same up to the zero terms. Also: each network's BatchNorm +
+activation pair, and each whole network's forward + backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gangen.networks import DCGANDiscriminator, DCGANGenerator  # noqa: E402
+
+
+def timed(fn: Callable[[], object], iters: int, warmup: int = 3) -> float:
+    """Median milliseconds of fn() on the GPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def fwd_bwd(module: Callable, x: torch.Tensor, params: list[torch.Tensor]) -> Callable[[], None]:
+    def run() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = module(x)
+        grads = torch.autograd.grad(out.float().square().mean(), [x, *params])
+        del grads
+
+    return run
+
+
+def fwd(module: Callable, x: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            module(x)
+
+    return run
+
+
+def padded_g_last(last: nn.ConvTranspose2d, c: int, fmt: torch.memory_format) -> tuple[Callable, list]:
+    """The generator's last layer with its `c` output channels zero-padded to 8; (function, its parameters)."""
+    w, b = last.weight.detach().clone().requires_grad_(), last.bias.detach().clone().requires_grad_()  # (64, c, 4, 4)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        wp = F.pad(w, (0, 0, 0, 0, 0, 8 - c)).contiguous(memory_format=fmt)  # (64, 8, 4, 4)
+        return F.conv_transpose2d(x, wp, F.pad(b, (0, 8 - c)), stride=2, padding=1)[:, :c]
+
+    return run, [w, b]
+
+
+def padded_d_first(first: nn.Conv2d, c: int, fmt: torch.memory_format) -> tuple[Callable, list]:
+    """The discriminator's first layer with its `c` input channels zero-padded to 8 (input and weight)."""
+    w, b = first.weight.detach().clone().requires_grad_(), first.bias.detach().clone().requires_grad_()  # (64, c, 4, 4)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        xp = F.pad(x, (0, 0, 0, 0, 0, 8 - c)).contiguous(memory_format=fmt)  # (n, 8, 64, 64)
+        wp = F.pad(w, (0, 0, 0, 0, 0, 8 - c)).contiguous(memory_format=fmt)
+        return F.conv2d(xp, wp, b, stride=2, padding=1)
+
+    return run, [w, b]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch_size", type=int, default=1024)
+    p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--iters", type=int, default=20)
+    args = p.parse_args()
+    torch.backends.cudnn.benchmark = True
+    n, c = args.batch_size, args.channels
+    g = DCGANGenerator(latent_dim=100, resolution=64, channels=c, base_channels=64).cuda()
+    d = DCGANDiscriminator(resolution=64, channels=c, base_channels=64).cuda()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {n}, 64x64, {c} channel(s), "
+          f"bf16 autocast, median of {args.iters} runs in ms")  # fmt: skip
+    print(f"{'layer':<44} {'format':<6} {'fwd':>7} {'fwd+bwd':>8}")
+    for fmt_name, fmt in (("NHWC", torch.channels_last), ("NCHW", torch.contiguous_format)):
+        g.to(memory_format=fmt)
+        d.to(memory_format=fmt)
+
+        def row(name: str, module: Callable, x: torch.Tensor, params: list, fmt_name: str = fmt_name) -> None:
+            print(f"{name[:44]:<44} {fmt_name:<6} {timed(fwd(module, x), args.iters):7.3f} "
+                  f"{timed(fwd_bwd(module, x, params), args.iters):8.3f}")  # fmt: skip
+
+        def image(*shape: int, fmt: torch.memory_format = fmt, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.randn(shape, device="cuda", dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
+
+        size = 1
+        for layer in g.net:
+            if isinstance(layer, nn.ConvTranspose2d):
+                row(f"G {layer}", layer, image(n, layer.in_channels, size, size), list(layer.parameters()))
+                size = 4 if size == 1 else size * 2
+        size = 64
+        for layer in d.net:
+            if isinstance(layer, nn.Conv2d):
+                row(f"D {layer}", layer, image(n, layer.in_channels, size, size), list(layer.parameters()))
+                size //= 2
+        run, params = padded_d_first(d.net[0], c, fmt)
+        row("D first, image channels padded to 8", run, image(n, c, 64, 64), params)
+        run, params = padded_g_last(g.net[-2], c, fmt)
+        row("G last, image channels padded to 8", run, image(n, 64, 32, 32), params)
+        for name, bn, act, shape in (  # batchnorm + activation, the largest of each network
+            ("G BatchNorm2d(64) + ReLU", nn.BatchNorm2d(64).cuda(), nn.ReLU(), (n, 64, 32, 32)),
+            ("D BatchNorm2d(128) + LeakyReLU", nn.BatchNorm2d(128).cuda(), nn.LeakyReLU(0.2), (n, 128, 16, 16)),
+        ):
+            row(name, nn.Sequential(bn, act), image(*shape, dtype=torch.bfloat16), list(bn.parameters()))
+        row("G whole", g, torch.randn(n, 100, device="cuda", requires_grad=True), list(g.parameters()))
+        row("D whole", d, image(n, c, 64, 64), list(d.parameters()))
+
+
+if __name__ == "__main__":
+    main()
