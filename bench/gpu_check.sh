@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU-side check of the speed work in one go, about 7 minutes (at most 10) on an H100/H200. From the
+# Every GPU-side check of the speed work in one go, about 5 minutes (at most 10) on an H100/H200. From the
 # repository root on the GPU machine:
 #
 #   bash bench/gpu_check.sh [FASHION_MNIST_DIR]     # default: data/fashion-mnist (carry the 4 .gz files)
