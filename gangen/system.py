@@ -259,7 +259,7 @@ class GAN(L.LightningModule):
             what = f"augment {self.hparams.augment!r}" if self.augment else "reg 'gp'"
             return f"cuda_graph does not support {what} (random numbers inside the step)"
         if self.compile_networks:
-            return f"cuda_graph and compile {self.compile_networks!r} are both set: choose one"
+            return f"compile {self.compile_networks!r} is on: choose torch.compile or cuda_graph"
         hooked = gradient_hook_owners(self, trainer.callbacks)
         if hooked:
             return f"{', '.join(hooked)} run Python code between backward and step, which a graph replay skips"

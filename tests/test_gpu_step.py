@@ -136,6 +136,7 @@ def test_gradient_hook_owners_names_what_a_replay_would_skip():
 def test_auto_cuda_graph_on_cpu_trains_eagerly():
     model = tiny_gan()  # cuda_graph None: graphs where the run allows them
     assert model.cuda_graph is None
+    assert tiny_gan(compile=True).cuda_graph is None  # auto with compile is no conflict: it trains eagerly
     trainer = fit(model, "cpu", steps=3)
     assert trainer.global_step == 6 and model._step_graphs is None and not model._graphed
     assert not any(opt.optimizer.defaults.get("capturable") for opt in model.optimizers())
