@@ -9,7 +9,8 @@ gradients), in each memory format. For the layers with `--channels` (1 for Fashi
 which tensor-core convolutions cannot serve directly, it also times the same maths with the image channels
 zero-padded to 8 (padded weight for the generator's last layer, padded input and weight for the
 discriminator's first): the result is the same up to the zero terms. Also: each network's BatchNorm +
-activation pair, and each whole network's forward + backward.
+activation pair and the discriminator's first conv + bias + LeakyReLU (with `--compile` also as
+torch.compile'd blocks, which fuse the elementwise work), and each whole network's forward + backward.
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=1024)
     p.add_argument("--channels", type=int, default=1)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--formats", nargs="+", default=["NHWC", "NCHW"], choices=["NHWC", "NCHW"])
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd blocks (compiles for minutes)")
     args = p.parse_args()
     torch.backends.cudnn.benchmark = True
     n, c = args.batch_size, args.channels
@@ -96,7 +99,8 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {n}, 64x64, {c} channel(s), "
           f"bf16 autocast, median of {args.iters} runs in ms")  # fmt: skip
     print(f"{'layer':<44} {'format':<6} {'fwd':>7} {'fwd+bwd':>8}")
-    for fmt_name, fmt in (("NHWC", torch.channels_last), ("NCHW", torch.contiguous_format)):
+    formats = {"NHWC": torch.channels_last, "NCHW": torch.contiguous_format}
+    for fmt_name, fmt in ((name, formats[name]) for name in args.formats):
         g.to(memory_format=fmt)
         d.to(memory_format=fmt)
 
@@ -125,7 +129,15 @@ def main() -> None:
             ("G BatchNorm2d(64) + ReLU", nn.BatchNorm2d(64).cuda(), nn.ReLU(), (n, 64, 32, 32)),
             ("D BatchNorm2d(128) + LeakyReLU", nn.BatchNorm2d(128).cuda(), nn.LeakyReLU(0.2), (n, 128, 16, 16)),
         ):
-            row(name, nn.Sequential(bn, act), image(*shape, dtype=torch.bfloat16), list(bn.parameters()))
+            block, x = nn.Sequential(bn, act).to(memory_format=fmt), image(*shape, dtype=torch.bfloat16)
+            row(name, block, x, list(bn.parameters()))
+            if args.compile:  # inductor fuses statistics, normalisation and activation (and their backward)
+                row(f"{name}, compiled", torch.compile(block), x, list(bn.parameters()))
+        first = nn.Sequential(d.net[0], d.net[1])  # conv with bias (added by a separate kernel) + LeakyReLU
+        row("D first conv + bias + LeakyReLU", first, image(n, c, 64, 64), list(first.parameters()))
+        if args.compile:
+            row("D first conv + bias + LeakyReLU, compiled", torch.compile(first), image(n, c, 64, 64),
+                list(first.parameters()))  # fmt: skip
         row("G whole", g, torch.randn(n, 100, device="cuda", requires_grad=True), list(g.parameters()))
         row("D whole", d, image(n, c, 64, 64), list(d.parameters()))
 
