@@ -89,9 +89,9 @@ def main() -> None:
                     names.append(parent.name[:60])
                     parent = parent.cpu_parent
                 chain = f"{e.input_shapes[0] if e.input_shapes else ''} <- {' <- '.join(names) or '(top level)'}"
-                chains.setdefault(chain, [0.0, 0])
-                chains[chain][0] += getattr(e, key)
-                chains[chain][1] += 1
+                entry = chains.setdefault(chain, [0.0, 0])
+                entry[0] += getattr(e, key)
+                entry[1] += 1
         print(f"{'self ms':>9} {'calls':>6}  {args.callers} [first input shape] <- callers")
         for chain, (t, count) in sorted(chains.items(), key=lambda kv: -kv[1][0])[:12]:
             print(f"{t / 1e3:9.2f} {count:6d}  {chain[:200]}")
@@ -99,9 +99,9 @@ def main() -> None:
         kinds: dict[str, list[float]] = {}
         for e in events:
             if e.device_type == DeviceType.CUDA:
-                kinds.setdefault(kernel_kind(e.key), [0.0, 0])
-                kinds[kernel_kind(e.key)][0] += getattr(e, key)
-                kinds[kernel_kind(e.key)][1] += e.count
+                kind = kinds.setdefault(kernel_kind(e.key), [0.0, 0])
+                kind[0] += getattr(e, key)
+                kind[1] += e.count
         print(f"{'self ms':>9} {'share':>6} {'calls':>6}  kind")
         for kind, (t, count) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):
             print(f"{t / 1e3:9.2f} {t / total:6.1%} {count:6d}  {kind}")
