@@ -38,11 +38,11 @@ def random_batches(device: str, batch_size: int = 32, n: int = 32 * 12) -> Devic
     return DeviceBatches(images, torch.zeros(n, dtype=torch.long), batch_size, device=device, seed=2)
 
 
-def fit(model: GAN, accelerator: str, precision: str = "32-true", steps: int = 12) -> L.Trainer:
+def fit(model: GAN, accelerator: str, precision: str = "32-true", steps: int = 12, callbacks=()) -> L.Trainer:
     trainer = L.Trainer(
         accelerator=accelerator, devices=1, precision=precision, max_steps=-1, max_epochs=1,
-        limit_train_batches=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0,
+        limit_train_batches=steps, logger=False, callbacks=list(callbacks), enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
     )  # fmt: skip
     trainer.fit(model, train_dataloaders=random_batches("cuda" if accelerator == "gpu" else "cpu"))
     return trainer
@@ -201,11 +201,7 @@ def test_auto_cuda_graph_captures_where_it_can_and_falls_back_where_it_cannot():
         ({}, [GradNorms()], "GradNorms run Python code between backward and step"),
     ]:
         model = tiny_gan(**kwargs)
-        trainer = L.Trainer(
-            accelerator="gpu", devices=1, max_epochs=1, limit_train_batches=4, logger=False, callbacks=callbacks,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        )  # fmt: skip
-        trainer.fit(model, train_dataloaders=random_batches("cuda"))
+        trainer = fit(model, "gpu", steps=4, callbacks=callbacks)
         assert not model._graphed and model._step_graphs is None and trainer.global_step == 8, reason
         assert reason in model.cuda_graph_blocker(trainer)  # said on the log at fit start
         if callbacks:
