@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Every GPU-side check of the speed work in one go, about 7 minutes (at most 10) on an H100/H200. From the
-# repository root on the GPU machine:
+# The GPU-side checks of the speed work, on an H100/H200. From the repository root on the GPU machine:
 #
-#   bash bench/gpu_check.sh [FASHION_MNIST_DIR]     # default: data/fashion-mnist (carry the 4 .gz files)
+#   bash bench/gpu_check.sh [FASHION_MNIST_DIR [PART ...]]   # default: data/fashion-mnist (the 4 .gz files)
+#
+# PARTS (default: all, 12-15 minutes: more than one 10-minute device call, so name them):
+#   tests (~1.5 min), experiments (4-7 min: bench/experiments.py checked on the GPU, then batch 1024 with
+#   and without each), bs128 (~2.5 min), cli (~1 min), profile (~1 min), layers (~2.5 min).
 #
 # Writes each part's output to $OUT (or ./gpu_check_out) and to stdout. Needs a Python with gangen's
 # dependencies ($PYTHON, default python). Every part runs under its own time limit, so a slow or failing
@@ -12,6 +15,9 @@
 #   bench/throughput.py ... --variants gangen_compile_ro --eval_samples 10000
 set -u
 FMNIST=${1:-data/fashion-mnist}
+shift $(($# > 0 ? 1 : 0))
+PARTS=" ${*:-tests experiments bs128 cli profile layers} "
+want() { [[ $PARTS == *" $1 "* ]]; }
 PY=${PYTHON:-python}
 DEST=${OUT:-gpu_check_out}
 mkdir -p "$DEST"
@@ -23,8 +29,10 @@ T0=$(date +%s)
 
 # 1. Correctness of the CUDA-graph step: graphed fits equal eager fits (fp32, and R1 + EMA), bf16 trains,
 #    the default (auto) captures where it can and falls back to the eager step where it cannot.
-echo "== tests/test_gpu_step.py" | tee "$DEST/tests.txt"
-timeout 100 $PY -m pytest -q -p no:cacheprovider tests/test_gpu_step.py 2>&1 | tail -30 | tee -a "$DEST/tests.txt"
+if want tests; then
+    echo "== tests/test_gpu_step.py" | tee "$DEST/tests.txt"
+    timeout 100 $PY -m pytest -q -p no:cacheprovider -rf tests/test_gpu_step.py 2>&1 | tail -30 | tee -a "$DEST/tests.txt"
+fi
 
 part() {  # part NAME SECONDS ARGS...: one throughput table, cut off after SECONDS
     local name=$1 limit=$2
@@ -34,38 +42,54 @@ part() {  # part NAME SECONDS ARGS...: one throughput table, cut off after SECON
         | grep -v "^/\|Tip\|GPU available\|TPU available\|Tensor Cores\|Seed set\|LOCAL_RANK" | tee -a "$DEST/$name.txt"
 }
 
-# 2. bs128: the classic loop (8 workers) vs gangen's defaults (bf16-mixed, channels_last, fused Adam,
+# 2. The candidate speed-ups of bench/experiments.py: first checked against the layers they replace (on the
+#    GPU, fp32), then bs1024 (target: >= 100k img/s on an H200) with and without each, with CUDA graphs
+#    (the default) and bn_act eager too (if compiled code breaks the capture, that row still shows what
+#    its kernels save). The compiled variants spend up to a minute or two compiling.
+if want experiments; then
+    echo "== bench/experiments.py" | tee "$DEST/experiments.txt"
+    timeout 60 $PY bench/experiments.py 2>&1 | grep -v "^W[0-9]\|warn" | tee -a "$DEST/experiments.txt"
+    part bs1024 400 --batch_size 1024 --steps 40 --warmup 10 --repeats 1 --child_timeout 120 --variants gangen \
+        gangen_eager exp_gemm_image exp_bn_act exp_bn_act_eager exp_both
+fi
+# 3. bs128: the classic loop (8 workers) vs gangen's defaults (bf16-mixed, channels_last, fused Adam,
 #    on-device batches, no host sync per batch, the whole step as CUDA graphs, with the rate of the
-#    captured step replayed alone: the GPU-side ceiling) and gangen's eager step (--model.cuda_graph false).
-part bs128 200 --batch_size 128 --steps 200 --warmup 30 --repeats 2 --child_timeout 60 --variants gangen gangen_eager
-# 3. bs1024 (target: >= 100k img/s on an H200).
-part bs1024 100 --batch_size 1024 --steps 40 --warmup 10 --repeats 1 --child_timeout 45 --variants gangen gangen_eager
+#    captured step replayed alone: the GPU-side ceiling), gangen's eager step (--model.cuda_graph false)
+#    and both experiments together.
+want bs128 && part bs128 200 --batch_size 128 --steps 200 --warmup 30 --repeats 2 --child_timeout 60 \
+    --variants gangen gangen_eager exp_both
 
 # 4. The whole CLI with the default (captured) step: r1gan (R1 every 16 + EMA: two graphs), grids,
 #    checkpoints, a resume.
-RUNS=$(mktemp -d)
-echo "== cli: r1gan (defaults: CUDA graphs), 2 epochs, then resumed for a 3rd" | tee "$DEST/cli.txt"
-for epochs in 2 3; do
-    t=$SECONDS
-    timeout 80 $PY cli.py fit --config configs/r1gan_fashion_mnist.yaml \
-        --data.root "$FMNIST" --trainer.logger.init_args.save_dir "$RUNS" --trainer.max_epochs $epochs \
-        --ckpt_path last 2>&1 | grep -E "^gangen|Error|error|Traceback|Restored" | tail -8 | tee -a "$DEST/cli.txt"
-    echo "max_epochs $epochs: $((SECONDS - t)) s" | tee -a "$DEST/cli.txt"
-done
-find "$RUNS" -name "*.ckpt" -o -name "*.png" | sort | tee -a "$DEST/cli.txt"
-for csv in $(find "$RUNS" -name metrics.csv | sort); do
-    echo "$csv: $(wc -l <"$csv") lines" && head -1 "$csv" && grep -v "^[0-9]*,[0-9]*,*$" "$csv" | tail -2
-done 2>&1 | tee -a "$DEST/cli.txt"
+if want cli; then
+    RUNS=$(mktemp -d)
+    echo "== cli: r1gan (defaults: CUDA graphs), 2 epochs, then resumed for a 3rd" | tee "$DEST/cli.txt"
+    for epochs in 2 3; do
+        t=$SECONDS
+        timeout 80 $PY cli.py fit --config configs/r1gan_fashion_mnist.yaml \
+            --data.root "$FMNIST" --trainer.logger.init_args.save_dir "$RUNS" --trainer.max_epochs $epochs \
+            --ckpt_path last 2>&1 | grep -E "^gangen|Error|error|Traceback|Restored" | tail -8 | tee -a "$DEST/cli.txt"
+        echo "max_epochs $epochs: $((SECONDS - t)) s" | tee -a "$DEST/cli.txt"
+    done
+    find "$RUNS" -name "*.ckpt" -o -name "*.png" | sort | tee -a "$DEST/cli.txt"
+    for csv in $(find "$RUNS" -name metrics.csv | sort); do
+        echo "$csv: $(wc -l <"$csv") lines" && head -1 "$csv" && grep -v "^[0-9]*,[0-9]*,*$" "$csv" | tail -2
+    done 2>&1 | tee -a "$DEST/cli.txt"
+fi
 
 # 5. Where a GPU-bound bs1024 step spends its time: the top kernels of the eager step, operators by input
 #    shape, who asks for the activation-sized copies (1.6 ms of 14.3 on an H200), kernels by kind.
-echo "== profile: bench/profile_step.py --device cuda --batch_size 1024 --variant gangen_eager" | tee "$DEST/profile.txt"
-timeout 70 $PY bench/profile_step.py --device cuda --batch_size 1024 --variant gangen_eager --steps 10 --warmup 10 \
-    --root "$FMNIST" --shapes --callers aten::copy_ --rows 20 2>&1 \
-    | grep -v "^/\|Tip\|GPU available\|TPU available\|Tensor Cores\|Seed set\|LOCAL_RANK\|warn" | tee -a "$DEST/profile.txt"
+if want profile; then
+    echo "== profile: bench/profile_step.py --device cuda --batch_size 1024 --variant gangen_eager" | tee "$DEST/profile.txt"
+    timeout 70 $PY bench/profile_step.py --device cuda --batch_size 1024 --variant gangen_eager --steps 10 --warmup 10 \
+        --root "$FMNIST" --shapes --callers aten::copy_ --rows 20 2>&1 \
+        | grep -v "^/\|Tip\|GPU available\|TPU available\|Tensor Cores\|Seed set\|LOCAL_RANK\|warn" | tee -a "$DEST/profile.txt"
+fi
 
 # 6. Each layer at bs1024 in NHWC, and what torch.compile'd batchnorm + activation blocks would save.
-echo "== layers: bench/layer_speed.py --batch_size 1024 --formats NHWC --compile" | tee "$DEST/layers.txt"
-timeout 150 $PY bench/layer_speed.py --batch_size 1024 --formats NHWC --compile 2>&1 | grep -v "^W[0-9]\|warn" \
-    | tee -a "$DEST/layers.txt"
+if want layers; then
+    echo "== layers: bench/layer_speed.py --batch_size 1024 --formats NHWC --compile" | tee "$DEST/layers.txt"
+    timeout 150 $PY bench/layer_speed.py --batch_size 1024 --formats NHWC --compile 2>&1 | grep -v "^W[0-9]\|warn" \
+        | tee -a "$DEST/layers.txt"
+fi
 echo "elapsed $(($(date +%s) - T0)) s" | tee -a "$DEST/gpu.txt"

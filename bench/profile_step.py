@@ -21,7 +21,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # bench/, gangen
-from throughput import VARIANTS, run_gangen  # noqa: E402
+from throughput import EXPERIMENT_VARIANTS, VARIANTS, run_gangen, variant  # noqa: E402
 
 
 class Profiled(L.Callback):
@@ -46,7 +46,7 @@ class Profiled(L.Callback):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--variant", default="gangen", choices=list(VARIANTS))
+    p.add_argument("--variant", default="gangen", choices=[*VARIANTS, *EXPERIMENT_VARIANTS])
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--steps", type=int, default=10, help="profiled batches")
@@ -59,7 +59,8 @@ def main() -> None:
     args.batch = args.batch_size
     cuda = args.device == "cuda"
     prof = Profiled(args.warmup, args.steps, cuda, args.shapes or bool(args.callers))
-    result = run_gangen(args, VARIANTS[args.variant], callbacks=(prof,))
+    overrides, experiments = variant(args.variant)
+    result = run_gangen(args, overrides, callbacks=(prof,), experiments=experiments)
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     events = prof.prof.key_averages()
     # on CUDA an operator's self device time is the time of the kernels it launched: count kernels only

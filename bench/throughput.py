@@ -49,7 +49,23 @@ VARIANTS: dict[str, list[str]] = {
     "gangen_graph_fp32": ["--model.cuda_graph", "true", "--trainer.precision", "32-true"],
     "gangen_graph_nchw": ["--model.cuda_graph", "true", "--model.channels_last", "false"],
 }
+EXPERIMENT_VARIANTS: dict[str, tuple[list[str], list[str]]] = {  # (overrides, bench/experiments.py patches)
+    "exp_gemm_image": ([], ["gemm_image"]),
+    "exp_bn_act": ([], ["bn_act"]),
+    "exp_both": ([], ["gemm_image", "bn_act"]),
+    "exp_gemm_image_eager": (["--model.cuda_graph", "false"], ["gemm_image"]),
+    "exp_bn_act_eager": (["--model.cuda_graph", "false"], ["bn_act"]),
+}
 __doc__ += "".join(f"    {k}: {' '.join(v) or '(defaults)'}\n" for k, v in VARIANTS.items())
+__doc__ += "".join(
+    f"    {k}: {' '.join(v) or '(defaults)'} + bench/experiments.py {' + '.join(e)}\n"
+    for k, (v, e) in EXPERIMENT_VARIANTS.items()
+)
+
+
+def variant(name: str) -> tuple[list[str], list[str]]:
+    """A variant's CLI overrides and its bench/experiments.py patches."""
+    return EXPERIMENT_VARIANTS.get(name) or (VARIANTS[name], [])
 
 
 def peak_memory_mib(device: str) -> float:
@@ -70,7 +86,9 @@ def run_baseline(args: argparse.Namespace) -> dict[str, float]:
     return {**result, "peak_mib": peak_memory_mib(args.device)}
 
 
-def run_gangen(args: argparse.Namespace, overrides: list[str], callbacks: tuple = ()) -> dict[str, float]:
+def run_gangen(
+    args: argparse.Namespace, overrides: list[str], callbacks: tuple = (), experiments: list[str] | None = None
+) -> dict[str, float]:
     import lightning.pytorch as L
 
     from gangen.cli import GANCLI
@@ -119,6 +137,10 @@ def run_gangen(args: argparse.Namespace, overrides: list[str], callbacks: tuple 
                   "--model.generator.init_args.base_channels", "64",
                   "--model.discriminator.init_args.base_channels", "64", *overrides],
         )  # fmt: skip
+        if experiments:
+            from experiments import apply
+
+            apply(cli.model, experiments)
         timer = Timer()
         cli.trainer.callbacks.extend([timer, *callbacks])
         cli.trainer.fit(cli.model, cli.datamodule)
@@ -218,7 +240,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workers", type=int, default=2, help="baseline DataLoader workers")
-    p.add_argument("--variants", nargs="*", default=["gangen"], choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="*", default=["gangen"], choices=[*VARIANTS, *EXPERIMENT_VARIANTS])
     p.add_argument("--root", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
     p.add_argument("--eval_samples", type=int, default=0, help="also time a FID evaluation of N images (0: no)")
     p.add_argument("--weights", type=Path, default=None, help="Inception weights (default: a random file)")
@@ -236,7 +258,8 @@ def main() -> None:
     elif args.child == "eval":
         result = run_eval(args)
     else:
-        result = run_gangen(args, VARIANTS[args.child])
+        overrides, experiments = variant(args.child)
+        result = run_gangen(args, overrides, experiments=experiments)
     print(json.dumps(result))
 
 

@@ -6,9 +6,11 @@ help there). A CUDA graph records the kernels of one step once and then launches
 
 `StepGraphs` keeps one graph per schedule key (for example: G step due or not, R1 due or not), because a
 graph replays a fixed sequence of kernels. Each key runs `warmup` times eagerly on a side stream first
-(cudnn autotuning, optimizer state, lazily allocated workspaces), is then captured and from then on
-replayed. Inputs are copied into the graph's static tensors before each replay; the outputs (the step's
-scalar logs, stacked into one float32 vector) are copied out once after it.
+(cudnn autotuning, optimizer state, lazily allocated workspaces), under the autocast settings of the
+capture (torch.compile'd code inside the step guards on them: a change would recompile it mid-capture),
+is then captured and from then on replayed. Inputs are copied into the graph's static tensors before
+each replay; the outputs (the step's scalar logs, stacked into one float32 vector) are copied out once
+after it.
 
 What the captured function may do: any CUDA kernels on tensors that live as long as the graph (parameters,
 buffers, optimizer state, the static inputs). What it must not do: host syncs (.item(), printing a
@@ -111,7 +113,7 @@ class StepGraphs:
             self._stream = torch.cuda.Stream()
         main = torch.cuda.current_stream()
         self._stream.wait_stream(main)
-        with torch.cuda.stream(self._stream):
+        with _autocast_without_cache(), torch.cuda.stream(self._stream):  # as the capture will run it
             logs = fn(*inputs)
             out = _stack(logs)
         main.wait_stream(self._stream)
