@@ -29,7 +29,7 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 
-from gangen import metrics
+from gangen import inception, metrics
 from gangen.data import DEFAULT_FASHION_MNIST_ROOT, read_idx, resize_images
 
 TARGET = 10_000  # the sample count the extrapolation is for
@@ -60,7 +60,7 @@ def image_sets(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 def run_gangen(real, fake, weights, cache_dir, args) -> tuple[dict, dict[str, float]]:
     """Metrics and phase times (load, real, fake, stats) of one gangen evaluation."""
     times, start = {}, time.perf_counter()
-    extractor = metrics.make_feature_extractor("inception", weights, args.device)
+    extractor = inception.make_feature_extractor("inception", weights, args.device)
     times["load"] = time.perf_counter() - start
     start = time.perf_counter()
     stats = metrics.real_statistics(real, extractor, dataset="bench", cache_dir=cache_dir, batch_size=args.batch_size)
@@ -125,7 +125,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=".*(biased|KID subset|IS splits).*")
     warnings.filterwarnings("ignore", message="This DataLoader will create")  # torch-fidelity's 4 workers
     with tempfile.TemporaryDirectory() as tmp:
-        weights = args.weights or metrics.write_random_inception_weights(Path(tmp) / "random-inception.pth")
+        weights = args.weights or inception.write_random_inception_weights(Path(tmp) / "random-inception.pth")
         real, fake = image_sets(n)
         print(f"{n} generated + {n} real 32x32 images, weights {weights}, device {args.device}, "
               f"{torch.get_num_threads()} threads")  # fmt: skip

@@ -80,7 +80,8 @@ def score(args: argparse.Namespace, runs: list[tuple[str, int]]) -> None:
     import torch
 
     from gangen.data import ImageDataModule
-    from gangen.metrics import evaluate_generator, make_feature_extractor, real_statistics
+    from gangen.inception import make_feature_extractor
+    from gangen.metrics import evaluate_generator, real_statistics
     from gangen.sampling import load_generator, read_checkpoint
 
     torch.set_num_threads(args.threads)

@@ -158,10 +158,10 @@ def run_eval(args: argparse.Namespace) -> dict[str, float]:
     sys.path.insert(0, str(BENCH))
     from eval_speed import image_sets, run_gangen
 
-    from gangen import metrics
+    from gangen import inception
 
     with tempfile.TemporaryDirectory() as tmp:
-        weights = args.weights or metrics.write_random_inception_weights(Path(tmp) / "random-inception.pth")
+        weights = args.weights or inception.write_random_inception_weights(Path(tmp) / "random-inception.pth")
         real, fake = image_sets(args.eval_samples)
         ns = argparse.Namespace(device=args.device, batch_size=64)
         run_gangen(real, fake, weights, Path(tmp) / "cache", ns)  # fills the real-statistics cache

@@ -161,7 +161,7 @@ class GANMetrics(L.Callback):
         seed: int = 0,  # latents of the evaluated images
         cache_dir: str | None = None,  # real statistics cache; None: $GANGEN_CACHE_DIR or ~/.cache/gangen
     ) -> None:
-        from gangen.metrics import resolve_inception_weights
+        from gangen.inception import resolve_inception_weights
 
         if num_samples < 2:
             raise ConfigError(f"metrics num_samples {num_samples!r} must be >= 2 (FID needs 2; 10000+ is usual)")
@@ -190,7 +190,8 @@ class GANMetrics(L.Callback):
         self._last_kimg = state_dict.get("last_kimg")
 
     def _setup_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from gangen.metrics import make_feature_extractor, real_statistics
+        from gangen.inception import make_feature_extractor
+        from gangen.metrics import real_statistics
 
         if self._extractor is None:
             self._extractor = make_feature_extractor(self.feature_extractor, self.weights, device=pl_module.device)

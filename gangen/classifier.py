@@ -142,7 +142,7 @@ class ClassifierExtractor:
     """
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu") -> None:
-        from gangen.metrics import file_sha256
+        from gangen.inception import file_sha256
 
         self.weights, self.device = Path(path), torch.device(device)
         self.classifier, self.meta = load_classifier(self.weights, self.device)

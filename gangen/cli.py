@@ -351,7 +351,8 @@ def evaluate_command(argv: Sequence[str]) -> None:
 
     from jsonargparse import ArgumentParser
 
-    from gangen.metrics import Evaluator, evaluate_generator, make_feature_extractor, real_statistics
+    from gangen.inception import make_feature_extractor
+    from gangen.metrics import Evaluator, evaluate_generator, real_statistics
 
     p = ArgumentParser(prog="gangen evaluate", description="FID / KID / IS or a domain FD of a checkpoint or samples.")
     p.add_argument("--ckpt_path", type=str | None, default=None, help="gangen checkpoint to generate from")
@@ -416,7 +417,7 @@ def _checkpoint_data(ckpt: dict, ckpt_path: str) -> dict:
 
 
 def download_weights_command(argv: Sequence[str]) -> None:
-    from gangen.metrics import INCEPTION_URL, download_inception_weights, hub_cache_path
+    from gangen.inception import INCEPTION_URL, download_inception_weights, hub_cache_path
 
     p = _OneLineParser(prog="gangen download-weights", description="Fetch the FID Inception weights (network).")
     p.add_argument("--dest", default=None, help=f"file to write (default: {hub_cache_path()})")

@@ -86,6 +86,6 @@ def inception_weights(tmp_path_factory) -> Path:
     The real weights cannot be downloaded here; FIDs computed with this file separate image sets but mean
     nothing outside the test session.
     """
-    from gangen.metrics import write_random_inception_weights
+    from gangen.inception import write_random_inception_weights
 
     return write_random_inception_weights(tmp_path_factory.mktemp("inception") / "random-inception.pth")

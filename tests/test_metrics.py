@@ -20,7 +20,7 @@ from PIL import Image
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torchmetrics.image.fid import NoTrainInceptionV3
 
-from gangen import metrics
+from gangen import inception, metrics
 from gangen.data import DEFAULT_FASHION_MNIST_ROOT, ImageDataModule, read_idx, resize_images
 from gangen.errors import ConfigError, DataNotFoundError
 from gangen.metrics import Evaluator, RealStats, real_statistics
@@ -61,7 +61,7 @@ def write_pngs(images: torch.Tensor, folder: Path) -> Path:
 class ForwardCounter:
     """Counts the Inception forward passes (and images) of an extractor while active."""
 
-    def __init__(self, extractor: metrics.InceptionExtractor) -> None:
+    def __init__(self, extractor: inception.InceptionExtractor) -> None:
         self.extractor, self.calls, self.images = extractor, 0, 0
 
     def __enter__(self) -> ForwardCounter:
@@ -77,8 +77,8 @@ class ForwardCounter:
 
 
 @pytest.fixture(scope="module")
-def extractor(inception_weights) -> metrics.InceptionExtractor:
-    return metrics.make_feature_extractor("inception", inception_weights)
+def extractor(inception_weights) -> inception.InceptionExtractor:
+    return inception.make_feature_extractor("inception", inception_weights)
 
 
 @pytest.fixture(scope="module")
@@ -271,65 +271,65 @@ def test_bad_images_are_refused(extractor, real_stats, images) -> None:
 
 # ---------------------------------------------------------------- weights resolution and download
 def test_inception_url_is_torch_fidelity_s() -> None:
-    assert metrics.INCEPTION_URL == URL_INCEPTION_V3
-    assert metrics.INCEPTION_URL.endswith("/" + metrics.INCEPTION_FILENAME)
+    assert inception.INCEPTION_URL == URL_INCEPTION_V3
+    assert inception.INCEPTION_URL.endswith("/" + inception.INCEPTION_FILENAME)
 
 
 def test_missing_weights_give_one_line_with_url_and_cache_path(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.delenv(metrics.ENV_VAR, raising=False)
+    monkeypatch.delenv(inception.ENV_VAR, raising=False)
     with pytest.raises(DataNotFoundError) as err:
-        metrics.resolve_inception_weights(None)
+        inception.resolve_inception_weights(None)
     message = str(err.value)
     expected_cache = tmp_path / "torch" / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
-    assert "\n" not in message and metrics.INCEPTION_URL in message and str(expected_cache) in message
+    assert "\n" not in message and inception.INCEPTION_URL in message and str(expected_cache) in message
     assert "--metrics.inception_weights PATH" in message and "GANGEN_INCEPTION_WEIGHTS" in message
     assert "gangen download-weights" in message
     with pytest.raises(DataNotFoundError, match="Inception weights not found"):
-        metrics.make_feature_extractor("inception")
+        inception.make_feature_extractor("inception")
 
 
 def test_weights_resolution_order(tmp_path, monkeypatch, inception_weights) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setenv(metrics.ENV_VAR, str(inception_weights))
-    assert metrics.resolve_inception_weights(None) == inception_weights
+    monkeypatch.setenv(inception.ENV_VAR, str(inception_weights))
+    assert inception.resolve_inception_weights(None) == inception_weights
     missing = tmp_path / "nowhere.pth"
     with pytest.raises(DataNotFoundError, match=f"'{missing}' \\(from inception_weights\\) not found"):
-        metrics.resolve_inception_weights(missing)  # an explicit path wins and must exist
-    monkeypatch.setenv(metrics.ENV_VAR, str(missing))
+        inception.resolve_inception_weights(missing)  # an explicit path wins and must exist
+    monkeypatch.setenv(inception.ENV_VAR, str(missing))
     with pytest.raises(DataNotFoundError, match=r"from \$GANGEN_INCEPTION_WEIGHTS"):
-        metrics.resolve_inception_weights(None)
-    monkeypatch.delenv(metrics.ENV_VAR)
-    hub = metrics.hub_cache_path()
-    assert hub == tmp_path / "torch" / "hub" / "checkpoints" / metrics.INCEPTION_FILENAME
+        inception.resolve_inception_weights(None)
+    monkeypatch.delenv(inception.ENV_VAR)
+    hub = inception.hub_cache_path()
+    assert hub == tmp_path / "torch" / "hub" / "checkpoints" / inception.INCEPTION_FILENAME
     hub.parent.mkdir(parents=True)
     hub.symlink_to(inception_weights)
-    assert metrics.resolve_inception_weights(None) == hub
+    assert inception.resolve_inception_weights(None) == hub
     with pytest.raises(ConfigError, match="is corrupt"):  # the official name with another file's hash
-        metrics.make_feature_extractor("inception")
+        inception.make_feature_extractor("inception")
 
 
 def test_bad_weights_files_and_unknown_extractor(tmp_path) -> None:
     text = tmp_path / "notes.pth"
     text.write_text("not a checkpoint")
     with pytest.raises(ConfigError, match="is not an InceptionV3 state_dict"):
-        metrics.make_feature_extractor("inception", text)
+        inception.make_feature_extractor("inception", text)
     wrong = tmp_path / "wrong.pth"
     torch.save({"fc.weight": torch.zeros(2, 2)}, wrong)
     with pytest.raises(ConfigError, match="is not an InceptionV3 state_dict"):
-        metrics.make_feature_extractor("inception", wrong)
+        inception.make_feature_extractor("inception", wrong)
     with pytest.raises(ConfigError, match="unknown feature extractor 'vgg16': use one of inception"):
-        metrics.make_feature_extractor("vgg16")
+        inception.make_feature_extractor("vgg16")
 
 
 def test_download_fails_fast_and_leaves_nothing(tmp_path) -> None:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    dest = tmp_path / "weights" / metrics.INCEPTION_FILENAME
+    dest = tmp_path / "weights" / inception.INCEPTION_FILENAME
     start = time.monotonic()
     with pytest.raises(DataNotFoundError) as err:
-        metrics.download_inception_weights(dest, timeout=5, url=f"http://127.0.0.1:{port}/{dest.name}")
+        inception.download_inception_weights(dest, timeout=5, url=f"http://127.0.0.1:{port}/{dest.name}")
     assert time.monotonic() - start < 5
     assert "\n" not in str(err.value) and f"127.0.0.1:{port}" in str(err.value) and "refused" in str(err.value)
     assert list(dest.parent.iterdir()) == []  # no partial or temporary file

@@ -16,7 +16,7 @@ import torch
 from conftest import ROOT, run_cli, tiny_fit_args
 from safetensors import safe_open
 
-from gangen import metrics
+from gangen import inception
 from gangen.errors import DataNotFoundError
 from gangen.reliability import AtomicCheckpointIO
 
@@ -181,10 +181,10 @@ def test_nonfinite_check_runs_every_n_batches_only():
 
 # ---- network -----------------------------------------------------------------------------------------------
 def test_download_to_unroutable_address_fails_fast(tmp_path):
-    dest = tmp_path / metrics.INCEPTION_FILENAME
+    dest = tmp_path / inception.INCEPTION_FILENAME
     start = time.monotonic()
     with pytest.raises(DataNotFoundError) as err:
-        metrics.download_inception_weights(dest, timeout=2, url=f"http://10.255.255.1:81/{dest.name}")
+        inception.download_inception_weights(dest, timeout=2, url=f"http://10.255.255.1:81/{dest.name}")
     assert time.monotonic() - start < 10  # 2 s timeout (or at once where no route exists), not a hang
     assert "\n" not in str(err.value) and "10.255.255.1" in str(err.value) and "check the network" in str(err.value)
     assert list(tmp_path.iterdir()) == []
