@@ -30,7 +30,8 @@ from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 
 from gangen import inception, metrics
-from gangen.data import DEFAULT_FASHION_MNIST_ROOT, read_idx, resize_images
+from gangen.data import DEFAULT_FASHION_MNIST_ROOT
+from gangen.readers import read_idx, resize_images
 
 TARGET = 10_000  # the sample count the extrapolation is for
 

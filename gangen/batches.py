@@ -36,7 +36,7 @@ def fits_on_device(num_bytes: int, device: torch.device, fraction: float = ON_DE
 
 
 def to_unit_range(images: Tensor) -> Tensor:
-    """uint8 (B, C, H, W) -> float32 in [-1, 1]; 0 -> -1 and 255 -> 1 exactly (the same maths as data.collate)."""
+    """uint8 (B, C, H, W) -> float32 in [-1, 1]; 0 -> -1 and 255 -> 1 exactly (the same maths as readers.collate)."""
     return images.float().div_(127.5).sub_(1.0)
 
 
@@ -94,7 +94,7 @@ class DeviceBatches:
         self._resume = None
         for start in range(first, len(index), self.batch_size):
             batch = index[start : start + self.batch_size]  # (B,)
-            if cpu:  # numpy gather + convert: single-threaded, see data.collate (torch's pool stalls when busy)
+            if cpu:  # numpy gather + convert: single-threaded, see readers.collate (torch's pool stalls when busy)
                 images = to_unit_range_numpy(self.images.numpy()[batch.numpy()])
                 labels = self.labels[batch]
             else:

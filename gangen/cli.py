@@ -319,8 +319,8 @@ def load_samples(path: str) -> torch.Tensor:
     import numpy as np
     from PIL import Image
 
-    from gangen.data import IMAGE_EXTENSIONS
     from gangen.errors import DataNotFoundError
+    from gangen.readers import IMAGE_EXTENSIONS
 
     source = Path(path)
     if source.suffix == ".npz" and source.is_file():

@@ -167,7 +167,8 @@ def _batches(source: object, split: str, num_samples: int | None, batch_size: in
     """(dataset id, uint8 batches (B, C, R, R), count) of a datamodule split or a uint8 tensor."""
     from torch.utils.data import DataLoader, Subset
 
-    from gangen.data import ImageDataModule, collate
+    from gangen.data import ImageDataModule
+    from gangen.readers import collate
 
     if isinstance(source, Tensor):
         images = check_uint8(source)[:num_samples]

@@ -12,8 +12,9 @@ from PIL import Image
 from torchvision import datasets
 
 from gangen import data
-from gangen.data import DEFAULT_FASHION_MNIST_ROOT, ImageDataModule, collate, read_idx, resize_images
+from gangen.data import DEFAULT_FASHION_MNIST_ROOT, ImageDataModule
 from gangen.errors import ConfigError, DataNotFoundError
+from gangen.readers import collate, read_idx, resize_images
 
 FMNIST = Path(DEFAULT_FASHION_MNIST_ROOT)
 IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")

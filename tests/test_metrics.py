@@ -21,10 +21,11 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, Featu
 from torchmetrics.image.fid import NoTrainInceptionV3
 
 from gangen import inception, metrics
-from gangen.data import DEFAULT_FASHION_MNIST_ROOT, ImageDataModule, read_idx, resize_images
+from gangen.data import DEFAULT_FASHION_MNIST_ROOT, ImageDataModule
 from gangen.errors import ConfigError, DataNotFoundError
 from gangen.metrics import Evaluator, RealStats, real_statistics
 from gangen.networks import DCGANGenerator
+from gangen.readers import read_idx, resize_images
 from gangen.sampling import generate, to_uint8
 
 FMNIST = Path(DEFAULT_FASHION_MNIST_ROOT)

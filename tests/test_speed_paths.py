@@ -11,9 +11,10 @@ from conftest import run_cli, tiny_fit_args
 
 from gangen.batches import DeviceBatches
 from gangen.cli import _speed_defaults, native_bf16_cpu
-from gangen.data import ImageDataModule, collate
+from gangen.data import ImageDataModule
 from gangen.errors import ConfigError
 from gangen.networks import DCGANDiscriminator, DCGANGenerator
+from gangen.readers import collate
 from gangen.system import GAN, use_fused
 
 
