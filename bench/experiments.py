@@ -15,6 +15,8 @@ They target the items of the batch-1024 H200 profile (README Speed):
   (Ci, Co*k*k) weight, then col2im (F.fold) and the bias.
 - bn_act: every BatchNorm2d + ReLU / LeakyReLU pair as one torch.compile'd function (Inductor fuses the
   statistics, the normalisation and the activation, and their backward), the networks themselves eager.
+- nchw_image_strides: not a speed-up but the baseline of one already in gangen: 1-channel images reach D
+  with NCHW strides again, as before gangen.layers.nhwc_strides.
 """
 
 from __future__ import annotations
@@ -98,7 +100,16 @@ def _bn_act_fn(bn_forward: Callable, slope: float) -> Callable:
     return fn
 
 
-EXPERIMENTS: dict[str, Callable[[nn.Module], None]] = {"gemm_image": gemm_image, "bn_act": bn_act}
+def nchw_image_strides(model: nn.Module) -> None:
+    """The layout before gangen.layers.nhwc_strides: 1-channel images reach D with the NCHW strides that
+    `.contiguous(memory_format=torch.channels_last)` leaves them (a paired baseline for what it saves)."""
+    import gangen.system
+
+    gangen.system.nhwc_strides = lambda x: x  # this process only: each throughput variant is its own process
+
+
+LAYER_EXPERIMENTS = {"gemm_image": gemm_image, "bn_act": bn_act}  # replace layers: checked by check()
+EXPERIMENTS: dict[str, Callable[[nn.Module], None]] = {**LAYER_EXPERIMENTS, "nchw_image_strides": nchw_image_strides}
 
 
 def apply(model: nn.Module, names: list[str]) -> None:
@@ -107,11 +118,11 @@ def apply(model: nn.Module, names: list[str]) -> None:
 
 
 def check(device: str, channels: int = 1, n: int = 8) -> None:
-    """Each experiment against the layers it replaces: outputs and gradients, fp32 and NHWC as in training."""
+    """Each layer experiment against the layers it replaces: outputs and gradients, fp32 and NHWC as in training."""
     from gangen.networks import DCGANDiscriminator, DCGANGenerator
 
     torch.manual_seed(0)
-    for name in EXPERIMENTS:
+    for name in LAYER_EXPERIMENTS:
         g = DCGANGenerator(latent_dim=16, resolution=32, channels=channels, base_channels=8).to(device)
         d = DCGANDiscriminator(resolution=32, channels=channels, base_channels=8).to(device)
         model = nn.Module()

@@ -4,8 +4,8 @@
 #   bash bench/gpu_check.sh [FASHION_MNIST_DIR [PART ...]]   # default: data/fashion-mnist (the 4 .gz files)
 #
 # PARTS (default: all, 12-15 minutes: more than one 10-minute device call, so name them):
-#   tests (~1.5 min), experiments (4-7 min: bench/experiments.py checked on the GPU, then batch 1024 with
-#   and without each), bs128 (~2.5 min), cli (~1 min), profile (~1 min), layers (~2.5 min).
+#   tests (~1.5 min), experiments (5-7 min: bench/experiments.py checked on the GPU, then batch 1024 with
+#   and without each), bs128 (~3 min), cli (~1 min), profile (~1 min), layers (~2.5 min).
 #
 # Writes each part's output to $OUT (or ./gpu_check_out) and to stdout. Needs a Python with gangen's
 # dependencies ($PYTHON, default python). Every part runs under its own time limit, so a slow or failing
@@ -43,21 +43,22 @@ part() {  # part NAME SECONDS ARGS...: one throughput table, cut off after SECON
 }
 
 # 2. The candidate speed-ups of bench/experiments.py: first checked against the layers they replace (on the
-#    GPU, fp32), then bs1024 (target: >= 100k img/s on an H200) with and without each, with CUDA graphs
+#    GPU, fp32), then bs1024 (target: >= 100k img/s on an H200) with and without each (exp_nchw_image_strides:
+#    gangen before layers.nhwc_strides, the paired baseline of that change), with CUDA graphs
 #    (the default) and bn_act eager too (if compiled code breaks the capture, that row still shows what
 #    its kernels save). The compiled variants spend up to a minute or two compiling.
 if want experiments; then
     echo "== bench/experiments.py" | tee "$DEST/experiments.txt"
     timeout 60 $PY bench/experiments.py 2>&1 | grep -v "^W[0-9]\|warn" | tee -a "$DEST/experiments.txt"
-    part bs1024 400 --batch_size 1024 --steps 40 --warmup 10 --repeats 1 --child_timeout 120 --variants gangen \
-        gangen_eager exp_gemm_image exp_bn_act exp_bn_act_eager exp_both
+    part bs1024 420 --batch_size 1024 --steps 40 --warmup 10 --repeats 1 --child_timeout 120 --variants gangen \
+        exp_nchw_image_strides exp_gemm_image exp_bn_act exp_bn_act_eager exp_both
 fi
 # 3. bs128: the classic loop (8 workers) vs gangen's defaults (bf16-mixed, channels_last, fused Adam,
 #    on-device batches, no host sync per batch, the whole step as CUDA graphs, with the rate of the
-#    captured step replayed alone: the GPU-side ceiling), gangen's eager step (--model.cuda_graph false)
-#    and both experiments together.
-want bs128 && part bs128 200 --batch_size 128 --steps 200 --warmup 30 --repeats 2 --child_timeout 60 \
-    --variants gangen gangen_eager exp_both
+#    captured step replayed alone: the GPU-side ceiling), gangen before layers.nhwc_strides, and both layer
+#    experiments together.
+want bs128 && part bs128 240 --batch_size 128 --steps 200 --warmup 30 --repeats 2 --child_timeout 100 \
+    --variants gangen exp_nchw_image_strides exp_both
 
 # 4. The whole CLI with the default (captured) step: r1gan (R1 every 16 + EMA: two graphs), grids,
 #    checkpoints, a resume.

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gangen.layers import nhwc_strides  # noqa: E402
 from gangen.networks import DCGANDiscriminator, DCGANGenerator  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -129,7 +130,8 @@ def main() -> None:
                   f"{timed(fwd_bwd(module, x, params), args.iters, dev):8.3f}")  # fmt: skip
 
         def image(*shape: int, fmt: torch.memory_format = fmt, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-            return torch.randn(shape, device=dev, dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
+            x = torch.randn(shape, device=dev, dtype=dtype).contiguous(memory_format=fmt)
+            return (nhwc_strides(x) if fmt == torch.channels_last else x).requires_grad_()  # as GAN._d gives D
 
         size = 1
         for layer in g.net:
@@ -141,6 +143,9 @@ def main() -> None:
             if isinstance(layer, nn.Conv2d):
                 row(f"D {layer}", layer, image(n, layer.in_channels, size, size), list(layer.parameters()))
                 size //= 2
+        if fmt == torch.channels_last and c == 1:  # the strides `.contiguous(channels_last)` leaves 1 channel
+            x = torch.randn(n, c, 64, 64, device=dev).contiguous(memory_format=fmt).requires_grad_()
+            row("D first, 1-channel input with NCHW strides", d.net[0], x, list(d.net[0].parameters()))
         run, params = padded_d_first(d.net[0], c, fmt)
         row("D first, image channels padded to 8", run, image(n, c, 64, 64), params)
         run, params = padded_g_last(g.net[-2], c, fmt)

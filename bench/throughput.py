@@ -55,6 +55,7 @@ EXPERIMENT_VARIANTS: dict[str, tuple[list[str], list[str]]] = {  # (overrides, b
     "exp_both": ([], ["gemm_image", "bn_act"]),
     "exp_gemm_image_eager": (["--model.cuda_graph", "false"], ["gemm_image"]),
     "exp_bn_act_eager": (["--model.cuda_graph", "false"], ["bn_act"]),
+    "exp_nchw_image_strides": ([], ["nchw_image_strides"]),  # gangen before layers.nhwc_strides
 }
 __doc__ += "".join(f"    {k}: {' '.join(v) or '(defaults)'}\n" for k, v in VARIANTS.items())
 __doc__ += "".join(
@@ -208,18 +209,19 @@ def table(args: argparse.Namespace) -> None:
                     runs[name].append({**result, "rep": rep})
                     print(f"  bs{batch} rep{rep} {name}: {result['img_s']:.1f} img/s", flush=True)
         base = {r["rep"]: r["img_s"] for r in runs["baseline"]}
-        print(f"\nbatch {batch}\n{'run':<18} {'img/s median':>12} {'min-max':>17} {'x baseline':>10} "
+        width = max(18, *map(len, names))
+        print(f"\nbatch {batch}\n{'run':<{width}} {'img/s median':>12} {'min-max':>17} {'x baseline':>10} "
               f"{'ratio min-max':>14} {'peak MiB':>9}  notes")  # fmt: skip
         for name in names:
             if not runs[name]:
-                print(f"{name:<18} {'failed':>12}")
+                print(f"{name:<{width}} {'failed':>12}")
                 continue
             speeds = [r["img_s"] for r in runs[name]]
             ratios = [r["img_s"] / base[r["rep"]] for r in runs[name] if r["rep"] in base] or [float("nan")]  # paired
             notes = f"{runs[name][0].get('precision', '32')}, {runs[name][0].get('loader', 'DataLoader+PIL')}"
             if "replay_img_s" in runs[name][0]:
                 notes += f", graph replay alone {statistics.median(r['replay_img_s'] for r in runs[name]):.0f} img/s"
-            print(f"{name:<18} {statistics.median(speeds):12.1f} {min(speeds):8.1f}-{max(speeds):<8.1f} "
+            print(f"{name:<{width}} {statistics.median(speeds):12.1f} {min(speeds):8.1f}-{max(speeds):<8.1f} "
                   f"{statistics.median(ratios):10.2f} {min(ratios):6.2f}-{max(ratios):<7.2f} "
                   f"{max(r['peak_mib'] for r in runs[name]):9.0f}  {notes}")  # fmt: skip
     if args.eval_samples:

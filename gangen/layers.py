@@ -48,6 +48,20 @@ def upsample_layer(in_ch: int, out_ch: int, mode: str, bias: bool = False) -> nn
     )
 
 
+def nhwc_strides(x: torch.Tensor) -> torch.Tensor:
+    """A 1-channel (B, 1, H, W) tensor as a view with NHWC strides (H*W, 1, W, 1); anything else unchanged.
+
+    With one channel both layouts are contiguous, so `.contiguous(memory_format=torch.channels_last)` keeps
+    NCHW strides and the tensor reads as NCHW (`suggest_memory_format`). cuDNN's conv backward converts the
+    output gradient to the input's layout: for D's first conv on such an image that is a (B, 64, H/2, W/2)
+    copy to NCHW, and for the input gradient one back to NHWC (4 per DCGAN step: the copies in README Speed).
+    """
+    if x.dim() != 4 or x.shape[1] != 1:
+        return x
+    n, _, h, w = x.shape
+    return x.reshape(n, h, w, 1).permute(0, 3, 1, 2)  # (n, 1, h, w), strides (h*w, 1, w, 1)
+
+
 def norm_2d(kind: str, channels: int) -> nn.Module:
     """Feature-map normalisation after a conv; spectral norm wraps the conv instead (see `maybe_spectral`)."""
     return nn.BatchNorm2d(channels) if kind == "batch" else nn.Identity()

@@ -20,7 +20,7 @@ from gangen.callbacks import writes_logs_now
 from gangen.ema import ema_beta, make_ema, recalibrate_batchnorm_, update_ema_
 from gangen.errors import ConfigError
 from gangen.graphs import StepGraphs
-from gangen.layers import check_choice
+from gangen.layers import check_choice, nhwc_strides
 from gangen.losses import REGULARIZERS, gradient_penalty, make_loss, r1_penalty
 from gangen.networks import build_network, network_spec
 
@@ -281,6 +281,8 @@ class GAN(L.LightningModule):
     def _d(self, images: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """Discriminator logits (B,) of augmented images (labels only for a conditional model)."""
         x = self.augment(images)
+        if self._memory_format == torch.channels_last:
+            x = nhwc_strides(x)  # 1-channel images: explicit NHWC strides, or cuDNN copies gradients (layers.py)
         return self.discriminator(x) if labels is None else self.discriminator(x, labels)
 
     def _reg_due(self) -> bool:

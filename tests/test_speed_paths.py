@@ -13,6 +13,7 @@ from gangen.batches import DeviceBatches
 from gangen.cli import _speed_defaults, native_bf16_cpu
 from gangen.data import ImageDataModule
 from gangen.errors import ConfigError
+from gangen.layers import nhwc_strides
 from gangen.networks import DCGANDiscriminator, DCGANGenerator
 from gangen.readers import collate
 from gangen.system import GAN, use_fused
@@ -206,3 +207,31 @@ def test_channels_last_by_default_in_fit_not_in_loading(dm, tmp_path):
     assert saved.is_contiguous()  # checkpoints keep the default layout
     loaded = GAN.load_from_checkpoint(tmp_path / "last.ckpt", weights_only=True)
     assert loaded.discriminator.net[2].weight.is_contiguous()  # generation stays NCHW, bit-equal to load_generator
+
+
+def test_nhwc_strides_view():
+    x = torch.randn(2, 1, 5, 6, requires_grad=True)
+    assert x.contiguous(memory_format=torch.channels_last).stride() == (30, 30, 6, 1)  # the ambiguity it fixes
+    y = nhwc_strides(x)
+    assert y.stride() == (30, 1, 6, 1) and y.data_ptr() == x.data_ptr() and torch.equal(y, x)  # a view
+    (grad,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)  # R1 differentiates through it
+    torch.testing.assert_close(grad, 2 * x)
+    rgb = torch.randn(2, 3, 5, 6)
+    assert nhwc_strides(rgb) is rgb  # more channels: unambiguous, left alone
+
+
+def test_one_channel_images_reach_d_with_nhwc_strides(dm):
+    """Every input of D's first conv in a channels_last fit (reals, fakes, R1's reals) has NHWC strides: with
+    NCHW ones cuDNN converts that layer's output gradients to NCHW and back (layers.nhwc_strides)."""
+    g = DCGANGenerator(latent_dim=8, resolution=16, channels=1, base_channels=8)
+    model = GAN(g, DCGANDiscriminator(resolution=16, channels=1, base_channels=8), reg="r1", reg_every=2)
+    strides = []
+    model.discriminator.net[0].register_forward_pre_hook(lambda module, args: strides.append(args[0].stride()))
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, limit_train_batches=4, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(model, dm)
+    assert model._memory_format == torch.channels_last
+    assert len(strides) == 4 * 3 + 2  # per batch D(real), D(fake) for D, D(fake) for G; R1 every 2nd batch
+    assert set(strides) == {(16 * 16, 1, 16, 1)}, set(strides)
