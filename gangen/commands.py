@@ -1,0 +1,245 @@
+"""gangen's own subcommands (argparse, not Lightning's CLI): generate, evaluate, export, download-weights,
+train-classifier. `gangen.cli.main` dispatches `COMMANDS[argv[0]](argv[1:])`; errors are GanGenErrors.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from gangen.data import ImageDataModule
+from gangen.errors import ConfigError
+from gangen.sampling import (
+    checkpoint_data,
+    generate,
+    interpolation_latents,
+    load_generator,
+    output_kind,
+    read_checkpoint,
+    save_grid,
+    save_npz,
+    save_png_folder,
+)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse prints usage + error; we print one line
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def generate_command(argv: Sequence[str]) -> None:
+    p = _OneLineParser(prog="gangen generate", description="Generate images from a gangen checkpoint.")
+    p.add_argument("--ckpt_path", required=True, help="checkpoint written by `gangen fit`")
+    p.add_argument("--output", required=True, help="grid.png | grid.jpg | DIR/ (one PNG per sample) | out.npz")
+    p.add_argument(
+        "--num_samples", type=int, default=None, help="images (default 64); with --interpolate: strips (default 8)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="latent seed: same seed, same images")
+    p.add_argument("--interpolate", type=int, default=0, metavar="K", help="write strips of K images along slerp paths")
+    p.add_argument("--nrow", type=int, default=None, help="images per grid row (default 8, or K with --interpolate)")
+    p.add_argument("--batch_size", type=int, default=256, help="images generated per forward pass")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--class_label", type=int, default=None, help="class of every image (conditional models)")
+    args = p.parse_args(argv)
+
+    num = args.num_samples if args.num_samples is not None else (8 if args.interpolate else 64)
+    if num <= 0:
+        raise ConfigError(f"--num_samples {num} must be > 0")
+    if args.batch_size <= 0:
+        raise ConfigError(f"--batch_size {args.batch_size} must be > 0")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device!r}: no CUDA device is available here; use --device cpu")
+    kind = output_kind(args.output)
+    generator = load_generator(args.ckpt_path, args.device)
+    z = None
+    if args.interpolate:
+        z = interpolation_latents(num, args.interpolate, generator.latent_dim, args.seed)
+        num = len(z)
+    labels = None
+    if args.class_label is not None:
+        classes = int(getattr(generator, "num_classes", 0) or 0)
+        if not 0 <= args.class_label < classes:
+            raise ConfigError(
+                f"--class_label {args.class_label}: the checkpoint's generator "
+                + (f"has classes 0..{classes - 1}" if classes else "is unconditional; drop --class_label")
+            )
+        labels = torch.full((num,), args.class_label, dtype=torch.long)
+    images = generate(generator, num, seed=args.seed, batch_size=args.batch_size, z=z, labels=labels)  # (N,C,H,W)
+    if kind == "grid":
+        path = save_grid(images, args.output, nrow=args.nrow or (args.interpolate or 8))
+    elif kind == "npz":
+        path = save_npz(images, args.output)
+    else:
+        path = save_png_folder(images, args.output)
+    print(f"wrote {len(images)} images {tuple(images.shape[1:])} to {path}")
+
+
+def train_classifier_command(argv: Sequence[str]) -> None:
+    """`gangen train-classifier --data.dataset fashion_mnist --output classifier.pt` (or --data DATA.yaml)."""
+    from jsonargparse import ArgumentParser
+
+    from gangen.classifier import save_classifier, train_classifier
+
+    p = ArgumentParser(
+        prog="gangen train-classifier",
+        description="Train a small classifier on a dataset's labels; its features give metric/fd_<name>.",
+    )
+    p.add_class_arguments(ImageDataModule, "data", sub_configs=True)
+    p.add_argument("--output", type=str, required=True, help="where to save the classifier (.pt)")
+    p.add_argument("--epochs", type=int, default=3, help="training epochs")
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
+    p.add_argument("--width", type=int, default=32, help="channels of the first conv block")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--accelerator", type=str, default="auto", help="cpu | gpu | auto")
+    cfg = p.parse_args(list(argv))
+    output = Path(cfg.output)
+    if not output.parent.is_dir():
+        raise ConfigError(f"--output {cfg.output!r}: folder {output.parent} does not exist; create it first")
+    datamodule = p.instantiate_classes(cfg).data
+    classifier, accuracy = train_classifier(
+        datamodule, epochs=cfg.epochs, lr=cfg.lr, width=cfg.width, seed=cfg.seed, accelerator=cfg.accelerator
+    )
+    hp = datamodule.hparams
+    save_classifier(classifier, output, dataset=hp["dataset"], resolution=hp["resolution"], accuracy=accuracy)
+    print(f"held-out accuracy {accuracy:.4f}; saved {output}")
+
+
+def load_samples(path: str) -> torch.Tensor:
+    """uint8 (N, C, H, W) from an .npz (arr_0, (N, H, W, C) uint8) or a folder of images (sorted by name)."""
+    import numpy as np
+    from PIL import Image
+
+    from gangen.errors import DataNotFoundError
+    from gangen.readers import IMAGE_EXTENSIONS
+
+    source = Path(path)
+    if source.suffix == ".npz" and source.is_file():
+        with np.load(source) as npz:
+            array = npz[npz.files[0]]
+        if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] not in (1, 3):
+            raise ConfigError(f"{path}: expected a uint8 array (N, H, W, 1 or 3), got {array.dtype} {array.shape}")
+    elif source.is_dir():
+        files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise DataNotFoundError(f"no images in {path}: write some with `gangen generate --output {path}/`")
+        arrays = []
+        for f in files:
+            with Image.open(f) as im:
+                arrays.append(np.asarray(im.convert("L" if im.mode in ("L", "I", "I;16", "1") else "RGB")))
+        array = np.stack(arrays)
+        array = array[..., None] if array.ndim == 3 else array
+    else:
+        raise DataNotFoundError(
+            f"samples {path!r} not found: pass a folder of images or an .npz from `gangen generate`"
+        )
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
+
+
+def evaluate_command(argv: Sequence[str]) -> None:
+    """`gangen evaluate --ckpt_path PATH | --samples DIR_OR_NPZ [--data.* ...]`: metrics printed and as JSON."""
+    import json
+
+    from jsonargparse import ArgumentParser
+
+    from gangen.inception import make_feature_extractor
+    from gangen.metrics import Evaluator, evaluate_generator, real_statistics
+
+    p = ArgumentParser(prog="gangen evaluate", description="FID / KID / IS or a domain FD of a checkpoint or samples.")
+    p.add_argument("--ckpt_path", type=str | None, default=None, help="gangen checkpoint to generate from")
+    p.add_argument("--samples", type=str | None, default=None, help="folder of images or .npz, instead of a ckpt")
+    p.add_class_arguments(ImageDataModule, "data", sub_configs=True)
+    p.add_argument("--num_samples", type=int, default=10_000, help="images generated from the checkpoint")
+    p.add_argument("--feature_extractor", type=str, default="inception", help="inception | classifier path")
+    p.add_argument("--inception_weights", type=str | None, default=None, help="Inception weights file")
+    p.add_argument("--split", type=str, default="val", help="real split: val or train")
+    p.add_argument("--num_real", type=int | None, default=None, help="real images (default: the whole split)")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="latent seed of the generated images")
+    p.add_argument("--device", type=str, default="cpu", help="cpu | cuda")
+    p.add_argument("--cache_dir", type=str | None, default=None, help="real statistics cache")
+    p.add_argument("--output", type=str | None, default=None, help="JSON file (default: beside the input)")
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--ckpt_path", default=None)
+    pre.add_argument("--samples", default=None)
+    known = pre.parse_known_args(list(argv))[0]
+    if "-h" not in argv and "--help" not in argv and (known.ckpt_path is None) == (known.samples is None):
+        raise ConfigError("pass exactly one of --ckpt_path (generate and evaluate) or --samples (evaluate files)")
+    ckpt = read_checkpoint(known.ckpt_path) if known.ckpt_path else None  # read once, used twice
+    if ckpt is not None:  # the checkpoint's data settings are the defaults; --data.* still overrides them
+        p.set_defaults({f"data.{k}": v for k, v in _checkpoint_data(ckpt, known.ckpt_path).items()})
+    args = p.parse_args(list(argv))
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device!r}: no CUDA device is available here; use --device cpu")
+    if args.num_samples < 2:
+        raise ConfigError(f"--num_samples {args.num_samples} must be >= 2 (FID needs 2; 10000+ is usual)")
+    source = Path(args.ckpt_path or args.samples)
+    samples = load_samples(args.samples) if args.samples else None  # (N, C, H, W) uint8
+    datamodule = p.instantiate_classes(args).data
+    extractor = make_feature_extractor(args.feature_extractor, args.inception_weights, device=args.device)
+    count = args.num_samples if samples is None else len(samples)
+    output = Path(args.output) if args.output else source.parent / f"metrics-{extractor.name}-n{count}.json"
+    if not output.parent.is_dir():
+        raise ConfigError(f"--output {str(output)!r}: folder {output.parent} does not exist; create it first")
+    real = real_statistics(
+        datamodule, extractor, split=args.split, num_samples=args.num_real, batch_size=args.batch_size,
+        cache_dir=args.cache_dir,
+    )  # fmt: skip
+    if samples is not None:
+        evaluator = Evaluator(extractor, real, batch_size=args.batch_size)
+        evaluator.update(samples)
+        results = evaluator.compute()
+    else:
+        generator = load_generator(ckpt, args.device)
+        results = evaluate_generator(generator, args.num_samples, real, extractor, args.batch_size, args.seed)
+    results = {"source": str(source), "real_split": args.split, "real_from_cache": real.from_cache, **results}
+    text = json.dumps(results, indent=2)
+    output.write_text(text + "\n")
+    print(text)
+    print(f"wrote {output}")
+
+
+def _checkpoint_data(ckpt: dict, ckpt_path: str) -> dict:
+    """The data settings a gangen checkpoint was trained with (its datamodule hyperparameters)."""
+    data = checkpoint_data(ckpt)
+    if not data:
+        raise ConfigError(f"{ckpt_path} does not record its data: pass --data.dataset ... --data.resolution ...")
+    return data
+
+
+def download_weights_command(argv: Sequence[str]) -> None:
+    from gangen.inception import INCEPTION_URL, download_inception_weights, hub_cache_path
+
+    p = _OneLineParser(prog="gangen download-weights", description="Fetch the FID Inception weights (network).")
+    p.add_argument("--dest", default=None, help=f"file to write (default: {hub_cache_path()})")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds before giving up")
+    args = p.parse_args(argv)
+    path = download_inception_weights(args.dest, timeout=args.timeout)
+    print(f"downloaded {INCEPTION_URL} to {path}")
+
+
+def export_command(argv: Sequence[str]) -> None:
+    from gangen.sampling import check_output_folder, export_safetensors
+
+    p = _OneLineParser(prog="gangen export", description="Write a checkpoint's generator as .safetensors.")
+    p.add_argument("--ckpt_path", required=True, help="checkpoint written by `gangen fit`")
+    p.add_argument("--output", required=True, help="generator.safetensors (config as JSON in its metadata)")
+    p.add_argument("--no_ema", action="store_true", help="export the trained generator even if there is an EMA one")
+    args = p.parse_args(argv)
+    output = Path(args.output)
+    if output.suffix != ".safetensors":
+        raise ConfigError(f"--output {args.output!r}: end it with .safetensors")
+    check_output_folder(args.output, output.parent)
+    path, is_ema = export_safetensors(read_checkpoint(args.ckpt_path), output, ema=not args.no_ema)
+    print(f"wrote the {'EMA ' if is_ema else ''}generator of {args.ckpt_path} to {path}")
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
+    "evaluate": evaluate_command,
+    "export": export_command,
+    "download-weights": download_weights_command,
+    "generate": generate_command,
+    "train-classifier": train_classifier_command,
+}
