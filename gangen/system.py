@@ -233,7 +233,7 @@ class GAN(L.LightningModule):
         if trainer.strategy.root_device.type == "cuda":
             rank_zero_info(
                 "gangen: training step captured as CUDA graphs (--model.cuda_graph false: eager)"
-                if blocker is None else f"gangen: eager training step, not CUDA graphs: {blocker}"
+                if blocker is None else f"gangen: eager training step, not CUDA graphs: {blocker[0]}"
             )  # fmt: skip
         return blocker is None
 
@@ -246,30 +246,32 @@ class GAN(L.LightningModule):
         if self._step_graphs is not None:  # Lightning has moved the model off the GPU: the graphs point at
             self._step_graphs.clear()  # freed memory, and their pools would stay allocated
 
-    def cuda_graph_blocker(self, trainer: L.Trainer) -> str | None:
-        """Why a captured step cannot serve this run, or None if it can."""
+    def cuda_graph_blocker(self, trainer: L.Trainer) -> tuple[str, str] | None:
+        """Why a captured step cannot serve this run and the fix other than eager training ("" if none), or
+        None if it can."""
         precision, world, device = str(trainer.precision), trainer.world_size, trainer.strategy.root_device.type
         if device != "cuda":
-            return f"cuda_graph needs a CUDA device, this run is on {device}: use a GPU"
+            return f"cuda_graph needs a CUDA device, this run is on {device}", "use a GPU"
         if world > 1:
-            return f"cuda_graph is single-GPU only, this run has {world} processes: train on one GPU"
+            return f"cuda_graph is single-GPU only, this run has {world} processes", "train on one GPU"
         if precision not in ("32-true", "32", "bf16-mixed", "bf16-true"):
-            return f"cuda_graph does not support precision {precision!r} (a loss scaler): use bf16"
+            return f"cuda_graph does not support precision {precision!r} (a loss scaler)", "use bf16"
         if self.augment or self.hparams.reg == "gp":
             what = f"augment {self.hparams.augment!r}" if self.augment else "reg 'gp'"
-            return f"cuda_graph does not support {what} (random numbers inside the step)"
+            return f"cuda_graph does not support {what} (random numbers inside the step)", ""
         if self.compile_networks:
-            return f"compile {self.compile_networks!r} is on: choose torch.compile or cuda_graph"
+            return f"compile {self.compile_networks!r} is on", "choose torch.compile or cuda_graph"
         hooked = gradient_hook_owners(self, trainer.callbacks)
         if hooked:
-            return f"{', '.join(hooked)} run Python code between backward and step, which a graph replay skips"
+            return f"{', '.join(hooked)} run Python code between backward and step, which a graph replay skips", ""
         return None
 
     def check_cuda_graph(self, trainer: L.Trainer) -> None:
         """One-line error for a run that a captured step cannot serve (the CLI asks before anything is written)."""
         blocker = self.cuda_graph_blocker(trainer)
         if blocker is not None:
-            raise ConfigError(f"{blocker} or drop --model.cuda_graph")
+            reason, fix = blocker
+            raise ConfigError(f"{reason}: {fix + ' or ' if fix else ''}drop --model.cuda_graph")
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         optimizers = [
