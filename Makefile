@@ -15,7 +15,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q $(TORCH) || { echo "installing $(TORCH) failed: its CUDA build needs about 6 GB free under $(VENV) (df -h . shows what is left)" >&2; exit 1; }
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
