@@ -26,6 +26,7 @@ import contextlib
 from collections.abc import Callable, Hashable
 from typing import Any
 
+import lightning.pytorch as L
 import torch
 from torch import Tensor
 
@@ -119,3 +120,15 @@ class StepGraphs:
         main.wait_stream(self._stream)
         out.record_stream(main)
         return dict(zip(list(logs), out.unbind(0), strict=True))
+
+
+GRADIENT_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
+
+
+def gradient_hook_owners(module: L.LightningModule, callbacks: list[L.Callback]) -> list[str]:
+    """Class names of the callbacks (and the module) that override a hook Lightning calls between a backward
+    pass and its optimizer step: a replayed CUDA graph runs no Python there."""
+    owners = [cb for cb in callbacks if any(getattr(type(cb), h) is not getattr(L.Callback, h) for h in GRADIENT_HOOKS)]
+    if any(getattr(type(module), h) is not getattr(L.LightningModule, h) for h in GRADIENT_HOOKS):
+        owners.append(module)
+    return [type(owner).__name__ for owner in owners]

@@ -19,57 +19,13 @@ from gangen.augment import DiffAugment
 from gangen.callbacks import writes_logs_now
 from gangen.ema import ema_beta, make_ema, recalibrate_batchnorm_, update_ema_
 from gangen.errors import ConfigError
-from gangen.graphs import StepGraphs
+from gangen.graphs import StepGraphs, gradient_hook_owners
 from gangen.layers import check_choice, nhwc_strides
 from gangen.losses import REGULARIZERS, gradient_penalty, make_loss, r1_penalty
 from gangen.networks import build_network, network_spec
+from gangen.optim import default_adam, make_capturable, use_fused
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-def default_adam(params: Any) -> torch.optim.Optimizer:
-    """DCGAN's optimizer: Adam, lr 2e-4, beta1 0.5 (Radford et al. 2015)."""
-    return torch.optim.Adam(params, lr=2e-4, betas=(0.5, 0.999))
-
-
-def use_fused(optimizer: torch.optim.Optimizer, device_types: tuple[str, ...] = ("cuda",)) -> torch.optim.Optimizer:
-    """The same Adam / AdamW with fused=True (one kernel per step) when all its parameters are on
-    `device_types` and the user chose neither `fused` nor `foreach`; anything else is returned as it is.
-    The default is CUDA only: on CPU the default foreach Adam was as fast (README Speed)."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    defaults = optimizer.defaults
-    if (
-        type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW)
-        or not params
-        or not all(p.device.type in device_types for p in params)
-        or defaults.get("fused") is not None
-        or defaults.get("foreach") is not None
-        or defaults.get("differentiable")
-    ):
-        return optimizer
-    groups = [{**group, "fused": True} for group in optimizer.param_groups]
-    return type(optimizer)(groups, **{**defaults, "fused": True})
-
-
-def make_capturable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The same optimizer with capturable=True (its step counters on the device: a CUDA graph may replay
-    its step), when it has that option; anything else (SGD: nothing to count) is returned as it is."""
-    if "capturable" not in optimizer.defaults or optimizer.defaults["capturable"]:
-        return optimizer
-    groups = [{**group, "capturable": True} for group in optimizer.param_groups]
-    return type(optimizer)(groups, **{**optimizer.defaults, "capturable": True})
-
-
-GRADIENT_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
-
-
-def gradient_hook_owners(module: L.LightningModule, callbacks: list[L.Callback]) -> list[str]:
-    """Class names of the callbacks (and the module) that override a hook Lightning calls between a backward
-    pass and its optimizer step: a replayed CUDA graph runs no Python there."""
-    owners = [cb for cb in callbacks if any(getattr(type(cb), h) is not getattr(L.Callback, h) for h in GRADIENT_HOOKS)]
-    if any(getattr(type(module), h) is not getattr(L.LightningModule, h) for h in GRADIENT_HOOKS):
-        owners.append(module)
-    return [type(owner).__name__ for owner in owners]
 
 
 def intermittent_scalars(logs: dict[str, torch.Tensor], d_steps_per_g_step: int) -> dict[str, torch.Tensor]:

@@ -19,9 +19,10 @@ from gangen.callbacks import SyncFreeProgressBar, SyncFreeRichProgressBar, write
 from gangen.cli import _sync_free_progress_bar
 from gangen.ema import make_ema, update_ema_
 from gangen.errors import ConfigError
-from gangen.graphs import StepGraphs
+from gangen.graphs import StepGraphs, gradient_hook_owners
 from gangen.networks import DCGANDiscriminator, DCGANGenerator
-from gangen.system import GAN, gradient_hook_owners, intermittent_scalars, make_capturable
+from gangen.optim import make_capturable
+from gangen.system import GAN, intermittent_scalars
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
 

@@ -15,8 +15,9 @@ from gangen.data import ImageDataModule
 from gangen.errors import ConfigError
 from gangen.layers import nhwc_strides
 from gangen.networks import DCGANDiscriminator, DCGANGenerator
+from gangen.optim import use_fused
 from gangen.readers import collate
-from gangen.system import GAN, use_fused
+from gangen.system import GAN
 
 
 @pytest.fixture(scope="module")
