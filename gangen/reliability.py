@@ -6,6 +6,7 @@
 - ResumableRandomSampler: the training order depends only on (seed, epoch), and a resumed run starts part-way
   through an epoch where the checkpoint was taken, so `fit --ckpt_path last` sees the same batches as a run
   that never stopped; under DDP each rank shards the permutation itself and skips its own consumed items.
+- keep_epoch_unfinished: a last.ckpt written when max_steps cut an epoch short resumes inside that epoch.
 - Preemption: SIGTERM (cluster preemption) and SIGINT (Ctrl-C) stop training at the next batch boundary and
   write checkpoints/last.ckpt before the process exits with status 128 + signal.
 - DivergenceError: raised by the GAN module when a loss turned non-finite (see GAN.check_finite).
@@ -163,12 +164,30 @@ class ResumableRandomSampler(DistributedSampler):
 def sampler_state(trainer: L.Trainer | None, sampler: ResumableRandomSampler, batch_size: int) -> dict[str, int]:
     """What a checkpoint needs to restart `sampler` where training is now: seed, epoch, items trained on."""
     state = {"seed": sampler.seed, "epoch": sampler.epoch, "position": 0}
-    if trainer is not None and trainer.training:
+    if trainer is not None and trainer.state.fn == "fit":  # also in fit's validation (val_check_interval)
         # processed: batches whose training step ran this epoch (counted before on_train_batch_end, where
         # ModelCheckpoint(every_n_train_steps) saves, and equal to completed at a SIGTERM stop)
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         state.update(epoch=trainer.current_epoch, position=done * batch_size)
     return state
+
+
+def keep_epoch_unfinished(checkpoint: dict[str, Any], trainer: L.Trainer) -> None:
+    """Mark a checkpoint written when an epoch was cut short (max_steps, a callback's stop) as mid-epoch.
+
+    Lightning counts such an epoch as processed before on_train_epoch_end, where ModelCheckpoint writes
+    last.ckpt, so `fit --ckpt_path last` would start the next epoch and skip the rest of this one. With the
+    epoch counted as unprocessed (the state a mid-epoch step checkpoint has) the resumed run finishes it
+    first, with the batches an uninterrupted run would have trained on (the sampler's position).
+    """
+    loop = checkpoint.get("loops", {}).get("fit_loop")
+    if loop is None or trainer.state.fn != "fit":
+        return
+    epochs, batches = loop["epoch_progress"], loop["epoch_loop.batch_progress"]
+    cut_short = not batches["is_last_batch"] and 0 < batches["current"]["ready"] < trainer.num_training_batches
+    if cut_short and all(epochs[k]["processed"] == epochs[k]["completed"] + 1 for k in ("total", "current")):
+        for k in ("total", "current"):
+            epochs[k]["processed"] -= 1
 
 
 # ---- preemption -------------------------------------------------------------------------------------------

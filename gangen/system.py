@@ -24,6 +24,7 @@ from gangen.layers import check_choice, nhwc_strides
 from gangen.losses import REGULARIZERS, gradient_penalty, make_loss, r1_penalty
 from gangen.networks import build_network, network_spec
 from gangen.optim import default_adam, make_capturable, use_fused
+from gangen.reliability import keep_epoch_unfinished
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -431,6 +432,8 @@ class GAN(L.LightningModule):
             state["latent_rng_device"] = self._latent_rng.device.type
             state["latent_rng_states"] = states
         checkpoint["gangen"] = state
+        if self._trainer is not None:
+            keep_epoch_unfinished(checkpoint, self.trainer)  # a max_steps stop resumes mid-epoch
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("gangen", {})

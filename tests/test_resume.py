@@ -91,6 +91,23 @@ def test_sigkill_mid_epoch_then_resume_last_is_exact(uninterrupted, variant, tmp
     assert_same_state(uninterrupted, resumed)  # bitwise: G, D, EMA, batchnorm statistics, grid latents
 
 
+def test_sigkill_after_mid_epoch_validation_save_resumes_exactly(tmp_path):
+    """With validation every 2 batches ModelCheckpoint saves last.ckpt in fit's validation, mid-epoch: killed
+    after the one at batch 8 (epoch 1, 2 batches in), the resumed run ends as the run that never stopped."""
+    every_2 = ["--trainer.val_check_interval", "2"]
+    r = fit(tmp_path / "straight", *every_2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = fit(tmp_path, *signal_at(9, signal.SIGKILL), *every_2)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "dcgan_fashion_mnist" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["gangen"]["batches_seen"] == 8 and ckpt["ImageDataModule"] == {"seed": 0, "epoch": 1, "position": 128}
+    r = fit(tmp_path, "--ckpt_path", "last", *every_2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    straight, resumed = (torch.load(d / "params_rank0.pt") for d in (tmp_path / "straight", tmp_path))
+    assert int(resumed["images_seen"]) == 2 * 384
+    assert_same_state(straight, resumed)
+
+
 def test_sigterm_saves_checkpoint_and_resumes_exactly(uninterrupted, tmp_path):
     r = fit(tmp_path, *signal_at(8, signal.SIGTERM))
     assert r.returncode == 128 + signal.SIGTERM, (r.returncode, r.stderr[-3000:])
@@ -102,6 +119,22 @@ def test_sigterm_saves_checkpoint_and_resumes_exactly(uninterrupted, tmp_path):
     r = fit(tmp_path, "--ckpt_path", "last")
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_state(uninterrupted, torch.load(tmp_path / "params_rank0.pt"))
+
+
+def test_max_steps_stop_then_resume_last_is_exact(uninterrupted, tmp_path):
+    """A run stopped by max_steps 4 batches into epoch 0 (of 6), then resumed from the last.ckpt that
+    ModelCheckpoint wrote at that stop: it finishes epoch 0 first and ends as the run that never stopped."""
+    r = fit(tmp_path, "--trainer.max_steps", str(4 * STEPS_PER_BATCH))
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = tmp_path / "dcgan_fashion_mnist" / "version_0" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["gangen"]["batches_seen"] == 4 and ckpt["ImageDataModule"]["position"] == 4 * 64
+    assert ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"] == 0  # epoch 0 not done
+    r = fit(tmp_path, "--ckpt_path", "last")
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = torch.load(tmp_path / "params_rank0.pt")
+    assert int(resumed["images_seen"]) == 2 * 384  # Lightning alone skips the 2 batches left in epoch 0
+    assert_same_state(uninterrupted, resumed)
 
 
 def test_sigint_saves_checkpoint(tmp_path):
@@ -124,7 +157,7 @@ def test_two_process_mid_epoch_resume_is_exact(loader, tmp_path):
     stopped = tmp_path / "stopped"
     r = fit(stopped, *ddp, *step_checkpoints(4), "--trainer.max_steps", str(4 * STEPS_PER_BATCH))
     assert r.returncode == 0, r.stderr[-3000:]
-    # the step checkpoint (the one a killed job leaves; the train-end save after max_steps is not mid-epoch)
+    # the step checkpoint, the one a killed job leaves
     step_ckpt = stopped / "dcgan_fashion_mnist" / "version_0" / "checkpoints" / f"stepstep={4 * STEPS_PER_BATCH}.ckpt"
     ckpt = torch.load(step_ckpt, weights_only=True)
     assert ckpt["gangen"]["batches_seen"] == 4 and ckpt["ImageDataModule"]["position"] == 64  # 1 batch into epoch 1
