@@ -161,10 +161,16 @@ class ResumableRandomSampler(DistributedSampler):
         return self.num_samples
 
 
+def _fit_running(trainer: L.Trainer) -> bool:
+    """Whether `fit` is under way (training or its validation) or was interrupted (a SIGTERM save), not
+    finished: the loops' batch counts are then those of the current epoch."""
+    return trainer.state.fn == "fit" and trainer.state.status in ("running", "interrupted")
+
+
 def sampler_state(trainer: L.Trainer | None, sampler: ResumableRandomSampler, batch_size: int) -> dict[str, int]:
     """What a checkpoint needs to restart `sampler` where training is now: seed, epoch, items trained on."""
     state = {"seed": sampler.seed, "epoch": sampler.epoch, "position": 0}
-    if trainer is not None and trainer.state.fn == "fit":  # also in fit's validation (val_check_interval)
+    if trainer is not None and _fit_running(trainer):  # also in fit's validation (val_check_interval)
         # processed: batches whose training step ran this epoch (counted before on_train_batch_end, where
         # ModelCheckpoint(every_n_train_steps) saves, and equal to completed at a SIGTERM stop)
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
@@ -181,7 +187,7 @@ def keep_epoch_unfinished(checkpoint: dict[str, Any], trainer: L.Trainer) -> Non
     first, with the batches an uninterrupted run would have trained on (the sampler's position).
     """
     loop = checkpoint.get("loops", {}).get("fit_loop")
-    if loop is None or trainer.state.fn != "fit":
+    if loop is None or not _fit_running(trainer):
         return
     epochs, batches = loop["epoch_progress"], loop["epoch_loop.batch_progress"]
     cut_short = not batches["is_last_batch"] and 0 < batches["current"]["ready"] < trainer.num_training_batches
