@@ -77,7 +77,7 @@ def discriminator(ndf: int, nc: int) -> nn.Sequential:
 
 
 def train(
-    root: Path = FMNIST,  # folder with train-images-idx3-ubyte.gz and train-labels-idx1-ubyte.gz
+    root: Path = FMNIST,  # Fashion-MNIST's IDX files, or an image folder (RGB, as the example's CelebA run)
     batch_size: int = 64,  # images per step
     steps: int = 20,  # timed steps
     warmup: int = 3,  # untimed steps first
@@ -88,10 +88,19 @@ def train(
 ) -> dict[str, float]:
     """Run warmup + steps iterations of the classic loop; images/s of the timed steps."""
     torch.manual_seed(0)
-    transform = T.Compose([T.Resize(64), T.CenterCrop(64), T.ToTensor(), T.Normalize((0.5,), (0.5,))])
-    loader = DataLoader(FashionMNISTLike(root, transform), batch_size=batch_size, shuffle=True, num_workers=workers)
+    if (Path(root) / "train-images-idx3-ubyte.gz").is_file():
+        nc = 1
+        transform = T.Compose([T.Resize(64), T.CenterCrop(64), T.ToTensor(), T.Normalize((0.5,), (0.5,))])
+        dataset: Dataset = FashionMNISTLike(Path(root), transform)
+    else:  # the example's --dataset folder / celeba: torchvision ImageFolder, a JPEG/PNG decode per item
+        from torchvision.datasets import ImageFolder
+
+        nc, half = 3, (0.5, 0.5, 0.5)
+        transform = T.Compose([T.Resize(64), T.CenterCrop(64), T.ToTensor(), T.Normalize(half, half)])
+        dataset = ImageFolder(str(root), transform)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers)
     dev = torch.device(device)
-    net_g, net_d = generator(nz, width, 1).to(dev), discriminator(width, 1).to(dev)
+    net_g, net_d = generator(nz, width, nc).to(dev), discriminator(width, nc).to(dev)
     net_g.apply(weights_init)
     net_d.apply(weights_init)
     criterion = nn.BCELoss()

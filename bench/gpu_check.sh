@@ -5,7 +5,7 @@
 #
 # PARTS (default: all, 12-15 minutes: more than one 10-minute device call, so name them):
 #   tests (~1.5 min), experiments (5-7 min: bench/experiments.py checked on the GPU, then batch 1024 with
-#   and without each), bs128 (~3 min), cli (~1 min), profile (~1 min), layers (~2.5 min).
+#   and without each), bs128 (~3 min), cli (~1 min), profile (~1 min), layers (~2.5 min), folder (~3 min).
 #
 # Writes each part's output to $OUT (or ./gpu_check_out) and to stdout. Needs a Python with gangen's
 # dependencies ($PYTHON, default python). Every part runs under its own time limit, so a slow or failing
@@ -16,7 +16,7 @@
 set -u
 FMNIST=${1:-data/fashion-mnist}
 shift $(($# > 0 ? 1 : 0))
-PARTS=" ${*:-tests experiments bs128 cli profile layers} "
+PARTS=" ${*:-tests experiments bs128 cli profile layers folder} "
 want() { [[ $PARTS == *" $1 "* ]]; }
 PY=${PYTHON:-python}
 DEST=${OUT:-gpu_check_out}
@@ -92,5 +92,17 @@ if want layers; then
     echo "== layers: bench/layer_speed.py --batch_size 1024 --formats NHWC --compile" | tee "$DEST/layers.txt"
     timeout 150 $PY bench/layer_speed.py --batch_size 1024 --formats NHWC --compile 2>&1 | grep -v "^W[0-9]\|warn" \
         | tee -a "$DEST/layers.txt"
+fi
+# 7. An RGB image folder (CelebA-like JPEGs made from the Fashion-MNIST files): the data paths alone on the
+#    CPU cores, then batch 128 on the GPU: classic (torchvision ImageFolder, 8 workers) vs gangen's default
+#    (decoded once, on-device batches) vs gangen decoding per image (--data.cache false, 8 workers).
+if want folder; then
+    FOLDER=$(mktemp -d)/celeba_like
+    echo "== folder: 20000 JPEGs of 178x218 in $FOLDER" | tee "$DEST/folder.txt"
+    timeout 60 $PY bench/make_image_folder.py "$FOLDER" --num_images 20000 --fmnist "$FMNIST" | tee -a "$DEST/folder.txt"
+    timeout 90 $PY bench/loader_speed.py --root "$FOLDER" --batches 100 --workers 8 2>&1 | tee -a "$DEST/folder.txt"
+    timeout 150 $PY bench/throughput.py --device cuda --root "$FOLDER" --workers 8 --batch_size 128 --steps 150 \
+        --warmup 20 --repeats 1 --child_timeout 60 --variants gangen gangen_pil 2>&1 \
+        | grep -v "^/\|Tip\|GPU available\|TPU available\|Tensor Cores\|Seed set\|LOCAL_RANK" | tee -a "$DEST/folder.txt"
 fi
 echo "elapsed $(($(date +%s) - T0)) s" | tee -a "$DEST/gpu.txt"

@@ -3,6 +3,7 @@
     python bench/throughput.py                                  # CPU, 64x64, batch 64, 3 paired repeats
     python bench/throughput.py --device cuda --batch_size 128 1024 --variants gangen gangen_compile
     python bench/throughput.py --eval_samples 256               # add a FID/KID/IS evaluation-time row
+    python bench/throughput.py --root FOLDER --variants gangen gangen_pil   # an RGB image folder (CelebA-like)
 
 Every measurement runs in its own subprocess (fresh peak memory, no shared warm caches): the baseline is
 bench/classic_dcgan.py (PIL transforms in 2 DataLoader workers, fp32, Adam, BCE, .item() per step); gangen
@@ -12,6 +13,11 @@ timed from batch `--warmup` to the last batch by a callback. Repeats alternate t
 Table: median images/s over repeats with the min-max spread, the median of the paired ratios to the
 baseline (same repeat), and peak memory (CPU: peak RSS of the process plus its largest DataLoader worker;
 GPU: torch.cuda.max_memory_allocated).
+
+--root: Fashion-MNIST's IDX files (default), or a folder of RGB images (subfolders = classes, as CelebA in
+the example's ImageFolder): the baseline then reads it with torchvision's ImageFolder and gangen trains
+`--data.dataset image_folder` at 3 channels, with `--workers` DataLoader workers too; the notes give the
+seconds gangen's setup took (one-time decoding into its cache, in a fresh cache folder per run).
 
 Variants (gangen's options on top of its defaults: bf16-mixed on CUDA and on CPUs with native bf16, channels_last,
 fused Adam, cudnn.benchmark and the step as CUDA graphs on one CUDA GPU, on_device auto):
@@ -48,6 +54,7 @@ VARIANTS: dict[str, list[str]] = {
     "gangen_graph": ["--model.cuda_graph", "true"],  # the whole D+G step as CUDA graphs, or an error
     "gangen_graph_fp32": ["--model.cuda_graph", "true", "--trainer.precision", "32-true"],
     "gangen_graph_nchw": ["--model.cuda_graph", "true", "--model.channels_last", "false"],
+    "gangen_pil": ["--data.cache", "false"],  # an image folder (--root) decoded per item, in --workers workers
 }
 EXPERIMENT_VARIANTS: dict[str, tuple[list[str], list[str]]] = {  # (overrides, bench/experiments.py patches)
     "exp_gemm_image": ([], ["gemm_image"]),
@@ -124,7 +131,12 @@ def run_gangen(
                 self.replay_img_s = args.batch * args.steps / (time.perf_counter() - start)
 
     r, n = args.resolution, args.warmup + args.steps
+    folder = not (args.root / "train-images-idx3-ubyte.gz").is_file()
+    data = ["--data.dataset", "image_folder", "--data.channels", "3", "--model.generator.init_args.channels", "3",
+            "--model.discriminator.init_args.channels", "3", "--data.num_workers", str(args.workers)
+            ] if folder else []  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
+        os.environ["GANGEN_CACHE_DIR"] = tmp  # a decoded folder is built afresh by every run (timed below)
         cli = GANCLI(
             GAN, ImageDataModule, run=False, auto_configure_optimizers=False,
             args=["--config", str(ROOT / "configs" / "dcgan_fashion_mnist.yaml"), "--trainer.logger", "false",
@@ -136,7 +148,7 @@ def run_gangen(
                   str(args.batch), "--model.generator.init_args.resolution", str(r),
                   "--model.discriminator.init_args.resolution", str(r),
                   "--model.generator.init_args.base_channels", "64",
-                  "--model.discriminator.init_args.base_channels", "64", *overrides],
+                  "--model.discriminator.init_args.base_channels", "64", *data, *overrides],
         )  # fmt: skip
         if experiments:
             from experiments import apply
@@ -144,11 +156,15 @@ def run_gangen(
             apply(cli.model, experiments)
         timer = Timer()
         cli.trainer.callbacks.extend([timer, *callbacks])
+        start = time.perf_counter()
+        cli.datamodule.prepare_data()  # (fit calls it again: then the cache is there)
+        cli.datamodule.setup("fit")
+        setup_s = time.perf_counter() - start
         cli.trainer.fit(cli.model, cli.datamodule)
     seconds = timer.end - timer.start
     loader = type(cli.trainer.train_dataloader).__name__
     result = {"img_s": timer.images / seconds, "seconds": seconds, "peak_mib": peak_memory_mib(args.device),
-              "precision": str(cli.trainer.precision), "loader": loader}  # fmt: skip
+              "precision": str(cli.trainer.precision), "loader": loader, "setup_s": setup_s}  # fmt: skip
     if timer.replay_img_s:
         result["replay_img_s"] = timer.replay_img_s
     return result
@@ -219,6 +235,8 @@ def table(args: argparse.Namespace) -> None:
             speeds = [r["img_s"] for r in runs[name]]
             ratios = [r["img_s"] / base[r["rep"]] for r in runs[name] if r["rep"] in base] or [float("nan")]  # paired
             notes = f"{runs[name][0].get('precision', '32')}, {runs[name][0].get('loader', 'DataLoader+PIL')}"
+            if "setup_s" in runs[name][0]:
+                notes += f", setup {statistics.median(r['setup_s'] for r in runs[name]):.1f} s"
             if "replay_img_s" in runs[name][0]:
                 notes += f", graph replay alone {statistics.median(r['replay_img_s'] for r in runs[name]):.0f} img/s"
             print(f"{name:<{width}} {statistics.median(speeds):12.1f} {min(speeds):8.1f}-{max(speeds):<8.1f} "

@@ -6,16 +6,19 @@ function turns each batch into float32 (B, C, H, W) in [-1, 1] plus int64 labels
 - fashion_mnist, mnist: IDX files (gzip or raw, gangen.readers), cifar10: torchvision's arrays. These small sets
   are held in memory as one uint8 tensor (N, C, H, W), resized and channel-converted once at setup; a batch
   is one tensor index (`__getitems__`), with no per-image work.
-- celeba, lsun (torchvision) and image_folder decode one image per item with PIL (use num_workers).
+- celeba, lsun (torchvision) and image_folder are decoded with PIL once, at setup, into a uint8 array on disk
+  (gangen.decoded; `cache`, default "auto": when the decoded set is at most MAX_IN_MEMORY_GIB) and then
+  served like the in-memory sets, memory-mapped; with cache false (or a larger set) every item is decoded
+  with PIL when it is loaded (use num_workers).
 - image_folder: recursive scan of `root` for IMAGE_EXTENSIONS (case-insensitive, hidden files and folders
   skipped), sorted by path. Label = index of the sorted top-level subfolder (images directly in `root` form
-  class 0 when subfolders exist); with no subfolders every label is 0 and num_classes is None. Files are not
-  decoded at setup: an image that fails to decode raises ConfigError naming the file when it is loaded.
+  class 0 when subfolders exist); with no subfolders every label is 0 and num_classes is None. An image that
+  fails to decode raises ConfigError naming the file (at setup when cached, else when it is loaded).
   Alpha is dropped (RGBA -> RGB / L); JPEGs are decoded at reduced size (PIL draft) when much larger than R.
 - Validation split: the test split where there is one (fashion_mnist, mnist, cifar10, celeba); LSUN's
   `<class>_val` databases when all are present; otherwise (image_folder, LSUN without val) the training set
   itself, which is what GAN metrics such as FID usually compare against.
-- on_device (in-memory sets only): training batches are built on the training device by
+- on_device (in-memory sets and decoded caches): training batches are built on the training device by
   gangen.batches.DeviceBatches instead of a DataLoader ("auto": on CUDA when the set fits).
 """
 
@@ -30,6 +33,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from gangen import decoded
 from gangen.batches import DeviceBatches, fits_on_device
 from gangen.errors import ConfigError, DataNotFoundError
 from gangen.readers import (
@@ -51,6 +55,8 @@ LSUN_CATEGORIES = tuple(
 )
 MAX_IN_MEMORY_GIB = 16  # refuse in-memory sets larger than this (resolution too high for the machine)
 _IN_MEMORY_SIZES = {"fashion_mnist": (60000, 10000), "mnist": (60000, 10000), "cifar10": (50000, 10000)}
+_FILE_DATASETS = ("celeba", "lsun", "image_folder")  # PIL decodes: cached once (gangen.decoded) or per item
+_CELEBA_CROP = 178  # the central 178 x 178 face box of CelebA's aligned 178 x 218 images
 _IDX_FOLDERS = {"fashion_mnist": "FashionMNIST", "mnist": "MNIST"}  # torchvision's <root>/<name>/raw
 _IDX_FILES = [f"{split}-{kind}-ubyte" for split in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")]
 _DOWNLOADABLE = ("fashion_mnist", "mnist", "cifar10", "celeba")  # torchvision can fetch these
@@ -78,6 +84,8 @@ class ImageDataModule(pl.LightningDataModule):
         on_device: bool | Literal["auto"] = "auto",
         hflip: bool = False,
         seed: int = 0,
+        cache: bool | Literal["auto"] = "auto",
+        cache_dir: str | None = None,
     ) -> None:
         """Build and validate the config; files are read in setup (in memory) or per item.
 
@@ -92,9 +100,13 @@ class ImageDataModule(pl.LightningDataModule):
             lsun_classes: LSUN categories to train on (default ["bedroom"]).
             limit: use at most this many images per split (first N; for tests and quick runs).
             on_device: build training batches on the training device from one uint8 tensor (in-memory sets:
-                fashion_mnist, mnist, cifar10); "auto": on CUDA when the set fits in 1/4 of free memory.
+                fashion_mnist, mnist, cifar10, and decoded caches); "auto": on CUDA when the set fits in 1/4
+                of free memory. true with celeba / lsun / image_folder decodes them once (cache).
             hflip: flip training images left-right with probability 1/2.
             seed: on-device batches: the epoch's shuffle and flips depend on (seed, epoch) only.
+            cache: celeba / lsun / image_folder: decode every image once into a uint8 array on disk and train
+                from it; "auto": when the decoded set is at most MAX_IN_MEMORY_GIB; false: PIL per item.
+            cache_dir: where decoded sets go; None = $GANGEN_CACHE_DIR/decoded or ~/.cache/gangen/decoded.
         """
         super().__init__()
         # `seed` stays out of the hparams: Lightning refuses a run whose model and datamodule hparams share a
@@ -123,12 +135,16 @@ class ImageDataModule(pl.LightningDataModule):
         self.download = download
         if on_device not in (True, False, "auto"):
             raise ConfigError(f"on_device {on_device!r} is invalid: use auto, true or false")
-        if on_device is True and name not in _IN_MEMORY_SIZES:
-            raise ConfigError(
-                f"on_device true needs an in-memory dataset ({', '.join(_IN_MEMORY_SIZES)}), not {name}: "
-                "set --data.on_device false (and raise --data.num_workers)"
-            )
+        if cache not in (True, False, "auto"):
+            raise ConfigError(f"cache {cache!r} is invalid: use auto, true or false")
+        if on_device is True and name in _FILE_DATASETS:
+            if cache is False:
+                raise ConfigError(
+                    f"on_device true needs {name} decoded once: drop --data.cache false, or set --data.on_device false"
+                )
+            cache = True  # on the device means one uint8 tensor: decode once, whatever its size
         self.on_device, self.hflip, self.seed = on_device, hflip, seed
+        self.cache, self.cache_dir = cache, cache_dir
         self.lsun_classes = list(lsun_classes or ["bedroom"])
         self.root = self._resolve_root(root)
         self._num_classes: int | None = {"fashion_mnist": 10, "mnist": 10, "cifar10": 10}.get(name)
@@ -216,9 +232,15 @@ class ImageDataModule(pl.LightningDataModule):
         return self._num_classes
 
     def prepare_data(self) -> None:
-        """Download with torchvision when download=True (rank 0 only; needs network)."""
-        if not self.download:
-            return
+        """Download with torchvision when download=True (needs network), then decode a file dataset once when
+        it is cached. Lightning runs this in one process per node, before every process's setup."""
+        if self.download:
+            self._download()
+        if self.dataset in _FILE_DATASETS and self.cache is not False:
+            for split in ("train", "val"):
+                self._split(split)
+
+    def _download(self) -> None:
         from torchvision import datasets
 
         root = str(self.root)
@@ -248,8 +270,39 @@ class ImageDataModule(pl.LightningDataModule):
             data = self._build(split)
             if self.limit is not None and len(data) > self.limit:  # in-memory and folder sets are cut already
                 data = Subset(data, range(self.limit))
+            if self._decode_once(len(data)):
+                key = self._cache_key(split, len(data))
+                data = decoded.cached(data, key, self.cache_dir, processes=decoded.usable_cpus())
             self._splits[split] = data
         return self._splits[split]
+
+    def _decode_once(self, count: int) -> bool:
+        """Whether this (file) dataset of `count` images is decoded once into a cache (see `cache`)."""
+        if self.dataset not in _FILE_DATASETS or self.cache is False:
+            return False
+        return self.cache is True or count * self.channels * self.resolution**2 <= MAX_IN_MEMORY_GIB * 2**30
+
+    def _cache_key(self, split: str, count: int) -> dict:
+        """What the decoded pixels of a split depend on (gangen.decoded): settings and source file stats."""
+        if self.dataset == "image_folder":  # the val split is the training set: one cache for both
+            source = decoded.file_stats(self._files[:count], self.root)
+        elif self.dataset == "celeba":
+            folder = self.root / "celeba"
+            source = [split, *decoded.file_stats([folder / "img_align_celeba", folder / "list_eval_partition.txt"])]
+        else:
+            source = decoded.file_stats([self.root / f"{name}_lmdb" / "data.mdb" for name in self._lsun_names(split)])
+        return {
+            "dataset": self.dataset, "root": str(self.root.resolve()), "source": source, "count": count,
+            "resolution": self.resolution, "channels": self.channels, "crop": _CELEBA_CROP if self.dataset == "celeba"
+            else None, "decoder": decoded.DECODER_VERSION,
+        }  # fmt: skip
+
+    def _lsun_names(self, split: str) -> list[str]:
+        """The LSUN databases of a split: <class>_val when all exist, else <class>_train."""
+        names = [f"{c}_{'train' if split == 'train' else 'val'}" for c in self.lsun_classes]
+        if not all((self.root / f"{c}_lmdb").is_dir() for c in names):
+            names = [f"{c}_train" for c in self.lsun_classes]  # no val databases: use the train set
+        return names
 
     def _build(self, split: str) -> Dataset:
         """Create the dataset of one split ("train" or "val")."""
@@ -276,11 +329,9 @@ class ImageDataModule(pl.LightningDataModule):
                 return TensorImageDataset(resize_images(images, self.resolution, self.channels), labels)
             if self.dataset == "celeba":
                 base = datasets.CelebA(str(self.root), split="train" if train else "test", target_type=[])
-                return TorchvisionImages(base, self.resolution, self.channels, crop=178)
-            names = [f"{c}_{'train' if train else 'val'}" for c in self.lsun_classes]
-            if not all((self.root / f"{c}_lmdb").is_dir() for c in names):
-                names = [f"{c}_train" for c in self.lsun_classes]  # no val databases: use the train set
-            return TorchvisionImages(datasets.LSUN(str(self.root), classes=names), self.resolution, self.channels)
+                return TorchvisionImages(base, self.resolution, self.channels, crop=_CELEBA_CROP)
+            lsun = datasets.LSUN(str(self.root), classes=self._lsun_names(split))
+            return TorchvisionImages(lsun, self.resolution, self.channels)
         except RuntimeError as e:  # torchvision: "Dataset not found or corrupted..."
             raise DataNotFoundError(
                 f"{self.dataset} files in {self.root} are missing or corrupt ({e}): pass "

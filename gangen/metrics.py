@@ -44,7 +44,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import re
 import warnings
 from collections.abc import Iterator
@@ -55,11 +54,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gangen.decoded import cache_root
 from gangen.errors import ConfigError
 from gangen.inception import FeatureExtractor, check_uint8
 from gangen.sampling import atomic_file, generate, latents, to_uint8
 
-CACHE_ENV_VAR = "GANGEN_CACHE_DIR"  # gangen's cache root; real statistics go to <root>/real_stats
 MIN_UNBIASED_SAMPLES = 2048  # below this (the feature dimension) FID is visibly biased by the sample count
 
 
@@ -151,8 +150,7 @@ class RealStats:
 
 def default_cache_dir() -> Path:
     """$GANGEN_CACHE_DIR/real_stats, else ~/.cache/gangen/real_stats."""
-    root = os.environ.get(CACHE_ENV_VAR) or Path.home() / ".cache" / "gangen"
-    return Path(root).expanduser() / "real_stats"
+    return cache_root() / "real_stats"
 
 
 def cache_file(key: dict, cache_dir: str | Path | None = None) -> Path:

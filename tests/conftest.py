@@ -13,6 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "configs" / "dcgan_fashion_mnist.yaml"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _cache_dir(tmp_path_factory):
+    """gangen's caches (decoded datasets, real statistics) of this session, in-process and in CLI subprocesses,
+    go to a temporary folder, not ~/.cache/gangen."""
+    os.environ["GANGEN_CACHE_DIR"] = str(tmp_path_factory.mktemp("gangen_cache"))
+
+
 def run_cli(
     *args: str, cwd: Path | None = None, timeout: float = 300, env: dict[str, str | None] | None = None
 ) -> subprocess.CompletedProcess:

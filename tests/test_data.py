@@ -272,9 +272,9 @@ def test_image_folder_corrupt_file_raises_at_load(tmp_path: Path, content: str) 
     root = make_folder(tmp_path / "imgs", {"a.png": ("RGB", (20, 20)), "b.jpg": ("RGB", (64, 64))})
     bad = root / "b.jpg"
     bad.write_bytes(b"not an image at all" if content == "garbage" else bad.read_bytes()[:300])
-    dm = ImageDataModule(dataset="image_folder", root=str(root), resolution=8, batch_size=2)
+    dm = ImageDataModule(dataset="image_folder", root=str(root), resolution=8, batch_size=2, cache=False)
     dataset = dm._split("train")
-    assert len(dataset) == 2 and dataset[0][0].shape == (1, 8, 8)  # setup does not decode; a.png loads
+    assert len(dataset) == 2 and dataset[0][0].shape == (1, 8, 8)  # uncached: setup does not decode; a.png loads
     with pytest.raises(ConfigError) as error:
         dataset[1]
     assert str(bad) in str(error.value) and "\n" not in str(error.value)
@@ -298,7 +298,8 @@ def test_cifar10_in_memory(tmp_path: Path, monkeypatch) -> None:
     check_batch(*first_batch(dm), 4, 3, 32)
 
 
-def test_celeba_per_item_crop(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("cache", [False, "auto"])
+def test_celeba_per_item_crop(tmp_path: Path, monkeypatch, cache) -> None:
     class FakeCelebA(torch.utils.data.Dataset):
         def __init__(self, root: str, split: str, target_type: list) -> None:
             self.split = split
@@ -313,11 +314,16 @@ def test_celeba_per_item_crop(tmp_path: Path, monkeypatch) -> None:
 
     (tmp_path / "celeba").mkdir()
     monkeypatch.setattr(datasets, "CelebA", FakeCelebA)
-    dm = ImageDataModule(dataset="celeba", root=str(tmp_path), channels=3, resolution=16, batch_size=5, limit=5)
+    dm = ImageDataModule(dataset="celeba", root=str(tmp_path), channels=3, resolution=16, batch_size=5, limit=5,
+                         cache=cache, cache_dir=str(tmp_path / "cache"))  # fmt: skip
     images, labels = first_batch(dm)
     check_batch(images, labels, 5, 3, 16)
     assert images.min() == 1.0 and labels.tolist() == [0] * 5 and dm.num_classes is None
-    assert dm._split("val").base.split == "test"
+    if cache is False:
+        assert dm._split("val").base.split == "test"
+    else:  # decoded once per split: the train and test splits are different caches
+        dm._split("val")
+        assert len(list((tmp_path / "cache").iterdir())) == 2
 
 
 def test_missing_torchvision_files_are_one_line(tmp_path: Path) -> None:

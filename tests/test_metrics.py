@@ -20,7 +20,7 @@ from PIL import Image
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torchmetrics.image.fid import NoTrainInceptionV3
 
-from gangen import inception, metrics
+from gangen import decoded, inception, metrics
 from gangen.data import DEFAULT_FASHION_MNIST_ROOT, ImageDataModule
 from gangen.errors import ConfigError, DataNotFoundError
 from gangen.metrics import Evaluator, RealStats, real_statistics
@@ -213,7 +213,7 @@ def test_cache_file_for_other_key_or_corrupt_is_recomputed(extractor, images, tm
 
 
 def test_real_statistics_from_datamodule(extractor, tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv(metrics.CACHE_ENV_VAR, str(tmp_path))  # default cache dir: $GANGEN_CACHE_DIR/real_stats
+    monkeypatch.setenv(decoded.CACHE_ENV_VAR, str(tmp_path))  # default cache dir: $GANGEN_CACHE_DIR/real_stats
     dm = ImageDataModule(resolution=32, channels=1, limit=50, batch_size=16)
     with ForwardCounter(extractor) as counter:
         stats = real_statistics(dm, extractor, split="val", num_samples=6, batch_size=4)

@@ -132,8 +132,8 @@ def test_on_device_cli_fit(tmp_path):
 
 def test_on_device_refuses_per_image_datasets(tmp_path):
     (tmp_path / "a.png").write_bytes(b"")
-    with pytest.raises(ConfigError, match="on_device true needs an in-memory dataset"):
-        ImageDataModule(dataset="image_folder", root=str(tmp_path), on_device=True)
+    with pytest.raises(ConfigError, match="on_device true needs image_folder decoded once"):
+        ImageDataModule(dataset="image_folder", root=str(tmp_path), on_device=True, cache=False)
     with pytest.raises(ConfigError, match="on_device 'yes' is invalid"):
         ImageDataModule(on_device="yes")
 

@@ -1,0 +1,145 @@
+"""Decode once: a file dataset (image_folder, celeba, lsun) decoded at the training resolution into one uint8
+array on disk, then memory-mapped by every later epoch, run, rank and DataLoader worker.
+
+Without it every epoch decodes and resizes every image again with PIL (a CelebA JPEG: ~1-2 ms of CPU); with
+it a batch is one gather from the array, as for the in-memory sets, and a set that fits can be moved to the
+GPU whole (`--data.on_device`). CelebA at 64x64 is 202,599 x 3 x 64 x 64 bytes = 2.3 GiB.
+
+Layout: `<cache_dir>/<dataset>-<R>px-<C>ch-n<N>-<digest>/images.npy` (N, C, R, R) uint8 and `labels.npy`
+(N,) int64. The digest covers what the pixels depend on: the decoder version, resolution, channels, crop,
+the number of images and the source files' sizes and modification times (image_folder: every file; celeba:
+the image folder and split list; lsun: each database), so changing any of them builds a new cache. A cache is
+written into a temporary folder and renamed into place: a killed build leaves no half-written cache, and
+concurrent builders (DDP ranks, nodes on a shared file system) each finish or find the other's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from gangen.errors import ConfigError
+from gangen.readers import TensorImageDataset
+
+CACHE_ENV_VAR = "GANGEN_CACHE_DIR"  # gangen's cache root: decoded/ here, real_stats/ for the metrics
+DECODER_VERSION = 1  # bump when readers.fit_image / to_mode change the pixels they produce
+_CHUNK = 256  # images per decode task (3 MiB at 64x64 RGB)
+_source: Dataset | None = None  # the dataset decode workers read (inherited through fork, never pickled)
+
+
+def cache_root() -> Path:
+    """$GANGEN_CACHE_DIR, else ~/.cache/gangen."""
+    return Path(os.environ.get(CACHE_ENV_VAR) or Path.home() / ".cache" / "gangen").expanduser()
+
+
+def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def file_stats(paths: list[Path], relative_to: Path | None = None) -> list[list]:
+    """[name, size, mtime_ns] of each path (name relative to `relative_to` when given; -1s when missing)."""
+    stats = []
+    for path in paths:
+        st = path.stat() if path.exists() else None
+        name = str(path.relative_to(relative_to) if relative_to else path)
+        stats.append([name, st.st_size, st.st_mtime_ns] if st else [name, -1, -1])
+    return stats
+
+
+def cache_path(key: dict, cache_dir: str | Path | None = None) -> Path:
+    """The cache folder of a key: a readable prefix and a hash of the whole key."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(key["dataset"]))[-40:]
+    name = f"{slug}-{key['resolution']}px-{key['channels']}ch-n{key['count']}-{digest}"
+    return (Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "decoded") / name
+
+
+def load(path: Path) -> TensorImageDataset:
+    """A built cache as an in-memory style dataset whose images are memory-mapped (copy-on-write)."""
+    images = np.load(path / "images.npy", mmap_mode="c")  # (N, C, R, R) uint8, pages read on demand
+    return TensorImageDataset(torch.from_numpy(images), torch.from_numpy(np.load(path / "labels.npy")))
+
+
+def _decode(span: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Images start..stop-1 of the source: (n, C, R, R) uint8 and (n,) int64 labels."""
+    assert _source is not None
+    items = [_source[i] for i in range(*span)]
+    return np.stack([image.numpy() for image, _ in items]), np.array([int(label) for _, label in items], np.int64)
+
+
+def _decoded(spans: list[tuple[int, int]], processes: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The decoded spans in order: in this process, or in `processes` forked workers."""
+    if processes <= 1 or "fork" not in multiprocessing.get_all_start_methods():  # (Windows: no fork)
+        yield from map(_decode, spans)
+        return
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        yield from pool.imap(_decode, spans)
+
+
+def build(source: Dataset, path: Path, processes: int = 1, log: bool = True) -> TensorImageDataset:
+    """Decode every item of `source` ((C, R, R) uint8 image, label) into the cache folder `path`; returns it
+    loaded. An item that fails to decode stops the build with its own error (readers: one line naming the file)
+    and removes the partial files."""
+    global _source
+    count = len(source)
+    first, _ = source[0]  # (C, R, R) uint8: the array's shape
+    if log:
+        gib = count * first.numel() / 2**30
+        print(f"gangen: decoding {count} images once into {path} ({gib:.2f} GiB, {max(processes, 1)} processes)",
+              flush=True)  # fmt: skip
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as e:
+        raise _write_error(path, e) from e
+    try:
+        try:
+            images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, (count, *first.shape))
+            with open(tmp / "images.npy", "r+b") as f:  # reserve the blocks: a full disk fails here, not as
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)  # a SIGBUS mid-decode
+        except OSError as e:
+            raise _write_error(path, e) from e
+        labels = np.empty(count, np.int64)
+        spans = [(i, min(i + _CHUNK, count)) for i in range(0, count, _CHUNK)]
+        _source = source
+        for (start, stop), (chunk, chunk_labels) in zip(spans, _decoded(spans, processes), strict=True):
+            images[start:stop], labels[start:stop] = chunk, chunk_labels  # decode errors propagate as they are
+        images.flush()
+        del images
+        try:
+            np.save(tmp / "labels.npy", labels)
+            tmp.rename(path)  # atomic: the cache appears complete or not at all
+        except OSError as e:
+            if not (path / "images.npy").is_file():  # unless another builder's cache is there now
+                raise _write_error(path, e) from e
+    finally:
+        _source = None
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; the partial files after an error
+    return load(path)
+
+
+def _write_error(path: Path, error: OSError) -> ConfigError:
+    return ConfigError(
+        f"cannot write the decoded dataset under {path.parent} ({error.strerror or error}): free space there or "
+        "set --data.cache_dir to another folder ($GANGEN_CACHE_DIR), or --data.cache false"
+    )
+
+
+def cached(source: Dataset, key: dict, cache_dir: str | Path | None, processes: int) -> TensorImageDataset:
+    """The decoded cache of `source` under `key`: loaded when it exists, built first when not."""
+    path = cache_path(key, cache_dir)
+    if (path / "images.npy").is_file() and (path / "labels.npy").is_file():
+        return load(path)
+    return build(source, path, processes)
