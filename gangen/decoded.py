@@ -120,6 +120,9 @@ def build(source: Dataset, path: Path, processes: int = 1, log: bool = True) -> 
         del images
         try:
             np.save(tmp / "labels.npy", labels)
+            umask = os.umask(0)
+            os.umask(umask)
+            tmp.chmod(0o777 & ~umask)  # mkdtemp's folder is private (0700): readable as any folder the user makes
             tmp.rename(path)  # atomic: the cache appears complete or not at all
         except OSError as e:
             if not (path / "images.npy").is_file():  # unless another builder's cache is there now

@@ -44,6 +44,9 @@ def test_cache_holds_the_per_item_pixels_and_is_built_once(tmp_path, capsys):
         image, label = per_item[i]
         assert torch.equal(cached.images[i], image) and int(cached.labels[i]) == label
     assert dm.num_classes == 3 and dm._split("val").images.shape == (8, 3, 16, 16)  # val: the same files
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "c" / name).stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0700
     images_file = tmp_path / "c" / name / "images.npy"
     stamp = images_file.stat().st_mtime_ns
     again = folder_module(root, tmp_path / "c")
