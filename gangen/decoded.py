@@ -95,9 +95,11 @@ def build(source: Dataset, path: Path, processes: int = 1, log: bool = True) -> 
     global _source
     count = len(source)
     first, _ = source[0]  # (C, R, R) uint8: the array's shape
+    spans = [(i, min(i + _CHUNK, count)) for i in range(0, count, _CHUNK)]
+    processes = max(1, min(processes, len(spans)))
     if log:
         gib = count * first.numel() / 2**30
-        print(f"gangen: decoding {count} images once into {path} ({gib:.2f} GiB, {max(processes, 1)} processes)",
+        print(f"gangen: decoding {count} images once into {path} ({gib:.2f} GiB, {processes} processes)",
               flush=True)  # fmt: skip
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,12 +109,12 @@ def build(source: Dataset, path: Path, processes: int = 1, log: bool = True) -> 
     try:
         try:
             images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, (count, *first.shape))
-            with open(tmp / "images.npy", "r+b") as f:  # reserve the blocks: a full disk fails here, not as
-                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)  # a SIGBUS mid-decode
+            if hasattr(os, "posix_fallocate"):  # reserve the blocks: a full disk fails here, not as a SIGBUS
+                with open(tmp / "images.npy", "r+b") as f:  # when a page of the map is written mid-decode
+                    os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
         except OSError as e:
             raise _write_error(path, e) from e
         labels = np.empty(count, np.int64)
-        spans = [(i, min(i + _CHUNK, count)) for i in range(0, count, _CHUNK)]
         _source = source
         for (start, stop), (chunk, chunk_labels) in zip(spans, _decoded(spans, processes), strict=True):
             images[start:stop], labels[start:stop] = chunk, chunk_labels  # decode errors propagate as they are
