@@ -3,7 +3,7 @@
 #
 #   bash bench/gpu_check.sh [FASHION_MNIST_DIR [PART ...]]   # default: data/fashion-mnist (the 4 .gz files)
 #
-# PARTS (default: all, 12-15 minutes: more than one 10-minute device call, so name them):
+# PARTS (default: all, 15-18 minutes: more than one 10-minute device call, so name them):
 #   tests (~1.5 min), experiments (5-7 min: bench/experiments.py checked on the GPU, then batch 1024 with
 #   and without each), bs128 (~3 min), cli (~1 min), profile (~1 min), layers (~2.5 min), folder (~3 min).
 #
