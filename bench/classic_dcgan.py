@@ -76,6 +76,20 @@ def discriminator(ndf: int, nc: int) -> nn.Sequential:
     )  # fmt: skip
 
 
+def classic_dataset(root: Path, resolution: int = 64) -> tuple[Dataset, int]:
+    """The example's dataset and its channel count: Fashion-MNIST (1) when `root` holds its IDX files, else
+    an image folder (3) read by torchvision's ImageFolder (the example's --dataset folder / celeba): one PIL
+    image per item, Resize / CenterCrop / ToTensor / Normalize to [-1, 1]."""
+    nc = 1 if (Path(root) / "train-images-idx3-ubyte.gz").is_file() else 3
+    half = (0.5,) * nc
+    transform = T.Compose([T.Resize(resolution), T.CenterCrop(resolution), T.ToTensor(), T.Normalize(half, half)])
+    if nc == 1:
+        return FashionMNISTLike(Path(root), transform), nc
+    from torchvision.datasets import ImageFolder
+
+    return ImageFolder(str(root), transform), nc
+
+
 def train(
     root: Path = FMNIST,  # Fashion-MNIST's IDX files, or an image folder (RGB, as the example's CelebA run)
     batch_size: int = 64,  # images per step
@@ -88,16 +102,7 @@ def train(
 ) -> dict[str, float]:
     """Run warmup + steps iterations of the classic loop; images/s of the timed steps."""
     torch.manual_seed(0)
-    if (Path(root) / "train-images-idx3-ubyte.gz").is_file():
-        nc = 1
-        transform = T.Compose([T.Resize(64), T.CenterCrop(64), T.ToTensor(), T.Normalize((0.5,), (0.5,))])
-        dataset: Dataset = FashionMNISTLike(Path(root), transform)
-    else:  # the example's --dataset folder / celeba: torchvision ImageFolder, a JPEG/PNG decode per item
-        from torchvision.datasets import ImageFolder
-
-        nc, half = 3, (0.5, 0.5, 0.5)
-        transform = T.Compose([T.Resize(64), T.CenterCrop(64), T.ToTensor(), T.Normalize(half, half)])
-        dataset = ImageFolder(str(root), transform)
+    dataset, nc = classic_dataset(root)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers)
     dev = torch.device(device)
     net_g, net_d = generator(nz, width, nc).to(dev), discriminator(width, nc).to(dev)

@@ -33,14 +33,10 @@ def batches(args: argparse.Namespace, name: str) -> tuple[object, float]:
     """(an iterable of training batches, seconds of setup) for one row."""
     start = time.perf_counter()
     if name == "classic":
-        import torchvision.transforms as T
+        from classic_dcgan import classic_dataset
         from torch.utils.data import DataLoader
-        from torchvision.datasets import ImageFolder
 
-        half = (0.5, 0.5, 0.5)
-        r = args.resolution
-        transform = T.Compose([T.Resize(r), T.CenterCrop(r), T.ToTensor(), T.Normalize(half, half)])
-        dataset = ImageFolder(str(args.root), transform)
+        dataset, _ = classic_dataset(args.root, args.resolution)
         loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers)
         return loader, time.perf_counter() - start
     from gangen.data import ImageDataModule

@@ -149,6 +149,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.root = self._resolve_root(root)
         self._num_classes: int | None = {"fashion_mnist": 10, "mnist": 10, "cifar10": 10}.get(name)
         self._splits: dict[str, Dataset] = {}
+        self._folder_stats: list[list] | None = None  # image_folder: the files' [name, size, mtime] (cache key)
         self._sampler_seed: int | None = None  # training order seed (restored from checkpoints)
         self._resume: dict | None = None  # {"epoch", "position"} from a checkpoint taken mid-epoch
         self._train_sampler: ResumableRandomSampler | DeviceBatches | None = None  # what state_dict reads
@@ -284,8 +285,10 @@ class ImageDataModule(pl.LightningDataModule):
 
     def _cache_key(self, split: str, count: int) -> dict:
         """What the decoded pixels of a split depend on (gangen.decoded): settings and source file stats."""
-        if self.dataset == "image_folder":  # the val split is the training set: one cache for both
-            source = decoded.file_stats(self._files[:count], self.root)
+        if self.dataset == "image_folder":  # the val split is the training set: one cache, one stat pass
+            if self._folder_stats is None:
+                self._folder_stats = decoded.file_stats(self._files[:count], self.root)
+            source = self._folder_stats
         elif self.dataset == "celeba":
             folder = self.root / "celeba"
             source = [split, *decoded.file_stats([folder / "img_align_celeba", folder / "list_eval_partition.txt"])]
