@@ -80,3 +80,15 @@ def global_batch(per_device: int, devices: int, nodes: int) -> str:
     d, n = "device" if devices == 1 else "devices", "node" if nodes == 1 else "nodes"
     total = per_device * devices * nodes
     return f"gangen: global batch {total} = {per_device} per device x {devices} {d} x {nodes} {n}"
+
+
+def broadcast_buffers_(module: torch.nn.Module, src: int = 0) -> None:
+    """Overwrite `module`'s buffers (batchnorm running statistics) with rank `src`'s, in place, on every rank.
+
+    A collective: every rank must call it. Nothing happens outside an initialised process group of 2 or more.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    for buf in module.buffers():
+        dist.broadcast(buf, src)

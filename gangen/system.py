@@ -17,6 +17,7 @@ from torch import nn
 
 from gangen.augment import DiffAugment
 from gangen.callbacks import writes_logs_now
+from gangen.distributed import broadcast_buffers_
 from gangen.ema import ema_beta, make_ema, recalibrate_batchnorm_, update_ema_
 from gangen.errors import ConfigError
 from gangen.graphs import StepGraphs, gradient_hook_owners
@@ -398,9 +399,14 @@ class GAN(L.LightningModule):
 
     def eval_generator(self) -> nn.Module:
         """The generator to sample and evaluate: the EMA one (its batchnorm statistics re-estimated for the
-        averaged weights, once per training batch at most) if there is one, else the live one."""
+        averaged weights, once per training batch at most) if there is one, else the live one.
+
+        Under DDP every rank must call it: the live generator's batchnorm statistics differ per rank (each
+        rank's own batches update them), so rank 0's, the ones a checkpoint saves, are broadcast first.
+        """
         ema = self.generator_ema
         if ema is None:
+            broadcast_buffers_(self.generator)  # a no-op in one process
             return self.generator
         if self._ema_stats_at != self.batches_seen:
             recalibrate_batchnorm_(ema, seed=self.hparams.seed)
