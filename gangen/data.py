@@ -6,10 +6,10 @@ function turns each batch into float32 (B, C, H, W) in [-1, 1] plus int64 labels
 - fashion_mnist, mnist: IDX files (gzip or raw, gangen.readers), cifar10: torchvision's arrays. These small sets
   are held in memory as one uint8 tensor (N, C, H, W), resized and channel-converted once at setup; a batch
   is one tensor index (`__getitems__`), with no per-image work.
-- celeba, lsun (torchvision) and image_folder are decoded with PIL once, at setup, into a uint8 array on disk
-  (gangen.decoded; `cache`, default "auto": when the decoded set is at most MAX_IN_MEMORY_GIB) and then
-  served like the in-memory sets, memory-mapped; with cache false (or a larger set) every item is decoded
-  with PIL when it is loaded (use num_workers).
+- celeba (torchvision), lsun (lmdb databases, readers.LmdbImages) and image_folder are decoded with PIL once,
+  at setup, into a uint8 array on disk (gangen.decoded; `cache`, default "auto": when the decoded set is at
+  most MAX_IN_MEMORY_GIB) and then served like the in-memory sets, memory-mapped; with cache false (or a
+  larger set) every item is decoded with PIL when it is loaded (use num_workers).
 - image_folder: recursive scan of `root` for IMAGE_EXTENSIONS (case-insensitive, hidden files and folders
   skipped), sorted by path. Label = index of the sorted top-level subfolder (images directly in `root` form
   class 0 when subfolders exist); with no subfolders every label is 0 and num_classes is None. An image that
@@ -38,6 +38,7 @@ from gangen.batches import DeviceBatches, fits_on_device
 from gangen.errors import ConfigError, DataNotFoundError
 from gangen.readers import (
     ImageFileDataset,
+    LmdbImages,
     TensorImageDataset,
     TorchvisionImages,
     collate,
@@ -322,6 +323,9 @@ class ImageDataModule(pl.LightningDataModule):
             return TensorImageDataset(resize_images(images, self.resolution, self.channels), labels)
         if self.dataset == "image_folder":
             return ImageFileDataset(self._files[:n], self._labels[:n], self.resolution, self.channels)
+        if self.dataset == "lsun":
+            folders = [self.root / f"{name}_lmdb" for name in self._lsun_names(split)]
+            return LmdbImages(folders, self.resolution, self.channels)
         from torchvision import datasets
 
         try:
@@ -333,8 +337,6 @@ class ImageDataModule(pl.LightningDataModule):
             if self.dataset == "celeba":
                 base = datasets.CelebA(str(self.root), split="train" if train else "test", target_type=[])
                 return TorchvisionImages(base, self.resolution, self.channels, crop=_CELEBA_CROP)
-            lsun = datasets.LSUN(str(self.root), classes=self._lsun_names(split))
-            return TorchvisionImages(lsun, self.resolution, self.channels)
         except RuntimeError as e:  # torchvision: "Dataset not found or corrupted..."
             raise DataNotFoundError(
                 f"{self.dataset} files in {self.root} are missing or corrupt ({e}): pass "

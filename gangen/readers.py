@@ -4,16 +4,18 @@
   resized (bilinear, antialiased) and channel-converted at once, in chunks.
 - `fit_image`, `to_mode`, `center_crop`: one PIL image -> (C, R, R) uint8 (EXIF orientation, L / RGB,
   shorter side to R, center crop); `scan_images`: an image folder's files and labels.
-- `TensorImageDataset` (in memory, a batch is one gather: `__getitems__` -> `Batch`), `ImageFileDataset`
-  and `TorchvisionImages` (one PIL decode per item), and `collate`: uint8 batch -> float [-1, 1].
+- `TensorImageDataset` (in memory, a batch is one gather: `__getitems__` -> `Batch`), `ImageFileDataset`,
+  `LmdbImages` (LSUN) and `TorchvisionImages` (one PIL decode per item), and `collate`: uint8 batch -> float
+  [-1, 1].
 """
 
 from __future__ import annotations
 
 import gzip
+import io
 import os
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -193,3 +195,69 @@ def scan_images(root: Path) -> tuple[list[Path], list[int], int | None]:
         return files, [0] * len(files), None
     index = {name: i for i, name in enumerate(classes)}
     return files, [index[t] for t in tops], len(classes)
+
+
+class LmdbImages(Dataset):
+    """LSUN's lmdb databases (one folder per class: key -> encoded image) as (uint8 image, class index), each
+    database in key order, the classes one after another: the items torchvision's LSUN gives.
+
+    Used instead of torchvision's LSUN, which pickles each key list into the working directory under a name
+    made of the path's letters only (two roots that differ in digits share one, and a changed database keeps
+    its stale list), and whose second instance on the same database (a val split that falls back to the train
+    set) fails: lmdb opens an environment once per process. Here the keys are read once per instance into one
+    bytes buffer (no Python object per key, so forked workers share the pages), nothing is written, and the
+    handles are shared by every instance in a process and reopened after a fork.
+    """
+
+    def __init__(self, folders: list[Path], resolution: int, channels: int) -> None:
+        self.folders, self.resolution, self.channels = list(folders), resolution, channels
+        keys, ends, sizes = bytearray(), [], []
+        for folder in self.folders:
+            with lmdb_env(folder).begin() as txn:
+                for key in txn.cursor().iternext(keys=True, values=False):
+                    keys += key
+                    ends.append(len(keys))
+            sizes.append(len(ends) - sum(sizes))
+        self._keys = bytes(keys)
+        self._ends = np.asarray(ends, dtype=np.int64)  # key i is _keys[_ends[i - 1]:_ends[i]]
+        self._labels = np.repeat(np.arange(len(sizes)), sizes)  # (N,) database index = class label
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        label = int(self._labels[index])
+        key = self._keys[self._ends[index - 1] if index else 0 : self._ends[index]]
+        with lmdb_env(self.folders[label]).begin() as txn:
+            data = txn.get(key)
+        try:
+            if data is None:
+                raise KeyError("no such key")
+            with Image.open(io.BytesIO(data)) as image:
+                image = to_mode(image, self.channels)
+        except Exception as e:  # PIL raises OSError, ValueError, SyntaxError... for bad bytes
+            raise ConfigError(
+                f"cannot decode image {key.decode(errors='replace')!r} in {self.folders[label]} "
+                f"({type(e).__name__}: {e}): rebuild that database or leave its class out of --data.lsun_classes"
+            ) from e
+        return fit_image(image, self.resolution), label
+
+
+_lmdb_envs: dict[tuple[int, str], Any] = {}  # (pid, folder) -> read-only lmdb.Environment
+
+
+def lmdb_env(folder: Path) -> Any:  # lmdb.Environment
+    """This process's read-only handle on the lmdb database in `folder`, opened on first use."""
+    import lmdb
+
+    key = (os.getpid(), str(Path(folder).resolve()))
+    if key not in _lmdb_envs:
+        for inherited in [k for k in _lmdb_envs if k[0] != key[0]]:  # a forked child: lmdb must not reuse, and
+            _lmdb_envs.pop(inherited).close()  # will not reopen, the parent's handles (closing them is local)
+        try:
+            _lmdb_envs[key] = lmdb.open(key[1], readonly=True, lock=False, readahead=False, meminit=False)
+        except lmdb.Error as e:
+            raise DataNotFoundError(
+                f"cannot open LSUN database {folder} ({e}): pass --data.root DIR holding <class>_train_lmdb folders"
+            ) from e
+    return _lmdb_envs[key]
