@@ -39,7 +39,7 @@ from gangen.system import GAN
 
 DESCRIPTION = (
     "gangen: train DCGAN-style GANs with Lightning. Subcommands: fit, validate (Lightning's CLI; "
-    "see `gangen fit --help`), generate, evaluate, export, train-classifier and download-weights "
+    "see `gangen fit --help`), generate, evaluate, export, train-classifier, download-weights and cache "
     "(see `gangen generate --help` etc.)."
 )
 

@@ -1,5 +1,5 @@
 """gangen's own subcommands (argparse, not Lightning's CLI): generate, evaluate, export, download-weights,
-train-classifier. `gangen.cli.main` dispatches `COMMANDS[argv[0]](argv[1:])`; errors are GanGenErrors.
+train-classifier, cache. `gangen.cli.main` dispatches `COMMANDS[argv[0]](argv[1:])`; errors are GanGenErrors.
 """
 
 from __future__ import annotations
@@ -236,7 +236,40 @@ def export_command(argv: Sequence[str]) -> None:
     print(f"wrote the {'EMA ' if is_ema else ''}generator of {args.ckpt_path} to {path}")
 
 
+def cache_command(argv: Sequence[str]) -> None:
+    from gangen import cache_dir
+    from gangen.decoded import cache_root
+
+    root = cache_root()
+    about = "List gangen's caches (decoded datasets, real-image statistics), or remove them."
+    p = _OneLineParser(prog="gangen cache", description=about)
+    p.add_argument("folders", nargs="*", type=Path,
+                   help=f"where to look (default: {root / 'decoded'} and {root / 'real_stats'}; add any "
+                   "--data.cache_dir or --metrics.cache_dir you used)")  # fmt: skip
+    p.add_argument("--clean", action="store_true", help="remove them (unfinished builds once untouched for an hour)")
+    p.add_argument("--unused_days", type=float, default=0.0, help="only the entries not used for this many days")
+    args = p.parse_args(argv)
+    cache_dir.check_days(args.unused_days)
+    folders = args.folders or [root / "decoded", root / "real_stats"]
+    where = ", ".join(str(f) for f in folders)
+    chosen = [e for e in cache_dir.entries(folders) if e.age_s >= args.unused_days * 86400]
+    if not args.clean:
+        for entry in chosen:
+            print(cache_dir.describe(entry))
+        total = cache_dir.human(sum(e.size for e in chosen))
+        print(f"{len(chosen)} entries, {total} in {where}" if chosen else f"no gangen caches in {where}")
+        return
+    removed = [e for e in chosen if cache_dir.removable(e, args.unused_days)]
+    for entry in removed:
+        cache_dir.remove(entry)
+        print(f"removed {entry.path} ({cache_dir.human(entry.size)})")
+    busy = len(chosen) - len(removed)
+    note = f"; kept {busy} unfinished written in the last hour (a build may be running)" if busy else ""
+    print(f"removed {len(removed)} entries, {cache_dir.human(sum(e.size for e in removed))} freed in {where}{note}")
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
+    "cache": cache_command,
     "evaluate": evaluate_command,
     "export": export_command,
     "download-weights": download_weights_command,

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from gangen.cache_dir import touch
 from gangen.errors import ConfigError
 from gangen.readers import TensorImageDataset
 
@@ -69,6 +70,7 @@ def cache_path(key: dict, cache_dir: str | Path | None = None) -> Path:
 def load(path: Path) -> TensorImageDataset:
     """A built cache as an in-memory style dataset whose images are memory-mapped (copy-on-write)."""
     images = np.load(path / "images.npy", mmap_mode="c")  # (N, C, R, R) uint8, pages read on demand
+    touch(path)  # last used now (`gangen cache --clean --unused_days D`)
     return TensorImageDataset(torch.from_numpy(images), torch.from_numpy(np.load(path / "labels.npy")))
 
 

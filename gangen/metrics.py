@@ -54,6 +54,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gangen.cache_dir import touch
 from gangen.decoded import cache_root
 from gangen.errors import ConfigError
 from gangen.inception import FeatureExtractor, check_uint8
@@ -243,6 +244,7 @@ def _load(path: Path, key: dict) -> RealStats | None:
         return None
     if not isinstance(payload, dict) or payload.get("key") != key:
         return None
+    touch(path)  # last used now (`gangen cache --clean --unused_days D`)
     return RealStats(payload["mean"], payload["cov"], payload["features"], key, from_cache=True)
 
 

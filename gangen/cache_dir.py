@@ -1,0 +1,101 @@
+"""What gangen keeps under its cache root, and removing it: `gangen cache [--clean] [--unused_days D]`.
+
+Two kinds of entries, both named by gangen and recognised by name only (anything else in the folders is
+never touched):
+- `decoded/<dataset>-<R>px-<C>ch-n<N>-<digest>/` (gangen.decoded), one folder per decoded split;
+- `real_stats/<dataset>-<split>-<R>px-<C>ch-n<N>-<digest>.pt` (gangen.metrics), real-image statistics.
+Unfinished ones are the temporary `.<name>.<random>` folders and files a killed build or write leaves behind.
+"Last used" is the modification time, which loading a cache refreshes (`touch`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from gangen.errors import ConfigError
+
+_NAME = r"[A-Za-z0-9_.-]+-\d+px-\d+ch-n\d+-[0-9a-f]{16}"
+_DECODED = re.compile(rf"{_NAME}")
+_STATS = re.compile(rf"{_NAME}\.pt")
+_UNFINISHED = re.compile(rf"\.{_NAME}(\.pt)?\..+")  # mkdtemp / mkstemp names: .<name>.<random>[.pt]
+ABANDONED_S = 3600.0  # an unfinished entry untouched this long belongs to no running build
+
+
+@dataclass
+class Entry:
+    path: Path
+    size: int  # bytes
+    age_s: float  # seconds since last use (finished) or last write (unfinished)
+    unfinished: bool
+
+
+def touch(path: Path) -> None:
+    """Mark a cache entry as used now; a read-only cache stays as it is."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _age(path: Path, now: float) -> float:
+    """Seconds since the entry (or, for a folder being written, its newest file) was last modified."""
+    times = [path.stat().st_mtime] + ([p.stat().st_mtime for p in path.rglob("*")] if path.is_dir() else [])
+    return max(0.0, now - max(times))
+
+
+def entries(folders: list[Path]) -> list[Entry]:
+    """gangen's cache entries in `folders` (missing folders hold none), sorted by path."""
+    now, found = time.time(), []
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            unfinished = bool(_UNFINISHED.fullmatch(path.name)) and not path.is_symlink()
+            finished = (path.is_dir() and _DECODED.fullmatch(path.name)) or (
+                path.is_file() and _STATS.fullmatch(path.name)
+            )
+            if (finished or unfinished) and not path.is_symlink():
+                found.append(Entry(path, _size(path), _age(path, now), unfinished))
+    return found
+
+
+def removable(entry: Entry, unused_days: float) -> bool:
+    """Unused for at least unused_days; an unfinished entry only once it is abandoned as well."""
+    return entry.age_s >= unused_days * 86400 and (not entry.unfinished or entry.age_s >= ABANDONED_S)
+
+
+def remove(entry: Entry) -> None:
+    if entry.path.is_dir():
+        shutil.rmtree(entry.path)
+    else:
+        entry.path.unlink(missing_ok=True)
+
+
+def describe(entry: Entry) -> str:
+    days = entry.age_s / 86400
+    when = f"{'written' if entry.unfinished else 'used'} {days:.1f} days ago"
+    return f"{human(entry.size):>10}  {when:<22} {entry.path}{'  (unfinished)' if entry.unfinished else ''}"
+
+
+def human(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError
+
+
+def check_days(unused_days: float) -> None:
+    if not unused_days >= 0:
+        raise ConfigError(f"--unused_days {unused_days!r} must be >= 0 (0: every entry)")
