@@ -3,9 +3,12 @@
 #
 #   bash bench/gpu_check.sh [FASHION_MNIST_DIR [PART ...]]   # default: data/fashion-mnist (the 4 .gz files)
 #
-# PARTS (default: all, 15-18 minutes: more than one 10-minute device call, so name them):
+# PARTS (default: all but bs1024, 15-18 minutes: more than one 10-minute device call, so name them):
 #   tests (~1.5 min), experiments (5-7 min: bench/experiments.py checked on the GPU, then batch 1024 with
-#   and without each), bs128 (~3 min), cli (~1 min), profile (~1 min), layers (~2.5 min), folder (~3 min).
+#   and without each), bs1024 (~4 min: the batch-1024 rows of experiments only, leaner), bs128 (~3 min),
+#   cli (~1 min), profile (~1 min), layers (~2.5 min), folder (~3 min).
+# A session has 15 minutes of device time, the machine's start included: one call of under 10 minutes,
+#   `tests bs1024 bs128`, gives the numbers that decide the open questions (README Speed).
 #
 # Writes each part's output to $OUT (or ./gpu_check_out) and to stdout. Needs a Python with gangen's
 # dependencies ($PYTHON, default python). Every part runs under its own time limit, so a slow or failing
@@ -50,15 +53,21 @@ part() {  # part NAME SECONDS ARGS...: one throughput table, cut off after SECON
 if want experiments; then
     echo "== bench/experiments.py" | tee "$DEST/experiments.txt"
     timeout 60 $PY bench/experiments.py 2>&1 | grep -v "^W[0-9]\|warn" | tee -a "$DEST/experiments.txt"
-    part bs1024 420 --batch_size 1024 --steps 40 --warmup 10 --repeats 1 --child_timeout 120 --variants gangen \
+    part bs1024_all 420 --batch_size 1024 --steps 40 --warmup 10 --repeats 1 --child_timeout 120 --variants gangen \
         exp_nchw_image_strides exp_gemm_image exp_bn_act exp_bn_act_eager exp_both
 fi
+# 2b. The same batch-1024 rows without the experiments' checks, bn_act eager and both together.
+want bs1024 && part bs1024 250 --batch_size 1024 --steps 40 --warmup 10 --repeats 1 --child_timeout 110 \
+    --variants gangen exp_nchw_image_strides exp_gemm_image exp_bn_act
 # 3. bs128: the classic loop (8 workers) vs gangen's defaults (bf16-mixed, channels_last, fused Adam,
 #    on-device batches, no host sync per batch, the whole step as CUDA graphs, with the rate of the
 #    captured step replayed alone: the GPU-side ceiling), gangen before layers.nhwc_strides, and both layer
 #    experiments together.
-want bs128 && part bs128 240 --batch_size 128 --steps 200 --warmup 30 --repeats 2 --child_timeout 100 \
-    --variants gangen exp_nchw_image_strides exp_both
+#    With bs1024 named too (one short call), exp_both is left out here.
+BOTH=exp_both
+want bs1024 && BOTH=
+want bs128 && part bs128 210 --batch_size 128 --steps 200 --warmup 30 --repeats 2 --child_timeout 100 \
+    --variants gangen exp_nchw_image_strides $BOTH
 
 # 4. The whole CLI with the default (captured) step: r1gan (R1 every 16 + EMA: two graphs), grids,
 #    checkpoints, a resume.
