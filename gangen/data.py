@@ -63,6 +63,13 @@ _IDX_FILES = [f"{split}-{kind}-ubyte" for split in ("train", "t10k") for kind in
 _DOWNLOADABLE = ("fashion_mnist", "mnist", "cifar10", "celeba")  # torchvision can fetch these
 
 
+def evenly_spaced(total: int, limit: int | None) -> list[int] | None:
+    """`limit` indices spread evenly over range(total), in order; None when limit keeps everything."""
+    if limit is None or limit >= total:
+        return None
+    return [i * total // limit for i in range(limit)]
+
+
 def _is_int(value: object, low: int) -> bool:
     """Whether value is an int (not a bool) >= low."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
@@ -99,7 +106,8 @@ class ImageDataModule(pl.LightningDataModule):
             num_workers: DataLoader worker processes (0 = load in the main process).
             download: fetch the dataset with torchvision in prepare_data (needs network).
             lsun_classes: LSUN categories to train on (default ["bedroom"]).
-            limit: use at most this many images per split (first N; for tests and quick runs).
+            limit: use at most this many images per split, evenly spaced over it (items 0, n/limit,
+                2n/limit, ...: a class-sorted set keeps every class's share); for tests and quick runs.
             on_device: build training batches on the training device from one uint8 tensor (in-memory sets:
                 fashion_mnist, mnist, cifar10, and decoded caches); "auto": on CUDA when the set fits in 1/4
                 of free memory. true with celeba / lsun / image_folder decodes them once (cache).
@@ -189,6 +197,9 @@ class ImageDataModule(pl.LightningDataModule):
             self._idx_paths()
         elif self.dataset == "image_folder":
             self._files, self._labels, self._num_classes = scan_images(self.root)
+            keep = evenly_spaced(len(self._files), self.limit)  # the classes stay as scanned: labels keep meaning
+            if keep is not None:
+                self._files, self._labels = [self._files[i] for i in keep], [self._labels[i] for i in keep]
         elif self.dataset == "lsun":
             if importlib.util.find_spec("lmdb") is None:
                 raise ConfigError("dataset lsun needs the lmdb package: pip install lmdb")
@@ -270,10 +281,13 @@ class ImageDataModule(pl.LightningDataModule):
     def _split(self, split: str) -> Dataset:
         if split not in self._splits:
             data = self._build(split)
-            if self.limit is not None and len(data) > self.limit:  # in-memory and folder sets are cut already
-                data = Subset(data, range(self.limit))
+            keep = evenly_spaced(len(data), self.limit)  # in-memory and folder sets are cut already
+            if keep is not None:
+                data = Subset(data, keep)
             if self._decode_once(len(data)):
                 key = self._cache_key(split, len(data))
+                if keep is not None:  # which items, beyond how many (first-N caches of older versions differ)
+                    key["subset"] = "evenly spaced"
                 data = decoded.cached(data, key, self.cache_dir, processes=decoded.usable_cpus())
             self._splits[split] = data
         return self._splits[split]
@@ -284,21 +298,26 @@ class ImageDataModule(pl.LightningDataModule):
             return False
         return self.cache is True or count * self.channels * self.resolution**2 <= MAX_IN_MEMORY_GIB * 2**30
 
+    def source_stats(self, split: str) -> list | None:
+        """[name, size, mtime_ns] of the files a celeba / lsun / image_folder split is read from, which its
+        decoded cache and real-image statistics depend on; None for the in-memory sets."""
+        if self.dataset == "image_folder":  # the val split is the training set: one stat pass
+            if self._folder_stats is None:
+                self._folder_stats = decoded.file_stats(self._files, self.root)
+            return self._folder_stats
+        if self.dataset == "celeba":
+            folder = self.root / "celeba"
+            return [split, *decoded.file_stats([folder / "img_align_celeba", folder / "list_eval_partition.txt"])]
+        if self.dataset == "lsun":
+            return decoded.file_stats([self.root / f"{name}_lmdb" / "data.mdb" for name in self._lsun_names(split)])
+        return None
+
     def _cache_key(self, split: str, count: int) -> dict:
         """What the decoded pixels of a split depend on (gangen.decoded): settings and source file stats."""
-        if self.dataset == "image_folder":  # the val split is the training set: one cache, one stat pass
-            if self._folder_stats is None:
-                self._folder_stats = decoded.file_stats(self._files[:count], self.root)
-            source = self._folder_stats
-        elif self.dataset == "celeba":
-            folder = self.root / "celeba"
-            source = [split, *decoded.file_stats([folder / "img_align_celeba", folder / "list_eval_partition.txt"])]
-        else:
-            source = decoded.file_stats([self.root / f"{name}_lmdb" / "data.mdb" for name in self._lsun_names(split)])
         return {
-            "dataset": self.dataset, "root": str(self.root.resolve()), "source": source, "count": count,
-            "resolution": self.resolution, "channels": self.channels, "crop": _CELEBA_CROP if self.dataset == "celeba"
-            else None, "decoder": decoded.DECODER_VERSION,
+            "dataset": self.dataset, "root": str(self.root.resolve()), "source": self.source_stats(split),
+            "count": count, "resolution": self.resolution, "channels": self.channels,
+            "crop": _CELEBA_CROP if self.dataset == "celeba" else None, "decoder": decoded.DECODER_VERSION,
         }  # fmt: skip
 
     def _lsun_names(self, split: str) -> list[str]:
@@ -313,16 +332,19 @@ class ImageDataModule(pl.LightningDataModule):
         train, n = split == "train", self.limit
         if self.dataset in _IDX_FOLDERS:
             paths = self._idx_paths()[:2] if train else self._idx_paths()[2:]
-            images = read_idx(paths[0])[:n].unsqueeze(1)  # (N, 1, 28, 28) uint8
-            labels = read_idx(paths[1])[:n].long()  # (N,)
+            images = read_idx(paths[0]).unsqueeze(1)  # (N, 1, 28, 28) uint8
+            labels = read_idx(paths[1]).long()  # (N,)
             if len(images) != len(labels) or images.dim() != 4:
                 raise ConfigError(
                     f"{paths[0]} and {paths[1]} do not match (shapes {tuple(images.shape)}, "
                     f"{tuple(labels.shape)}): reinstall or re-download the dataset"
                 )
+            keep = evenly_spaced(len(images), n)
+            if keep is not None:
+                images, labels = images[keep], labels[keep]
             return TensorImageDataset(resize_images(images, self.resolution, self.channels), labels)
         if self.dataset == "image_folder":
-            return ImageFileDataset(self._files[:n], self._labels[:n], self.resolution, self.channels)
+            return ImageFileDataset(self._files, self._labels, self.resolution, self.channels)  # cut at scan
         if self.dataset == "lsun":
             folders = [self.root / f"{name}_lmdb" for name in self._lsun_names(split)]
             return LmdbImages(folders, self.resolution, self.channels)
@@ -331,8 +353,10 @@ class ImageDataModule(pl.LightningDataModule):
         try:
             if self.dataset == "cifar10":
                 base = datasets.CIFAR10(str(self.root), train=train)
-                images = torch.from_numpy(base.data[:n]).permute(0, 3, 1, 2)  # (N, 3, 32, 32) uint8
-                labels = torch.as_tensor(base.targets[:n], dtype=torch.long)
+                keep = evenly_spaced(len(base.data), n)
+                keep = slice(None) if keep is None else keep
+                images = torch.from_numpy(base.data[keep]).permute(0, 3, 1, 2)  # (N, 3, 32, 32) uint8
+                labels = torch.as_tensor(base.targets, dtype=torch.long)[keep]
                 return TensorImageDataset(resize_images(images, self.resolution, self.channels), labels)
             if self.dataset == "celeba":
                 base = datasets.CelebA(str(self.root), split="train" if train else "test", target_type=[])

@@ -162,31 +162,40 @@ def cache_file(key: dict, cache_dir: str | Path | None = None) -> Path:
     return (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / name
 
 
-def _batches(source: object, split: str, num_samples: int | None, batch_size: int) -> tuple[str, Iterator[Tensor], int]:
-    """(dataset id, uint8 batches (B, C, R, R), count) of a datamodule split or a uint8 tensor."""
+def _batches(
+    source: object, split: str, num_samples: int | None, batch_size: int
+) -> tuple[str, Iterator[Tensor], int, dict]:
+    """(dataset id, uint8 batches (B, C, R, R), count, what else identifies the images) of a datamodule split
+    (`num_samples` evenly spaced over it) or a uint8 tensor (its first `num_samples`)."""
     from torch.utils.data import DataLoader, Subset
 
-    from gangen.data import ImageDataModule
+    from gangen.data import ImageDataModule, evenly_spaced
     from gangen.readers import collate
 
     if isinstance(source, Tensor):
         images = check_uint8(source)[:num_samples]
-        return "", iter(images.split(batch_size)), len(images)
+        return "", iter(images.split(batch_size)), len(images), {}
     if not isinstance(source, ImageDataModule):
         raise ConfigError(f"real images come from an ImageDataModule or a uint8 tensor, not {type(source).__name__}")
     if split not in ("train", "val"):
         raise ConfigError(f"split {split!r} is invalid: use 'train' or 'val'")
     source.setup("fit" if split == "train" else "validate")
     dataset = (source.train_dataloader() if split == "train" else source.val_dataloader()).dataset
-    count = min(len(dataset), num_samples or len(dataset))
-    subset = Subset(dataset, range(count))  # the first N, in order
+    keep = evenly_spaced(len(dataset), num_samples)  # spread: a class-sorted folder keeps every class
+    subset = dataset if keep is None else Subset(dataset, keep)
     loader = DataLoader(subset, batch_size=batch_size, collate_fn=collate, num_workers=source.num_workers)
     name = source.dataset
     if name == "image_folder":
         name = f"image_folder:{Path(source.root).resolve()}"
     elif name == "lsun":
         name = "lsun:" + ",".join(source.lsun_classes)
-    return name, (_from_float(images) for images, _ in loader), count
+    identity = {}
+    if keep is not None:
+        identity["subset"] = "evenly spaced"  # which images, beyond how many (older versions took the first N)
+    files = source.source_stats(split)
+    if files is not None:  # an edited folder or database gets new statistics
+        identity["source_sha256"] = hashlib.sha256(json.dumps(files).encode()).hexdigest()
+    return name, (_from_float(images) for images, _ in loader), len(subset), identity
 
 
 def _from_float(images: Tensor) -> Tensor:
@@ -205,21 +214,23 @@ def real_statistics(
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
 ) -> RealStats:
-    """Statistics of the first `num_samples` (None = all) real images, from the cache file when it exists.
+    """Statistics of `num_samples` (None = all) real images, from the cache file when it exists.
 
-    `source`: an ImageDataModule (its `split`, "val" = the held-out split) or uint8 images (N, C, H, W);
-    `dataset` names a tensor source in the cache key (without it a tensor source is not cached). The cache
+    `source`: an ImageDataModule (its `split`, "val" = the held-out split; `num_samples` images evenly spaced
+    over it, so a class-sorted image folder keeps every class) or uint8 images (N, C, H, W; the first
+    `num_samples`); `dataset` names a tensor source in the cache key (without it a tensor source is not
+    cached). The key also holds the source files' sizes and mtimes (celeba, lsun, image_folder). The cache
     lives in `cache_dir` (default: default_cache_dir()); a hit runs no extractor pass at all.
     """
     if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
         raise ConfigError(f"num_samples {num_samples!r} is invalid: use an integer >= 1 or None (all)")
-    name, batches, count = _batches(source, split, num_samples, batch_size)
+    name, batches, count, identity = _batches(source, split, num_samples, batch_size)
     first = next(batches, None)
     if first is None:
         raise ConfigError(f"no real images to compute statistics from (num_samples={num_samples!r})")
     key = dict(
         dataset=dataset or name, split=split, resolution=first.shape[-1], channels=first.shape[1],
-        num_samples=count, feature_extractor=extractor.name, weights_sha256=extractor.weights_sha256,
+        num_samples=count, feature_extractor=extractor.name, weights_sha256=extractor.weights_sha256, **identity,
     )  # fmt: skip
     path = cache_file(key, cache_dir) if use_cache and key["dataset"] else None
     if path is not None and path.is_file():

@@ -391,3 +391,18 @@ def test_split_smaller_than_a_batch_is_refused() -> None:
     dm.setup("fit")
     with pytest.raises(ConfigError, match="has 100 images, fewer than batch_size 128"):
         dm.train_dataloader()
+
+
+def test_limit_is_evenly_spaced_so_every_class_keeps_its_share(tmp_path: Path) -> None:
+    tree = {f"{c}/{i}.png": ("L", (12, 12)) for c in ("a_bags", "b_coats", "c_shoes") for i in range(8)}
+    root = make_folder(tmp_path / "sorted", tree)  # sorted by class, as a scan returns it
+    for cache in (True, False):
+        dm = ImageDataModule(dataset="image_folder", root=str(root), resolution=8, batch_size=6, limit=6,
+                             cache=cache, cache_dir=str(tmp_path / "cache"))  # fmt: skip
+        assert dm.num_classes == 3 and [p.name for p in dm._files] == ["0.png", "4.png"] * 3
+        assert first_batch(dm, "val")[1].tolist() == [0, 0, 1, 1, 2, 2]  # the first 6 would all be bags
+    dm = ImageDataModule(batch_size=16, limit=100)
+    dm.setup("fit")
+    train_labels = read_idx(FMNIST / "train-labels-idx1-ubyte.gz")
+    assert torch.equal(dm._split("train").labels, train_labels[::600].long())  # 60000 / 100
+    assert torch.equal(dm._split("val").labels, read_idx(FMNIST / "t10k-labels-idx1-ubyte.gz")[::100].long())

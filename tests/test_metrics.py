@@ -7,6 +7,7 @@ file (conftest.inception_weights), which has the real architecture. Inception ru
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 import warnings
@@ -218,11 +219,35 @@ def test_real_statistics_from_datamodule(extractor, tmp_path, monkeypatch) -> No
     with ForwardCounter(extractor) as counter:
         stats = real_statistics(dm, extractor, split="val", num_samples=6, batch_size=4)
     assert counter.calls == 2 and stats.key["dataset"] == "fashion_mnist" and stats.key["channels"] == 1
-    expected = resize_images(read_idx(FMNIST / "t10k-images-idx3-ubyte.gz")[:6].unsqueeze(1), 32, 1)
+    spread = [200 * (j * 50 // 6) for j in range(6)]  # limit: every 200th of 10k; num_samples: 6 of those 50
+    expected = resize_images(read_idx(FMNIST / "t10k-images-idx3-ubyte.gz")[spread].unsqueeze(1), 32, 1)
     torch.testing.assert_close(stats.features, extractor.features(expected)["pool"], rtol=0, atol=1e-5)
     assert metrics.cache_file(stats.key).parent == tmp_path / "real_stats"
     with ForwardCounter(extractor) as counter:
         assert real_statistics(dm, extractor, split="val", num_samples=6).from_cache and counter.calls == 0
+
+
+def test_real_statistics_of_a_sorted_folder_spread_over_it_and_follow_its_files(extractor, tmp_path) -> None:
+    pictures = fmnist("t10k", 12)
+    for i, image in enumerate(pictures.permute(0, 2, 3, 1).numpy()):  # 3 class folders of 4, sorted
+        (tmp_path / "imgs" / f"class{i // 4}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(tmp_path / "imgs" / f"class{i // 4}" / f"{i:02d}.png")
+
+    def stats() -> RealStats:
+        dm = ImageDataModule(dataset="image_folder", root=str(tmp_path / "imgs"), resolution=32, channels=3,
+                             batch_size=4, cache_dir=str(tmp_path / "decoded"))  # fmt: skip
+        return real_statistics(dm, extractor, num_samples=6, cache_dir=tmp_path / "stats")
+
+    first = stats()
+    assert first.key["subset"] == "evenly spaced" and first.num_samples == 6
+    expected = extractor.features(pictures[[0, 2, 4, 6, 8, 10]])["pool"]  # 2 of each class, not classes 0-1 only
+    torch.testing.assert_close(first.features, expected, rtol=0, atol=1e-5)
+    assert stats().from_cache
+    edited = tmp_path / "imgs" / "class2" / "11.png"
+    Image.fromarray(pictures[0].permute(1, 2, 0).numpy()).save(edited)
+    os.utime(edited, ns=(edited.stat().st_atime_ns, edited.stat().st_mtime_ns + 10**9))
+    again = stats()
+    assert not again.from_cache and again.key["source_sha256"] != first.key["source_sha256"]
 
 
 def test_evaluate_generator_streams_batches(extractor) -> None:
