@@ -31,6 +31,7 @@ from typing import Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from gangen import decoded
@@ -289,6 +290,14 @@ class ImageDataModule(pl.LightningDataModule):
                 if keep is not None:  # which items, beyond how many (first-N caches of older versions differ)
                     key["subset"] = "evenly spaced"
                 data = decoded.cached(data, key, self.cache_dir, processes=decoded.usable_cpus())
+            elif self.dataset in _FILE_DATASETS and self.cache == "auto":  # too large for auto: say what it costs
+                gib = len(data) * self.channels * self.resolution**2 / 2**30
+                folder = self.cache_dir or decoded.cache_root() / "decoded"
+                rank_zero_info(
+                    f"gangen: the {self.dataset} {split} split would take {gib:.1f} GiB decoded (auto caches up to "
+                    f"{MAX_IN_MEMORY_GIB}): every image is decoded with PIL when loaded, in --data.num_workers "
+                    f"{self.num_workers}; --data.cache true decodes it once into {folder} (that much disk)"
+                )
             self._splits[split] = data
         return self._splits[split]
 

@@ -3,6 +3,7 @@ built once, rebuilt when a source file changes, never left half-written; DDP bui
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -97,13 +98,16 @@ def test_undecodable_file_stops_the_build_and_leaves_nothing(tmp_path, content):
     assert caches(tmp_path / "c") == []  # neither a cache nor its temporary folder
 
 
-def test_auto_caches_up_to_the_size_limit(tmp_path, monkeypatch):
+def test_auto_caches_up_to_the_size_limit(tmp_path, monkeypatch, caplog):
     root = make_folder(tmp_path / "imgs", TREE)
     assert isinstance(folder_module(root, tmp_path / "c")._split("train"), TensorImageDataset)
     monkeypatch.setattr(data, "MAX_IN_MEMORY_GIB", 8 * 3 * 16 * 16 / 2**30 * 0.99)  # just below 8 images
     dm = folder_module(root, tmp_path / "d")
-    dm.prepare_data()
+    with caplog.at_level(logging.INFO):
+        dm.prepare_data()
     assert isinstance(dm._split("train"), ImageFileDataset) and caches(tmp_path / "d") == []
+    said = [r.getMessage() for r in caplog.records if "decoded" in r.getMessage()]
+    assert len(said) == 2 and "--data.cache true" in said[0] and str(tmp_path / "d") in said[0]  # train, val
     assert isinstance(folder_module(root, tmp_path / "e", cache=True)._split("train"), TensorImageDataset)
 
 
