@@ -307,9 +307,14 @@ class ImageDataModule(pl.LightningDataModule):
             return False
         return self.cache is True or count * self.channels * self.resolution**2 <= MAX_IN_MEMORY_GIB * 2**30
 
-    def source_stats(self, split: str) -> list | None:
-        """[name, size, mtime_ns] of the files a celeba / lsun / image_folder split is read from, which its
-        decoded cache and real-image statistics depend on; None for the in-memory sets."""
+    def source_stats(self, split: str) -> list:
+        """[name, size, mtime_ns] of the files a split is read from, which its decoded cache (celeba, lsun,
+        image_folder) and real-image statistics depend on."""
+        if self.dataset in _IDX_FOLDERS:
+            return decoded.file_stats(self._idx_paths()[:2] if split == "train" else self._idx_paths()[2:])
+        if self.dataset == "cifar10":
+            names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+            return decoded.file_stats([self.root / "cifar-10-batches-py" / name for name in names])
         if self.dataset == "image_folder":  # the val split is the training set: one stat pass
             if self._folder_stats is None:
                 self._folder_stats = decoded.file_stats(self._files, self.root)
@@ -317,9 +322,7 @@ class ImageDataModule(pl.LightningDataModule):
         if self.dataset == "celeba":
             folder = self.root / "celeba"
             return [split, *decoded.file_stats([folder / "img_align_celeba", folder / "list_eval_partition.txt"])]
-        if self.dataset == "lsun":
-            return decoded.file_stats([self.root / f"{name}_lmdb" / "data.mdb" for name in self._lsun_names(split)])
-        return None
+        return decoded.file_stats([self.root / f"{name}_lmdb" / "data.mdb" for name in self._lsun_names(split)])
 
     def _cache_key(self, split: str, count: int) -> dict:
         """What the decoded pixels of a split depend on (gangen.decoded): settings and source file stats."""

@@ -192,9 +192,8 @@ def _batches(
     identity = {}
     if keep is not None:
         identity["subset"] = "evenly spaced"  # which images, beyond how many (older versions took the first N)
-    files = source.source_stats(split)
-    if files is not None:  # an edited folder or database gets new statistics
-        identity["source_sha256"] = hashlib.sha256(json.dumps(files).encode()).hexdigest()
+    files = source.source_stats(split)  # other files, or edited ones, get new statistics
+    identity["source_sha256"] = hashlib.sha256(json.dumps(files).encode()).hexdigest()
     return name, (_from_float(images) for images, _ in loader), len(subset), identity
 
 
@@ -219,7 +218,7 @@ def real_statistics(
     `source`: an ImageDataModule (its `split`, "val" = the held-out split; `num_samples` images evenly spaced
     over it, so a class-sorted image folder keeps every class) or uint8 images (N, C, H, W; the first
     `num_samples`); `dataset` names a tensor source in the cache key (without it a tensor source is not
-    cached). The key also holds the source files' sizes and mtimes (celeba, lsun, image_folder). The cache
+    cached). The key also holds a datamodule's source files (paths, sizes, mtimes). The cache
     lives in `cache_dir` (default: default_cache_dir()); a hit runs no extractor pass at all.
     """
     if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):

@@ -225,6 +225,18 @@ def test_real_statistics_from_datamodule(extractor, tmp_path, monkeypatch) -> No
     assert metrics.cache_file(stats.key).parent == tmp_path / "real_stats"
     with ForwardCounter(extractor) as counter:
         assert real_statistics(dm, extractor, split="val", num_samples=6).from_cache and counter.calls == 0
+    (tmp_path / "copy").mkdir()  # the same files under another root: other files, other statistics
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
+        (tmp_path / "copy" / f"{name}.gz").symlink_to(FMNIST / f"{name}.gz")
+    elsewhere = ImageDataModule(root=str(tmp_path / "copy"), resolution=32, channels=1, limit=50, batch_size=16)
+    other = real_statistics(elsewhere, extractor, split="val", num_samples=6)
+    assert not other.from_cache and other.key["source_sha256"] != stats.key["source_sha256"]
+    torch.testing.assert_close(other.features, stats.features, rtol=0, atol=0)
 
 
 def test_real_statistics_of_a_sorted_folder_spread_over_it_and_follow_its_files(extractor, tmp_path) -> None:
