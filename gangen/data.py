@@ -295,7 +295,7 @@ class ImageDataModule(pl.LightningDataModule):
                 folder = self.cache_dir or decoded.cache_root() / "decoded"
                 rank_zero_info(
                     f"gangen: the {self.dataset} {split} split would take {gib:.1f} GiB decoded (auto caches up to "
-                    f"{MAX_IN_MEMORY_GIB}): every image is decoded with PIL when loaded, in --data.num_workers "
+                    f"{MAX_IN_MEMORY_GIB:g} GiB): every image is decoded with PIL when loaded, in --data.num_workers "
                     f"{self.num_workers}; --data.cache true decodes it once into {folder} (that much disk)"
                 )
             self._splits[split] = data
