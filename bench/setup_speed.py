@@ -4,7 +4,8 @@ setup from its cache, and LSUN's key listing at LSUN's scale.
 - `--root DIR`: an image folder (bench/make_image_folder.py writes a CelebA-like one; CelebA has 202,599
   images). Times the scan (ImageDataModule construction), the decode once (prepare_data, into a fresh cache
   folder, on all CPU cores), then a second module's construction + setup (the scan again, the files' stats
-  for the cache key, the memory map). Peak RSS counts the memory-mapped cache pages it touched.
+  for the cache key, the memory map), and the process's anonymous memory (its own, without the cache file's
+  pages, which peak RSS would count) before and at its peak during the decode.
 - `--lsun_keys N`: an lmdb database of N keys of 40 hex characters, as LSUN's (bedroom's train set has
   3,033,042), with 8-byte values (the listing reads no values), then the time and memory of
   gangen.readers.LmdbImages listing them, and of 1000 key lookups by index.
@@ -19,28 +20,41 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import resource
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+class AnonPeak:
+    """Peak anonymous resident memory (this process's own: not the mapped files or page cache that peak RSS
+    also counts) between reset() and peak(), sampled every 20 ms from /proc/self/status (Linux)."""
 
+    def __init__(self) -> None:
+        self.mib = 0.0
+        threading.Thread(target=self._sample, daemon=True).start()
 
-def rss_now() -> str:
-    """This process's resident memory now, split into anonymous (its own) and file-backed (mapped files, the
-    page cache: shared and reclaimable) where Linux says so."""
-    try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-        anon, file = (int(fields[k].split()[0]) / 1024 for k in ("RssAnon", "RssFile"))
-    except (OSError, KeyError, ValueError):
-        return ""
-    return f", now {anon:.0f} MiB anonymous + {file:.0f} MiB file-backed"
+    @staticmethod
+    def now() -> float:
+        try:
+            line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("RssAnon:"))
+        except (OSError, StopIteration):
+            return float("nan")
+        return int(line.split()[1]) / 1024
+
+    def _sample(self) -> None:
+        while True:
+            self.mib = max(self.mib, self.now())
+            time.sleep(0.02)
+
+    def reset(self) -> None:
+        self.mib = self.now()
+
+    def peak(self) -> float:
+        return max(self.mib, self.now())
 
 
 def image_folder(root: Path, resolution: int) -> None:
@@ -50,13 +64,17 @@ def image_folder(root: Path, resolution: int) -> None:
         return ImageDataModule(dataset="image_folder", root=str(root), resolution=resolution, channels=3,
                                batch_size=128, cache_dir=cache)  # fmt: skip
 
+    memory = AnonPeak()
     with tempfile.TemporaryDirectory() as cache:
         start = time.perf_counter()
         dm = module()
         scan = time.perf_counter() - start
+        before = memory.now()
+        memory.reset()
         start = time.perf_counter()
         dm.prepare_data()
         build = time.perf_counter() - start
+        built = memory.peak()
         start = time.perf_counter()
         again = module()
         again.setup("fit")
@@ -64,7 +82,8 @@ def image_folder(root: Path, resolution: int) -> None:
         images = again._split("train").images
         print(f"{len(dm._files)} images, {resolution}x{resolution}, {os.cpu_count()} CPUs: scan {scan:.1f} s; "
               f"decode once {build:.1f} s ({len(dm._files) / build:.0f} img/s, {images.nbytes / 2**30:.2f} GiB); "
-              f"next run's scan + stats + load {load:.1f} s; peak RSS {peak_rss_mib():.0f} MiB{rss_now()}")  # fmt: skip
+              f"anonymous memory {before:.0f} -> peak {built:.0f} MiB during it; "
+              f"next run's scan + stats + load {load:.1f} s")  # fmt: skip
 
 
 def lsun_keys(n: int) -> None:
@@ -82,10 +101,12 @@ def lsun_keys(n: int) -> None:
         env.close()
         size = (folder / "data.mdb").stat().st_size / 2**20
         print(f"wrote {n} keys in {time.perf_counter() - start:.1f} s ({size:.0f} MiB database)")
-        before = peak_rss_mib()
+        memory = AnonPeak()
+        before = memory.now()
         start = time.perf_counter()
         data = LmdbImages([folder], 64, 3)
         listed = time.perf_counter() - start
+        during, after = memory.peak(), memory.now()
         step = max(1, n // 1000)
         start = time.perf_counter()
         for i in range(0, n, step):
@@ -93,8 +114,8 @@ def lsun_keys(n: int) -> None:
         lookup = time.perf_counter() - start
         held = (len(data._keys) + data._ends.nbytes + data._labels.nbytes) / 2**20
         print(f"LmdbImages listed {len(data)} keys in {listed:.2f} s; holds {held:.0f} MiB (keys, offsets, "
-              f"labels); peak RSS {before:.0f} -> {peak_rss_mib():.0f} MiB (the database's mapped pages "
-              f"included{rss_now()}); {len(range(0, n, step))} lookups by index {lookup * 1e3:.1f} ms")  # fmt: skip
+              f"labels); anonymous memory {before:.0f} -> peak {during:.0f} -> {after:.0f} MiB; "
+              f"{len(range(0, n, step))} lookups by index {lookup * 1e3:.1f} ms")  # fmt: skip
 
 
 def main() -> None:
