@@ -102,13 +102,14 @@ if want layers; then
     timeout 150 $PY bench/layer_speed.py --batch_size 1024 --formats NHWC --compile 2>&1 | grep -v "^W[0-9]\|warn" \
         | tee -a "$DEST/layers.txt"
 fi
-# 7. An RGB image folder (CelebA-like JPEGs made from the Fashion-MNIST files): the data paths alone on the
-#    CPU cores, then batch 128 on the GPU: classic (torchvision ImageFolder, 8 workers) vs gangen's default
+# 7. An RGB image folder (CelebA-like JPEGs made from the Fashion-MNIST files): the one-time decode on all the
+#    machine's cores, the data paths alone on the CPU cores, then batch 128 on the GPU: classic (torchvision ImageFolder, 8 workers) vs gangen's default
 #    (decoded once, on-device batches) vs gangen decoding per image (--data.cache false, 8 workers).
 if want folder; then
     FOLDER=$(mktemp -d)/celeba_like
     echo "== folder: 20000 JPEGs of 178x218 in $FOLDER" | tee "$DEST/folder.txt"
     timeout 60 $PY bench/make_image_folder.py "$FOLDER" --num_images 20000 --fmnist "$FMNIST" | tee -a "$DEST/folder.txt"
+    timeout 60 $PY bench/setup_speed.py --root "$FOLDER" 2>&1 | tee -a "$DEST/folder.txt"  # decode on all cores
     timeout 90 $PY bench/loader_speed.py --root "$FOLDER" --batches 100 --workers 8 2>&1 | tee -a "$DEST/folder.txt"
     timeout 150 $PY bench/throughput.py --device cuda --root "$FOLDER" --workers 8 --batch_size 128 --steps 150 \
         --warmup 20 --repeats 1 --child_timeout 60 --variants gangen gangen_pil 2>&1 \
