@@ -15,6 +15,7 @@ concurrent builders (DDP ranks, nodes on a shared file system) each finish or fi
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import multiprocessing
@@ -51,11 +52,20 @@ def usable_cpus() -> int:
 
 def file_stats(paths: list[Path], relative_to: Path | None = None) -> list[list]:
     """[name, size, mtime_ns] of each path (name relative to `relative_to` when given; -1s when missing)."""
+    prefix = os.path.join(str(relative_to), "") if relative_to else None  # "<root>/"
     stats = []
     for path in paths:
-        st = path.stat() if path.exists() else None
-        name = str(path.relative_to(relative_to) if relative_to else path)
-        stats.append([name, st.st_size, st.st_mtime_ns] if st else [name, -1, -1])
+        name = full = str(path)
+        if prefix is not None:  # what relative_to gives, without its cost per path where the prefix shows it
+            name = full[len(prefix) :] if full.startswith(prefix) else str(path.relative_to(relative_to))
+        try:
+            st = os.stat(full)
+        except OSError as e:  # missing as Path.exists sees it: no such file, a file as a folder, a link loop
+            if e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP):
+                raise
+            stats.append([name, -1, -1])
+        else:
+            stats.append([name, st.st_size, st.st_mtime_ns])
     return stats
 
 

@@ -178,18 +178,22 @@ class TorchvisionImages(Dataset):
 
 def scan_images(root: Path) -> tuple[list[Path], list[int], int | None]:
     """Sorted image files under root (recursive), their labels and the number of classes (None if flat)."""
-    files = []
+    found: list[tuple[tuple[str, ...], Path, str]] = []  # (sort key, file, top-level folder; "" for root)
     for folder, dirs, names in os.walk(root, followlinks=True):
         dirs[:] = [d for d in dirs if not d.startswith(".")]  # skip hidden folders (.git, .ipynb_checkpoints)
         keep = [n for n in names if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)]
-        files += [Path(folder) / n for n in keep]
-    files.sort()
-    if not files:
+        if keep:  # what needs a Path method is done once per folder: per file it cost seconds at CelebA's size
+            base = Path(folder)
+            parts = base.relative_to(root).parts
+            order = tuple(os.path.normcase(p) for p in base.parts)  # Path's own order: part by part
+            found += [((*order, os.path.normcase(n)), base / n, parts[0] if parts else "") for n in keep]
+    if not found:
         raise DataNotFoundError(
             f"no images in {root} (searched recursively for {' '.join(IMAGE_EXTENSIONS)}, any case): "
             "pass --data.root DIR holding image files"
         )
-    tops = [f.relative_to(root).parts[0] if len(f.relative_to(root).parts) > 1 else "" for f in files]
+    found.sort(key=lambda item: item[0])
+    files, tops = [f for _, f, _ in found], [t for _, _, t in found]
     classes = sorted(set(tops))
     if classes == [""]:
         return files, [0] * len(files), None

@@ -18,7 +18,7 @@ from gangen import data, decoded
 from gangen.batches import DeviceBatches
 from gangen.data import ImageDataModule
 from gangen.errors import ConfigError
-from gangen.readers import ImageFileDataset, TensorImageDataset
+from gangen.readers import ImageFileDataset, TensorImageDataset, scan_images
 
 
 def folder_module(root: Path, cache_dir: Path, **kw) -> ImageDataModule:
@@ -154,3 +154,17 @@ def test_unwritable_cache_dir_is_one_line(tmp_path):
         folder_module(root, tmp_path / "file" / "cache").prepare_data()
     message = str(error.value)
     assert str(tmp_path / "file" / "cache") in message and "--data.cache_dir" in message and "\n" not in message
+
+
+def test_file_stats_and_scan_order_as_pathlib_gives_them(tmp_path, monkeypatch):
+    root = make_folder(tmp_path / "imgs", {**TREE, "a-b/x.png": ("L", (8, 8)), "a/y.png": ("L", (8, 8))})
+    files, _, _ = scan_images(root)
+    assert files == sorted(files) and files.index(root / "a" / "y.png") < files.index(root / "a-b" / "x.png")
+    missing = root / "bags" / "gone.png"
+    expected = [[str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    expected.append(["bags/gone.png", -1, -1])
+    assert decoded.file_stats([*files, missing], root) == expected
+    monkeypatch.chdir(tmp_path)  # a relative root, "imgs" or "./imgs": the same names
+    for relative in (Path("imgs"), Path("./imgs")):
+        found, _, _ = scan_images(relative)
+        assert decoded.file_stats([*found, relative / "bags" / "gone.png"], relative) == expected
