@@ -147,3 +147,12 @@ def test_cli_fit_on_lsun(lsun_root, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "gangen: decoding 15 images once" in r.stdout + r.stderr
     assert list((tmp_path / "runs").rglob("last.ckpt"))
+
+
+def test_limit_spreads_over_the_classes_with_and_without_the_cache(lsun_root, tmp_path):
+    full = items(module(lsun_root, tmp_path / "c", cache=False)._split("train"))
+    keep = [0, 3, 6, 9, 12]  # 5 of bedroom's 9 + tower's 6: the first 5 would all be bedrooms
+    for cache in (False, True):
+        images, labels = items(module(lsun_root, tmp_path / "c", cache=cache, limit=5)._split("train"))
+        assert labels == [0, 0, 0, 1, 1] and torch.equal(images, full[0][keep])
+    assert any("-n5-" in p.name for p in (tmp_path / "c").iterdir())
