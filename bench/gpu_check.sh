@@ -103,8 +103,9 @@ if want layers; then
         | tee -a "$DEST/layers.txt"
 fi
 # 7. An RGB image folder (CelebA-like JPEGs made from the Fashion-MNIST files): the one-time decode on all the
-#    machine's cores, the data paths alone on the CPU cores, then batch 128 on the GPU: classic (torchvision ImageFolder, 8 workers) vs gangen's default
-#    (decoded once, on-device batches) vs gangen decoding per image (--data.cache false, 8 workers).
+#    machine's cores, the data paths alone on the CPU cores, then batch 128 on the GPU: classic (torchvision
+#    ImageFolder, 8 workers) vs gangen's default (decoded once, on-device batches) vs gangen decoding per image
+#    (--data.cache false, 8 workers).
 if want folder; then
     FOLDER=$(mktemp -d)/celeba_like
     echo "== folder: 20000 JPEGs of 178x218 in $FOLDER" | tee "$DEST/folder.txt"

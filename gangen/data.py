@@ -240,6 +240,10 @@ class ImageDataModule(pl.LightningDataModule):
             "machine with network"
         )
 
+    def _idx_split(self, split: str) -> list[Path]:
+        """A split's IDX (images, labels) files."""
+        return self._idx_paths()[:2] if split == "train" else self._idx_paths()[2:]
+
     @property
     def num_classes(self) -> int | None:
         """Number of label classes, or None when the dataset is unlabelled."""
@@ -286,9 +290,7 @@ class ImageDataModule(pl.LightningDataModule):
             if keep is not None:
                 data = Subset(data, keep)
             if self._decode_once(len(data)):
-                key = self._cache_key(split, len(data))
-                if keep is not None:  # which items, beyond how many (first-N caches of older versions differ)
-                    key["subset"] = "evenly spaced"
+                key = self._cache_key(split, len(data), cut=keep is not None)
                 data = decoded.cached(data, key, self.cache_dir, processes=decoded.usable_cpus())
             elif self.dataset in _FILE_DATASETS and self.cache == "auto":  # too large for auto: say what it costs
                 gib = len(data) * self.channels * self.resolution**2 / 2**30
@@ -311,7 +313,7 @@ class ImageDataModule(pl.LightningDataModule):
         """[name, size, mtime_ns] of the files a split is read from, which its decoded cache (celeba, lsun,
         image_folder) and real-image statistics depend on."""
         if self.dataset in _IDX_FOLDERS:
-            return decoded.file_stats(self._idx_paths()[:2] if split == "train" else self._idx_paths()[2:])
+            return decoded.file_stats(self._idx_split(split))
         if self.dataset == "cifar10":
             names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
             return decoded.file_stats([self.root / "cifar-10-batches-py" / name for name in names])
@@ -324,13 +326,17 @@ class ImageDataModule(pl.LightningDataModule):
             return [split, *decoded.file_stats([folder / "img_align_celeba", folder / "list_eval_partition.txt"])]
         return decoded.file_stats([self.root / f"{name}_lmdb" / "data.mdb" for name in self._lsun_names(split)])
 
-    def _cache_key(self, split: str, count: int) -> dict:
-        """What the decoded pixels of a split depend on (gangen.decoded): settings and source file stats."""
-        return {
+    def _cache_key(self, split: str, count: int, cut: bool = False) -> dict:
+        """What the decoded pixels of a split depend on (gangen.decoded): settings and source file stats, and
+        whether `limit` cut an evenly spaced subset from the dataset (first-N caches of older versions differ)."""
+        key = {
             "dataset": self.dataset, "root": str(self.root.resolve()), "source": self.source_stats(split),
             "count": count, "resolution": self.resolution, "channels": self.channels,
             "crop": _CELEBA_CROP if self.dataset == "celeba" else None, "decoder": decoded.DECODER_VERSION,
         }  # fmt: skip
+        if cut:  # only then, so the keys of uncut caches stay as they were
+            key["subset"] = "evenly spaced"
+        return key
 
     def _lsun_names(self, split: str) -> list[str]:
         """The LSUN databases of a split: <class>_val when all exist, else <class>_train."""
@@ -343,7 +349,7 @@ class ImageDataModule(pl.LightningDataModule):
         """Create the dataset of one split ("train" or "val")."""
         train, n = split == "train", self.limit
         if self.dataset in _IDX_FOLDERS:
-            paths = self._idx_paths()[:2] if train else self._idx_paths()[2:]
+            paths = self._idx_split(split)
             images = read_idx(paths[0]).unsqueeze(1)  # (N, 1, 28, 28) uint8
             labels = read_idx(paths[1]).long()  # (N,)
             if len(images) != len(labels) or images.dim() != 4:
