@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -28,8 +29,7 @@ def use_fused(optimizer: torch.optim.Optimizer, device_types: tuple[str, ...] = 
         or defaults.get("differentiable")
     ):
         return optimizer
-    groups = [{**group, "fused": True} for group in optimizer.param_groups]
-    return type(optimizer)(groups, **{**defaults, "fused": True})
+    return _rebuild(optimizer, fused=True)
 
 
 def make_capturable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -37,5 +37,16 @@ def make_capturable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     its step), when it has that option; anything else (SGD: nothing to count) is returned as it is."""
     if "capturable" not in optimizer.defaults or optimizer.defaults["capturable"]:
         return optimizer
-    groups = [{**group, "capturable": True} for group in optimizer.param_groups]
-    return type(optimizer)(groups, **{**optimizer.defaults, "capturable": True})
+    return _rebuild(optimizer, capturable=True)
+
+
+def _rebuild(optimizer: torch.optim.Optimizer, **options: Any) -> torch.optim.Optimizer:
+    """A new optimizer of the same class, groups and settings, with `options` changed (before any step).
+
+    Only the settings its constructor takes are passed: `defaults` can hold more (torch 2.14's AdamW
+    inherits Adam's `decoupled_weight_decay`, which AdamW() refuses; its groups keep it).
+    """
+    cls = type(optimizer)
+    takes = inspect.signature(cls.__init__).parameters
+    settings = {k: v for k, v in {**optimizer.defaults, **options}.items() if k in takes}
+    return cls([{**group, **options} for group in optimizer.param_groups], **settings)

@@ -15,7 +15,7 @@ from gangen.data import ImageDataModule
 from gangen.errors import ConfigError
 from gangen.layers import nhwc_strides
 from gangen.networks import DCGANDiscriminator, DCGANGenerator
-from gangen.optim import use_fused
+from gangen.optim import make_capturable, use_fused
 from gangen.readers import collate
 from gangen.system import GAN
 
@@ -163,6 +163,31 @@ def test_fused_adam_same_hyperparameters_and_steps():
     torch.testing.assert_close(net.weight, twin.weight)
     user_choice = torch.optim.Adam(net.parameters(), foreach=False)
     assert use_fused(user_choice, ("cpu",)) is user_choice  # an explicit foreach/fused is respected
+
+
+def test_adamw_rebuilt_fused_or_capturable_keeps_its_class_and_decoupled_decay():
+    # torch 2.14's AdamW.defaults hold Adam's decoupled_weight_decay, which AdamW() does not take: a rebuild
+    # that passed every default crashed configure_optimizers of any CUDA run with AdamW
+    torch.manual_seed(0)
+    net, twin = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    twin.load_state_dict(net.state_dict())
+    fused = use_fused(torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1), ("cpu",))
+    capturable = make_capturable(torch.optim.AdamW(twin.parameters(), lr=1e-2, weight_decay=0.1))
+    for opt in (fused, capturable):
+        assert type(opt) is torch.optim.AdamW and opt.defaults["weight_decay"] == 0.1
+        assert opt.param_groups[0]["decoupled_weight_decay"] is True
+    assert fused.defaults["fused"] is True and capturable.defaults["capturable"] is True
+    reference_net = torch.nn.Linear(4, 3)
+    reference_net.load_state_dict(net.state_dict())
+    reference = torch.optim.AdamW(reference_net.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        for model, opt in ((net, fused), (reference_net, reference)):
+            opt.zero_grad()
+            model(torch.ones(2, 4)).square().sum().backward()
+            opt.step()
+    torch.testing.assert_close(net.weight, reference_net.weight)
+    plain_adam = torch.optim.Adam(reference_net.parameters(), lr=1e-2, weight_decay=0.1)  # L2, not decoupled
+    assert make_capturable(plain_adam).param_groups[0]["decoupled_weight_decay"] is False
 
 
 def test_compile_option_compiles_in_place_and_keeps_keys():
