@@ -77,7 +77,12 @@ def removable(entry: Entry, unused_days: float) -> bool:
 
 def remove(entry: Entry) -> None:
     if entry.path.is_dir():
-        shutil.rmtree(entry.path)
+        # out of its name first (atomic): an interrupted removal leaves an unfinished entry, never a decoded
+        # folder missing some of its files
+        doomed = entry.path if entry.unfinished else entry.path.with_name(f".{entry.path.name}.removing")
+        if doomed != entry.path:
+            entry.path.rename(doomed)
+        shutil.rmtree(doomed)
     else:
         entry.path.unlink(missing_ok=True)
 

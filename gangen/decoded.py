@@ -134,17 +134,39 @@ def build(source: Dataset, path: Path, processes: int = 1, log: bool = True) -> 
         del images
         try:
             np.save(tmp / "labels.npy", labels)
+            _sync(tmp / "images.npy", tmp / "labels.npy")  # on disk before the name says complete (power loss)
             umask = os.umask(0)
             os.umask(umask)
             tmp.chmod(0o777 & ~umask)  # mkdtemp's folder is private (0700): readable as any folder the user makes
-            tmp.rename(path)  # atomic: the cache appears complete or not at all
+            try:
+                tmp.rename(path)  # atomic: the cache appears complete or not at all
+            except OSError:
+                if _complete(path):  # another builder's cache is there now
+                    return load(path)
+                shutil.rmtree(path, ignore_errors=True)  # a folder left part-removed (by hand, or an older gangen)
+                tmp.rename(path)
         except OSError as e:
-            if not (path / "images.npy").is_file():  # unless another builder's cache is there now
+            if not _complete(path):
                 raise _write_error(path, e) from e
     finally:
         _source = None
         shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; the partial files after an error
     return load(path)
+
+
+def _sync(*files: Path) -> None:
+    """fsync each file: its data reaches the disk before the folder is renamed into place."""
+    for file in files:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _complete(path: Path) -> bool:
+    """Whether the cache folder holds both of its files."""
+    return (path / "images.npy").is_file() and (path / "labels.npy").is_file()
 
 
 def _write_error(path: Path, error: OSError) -> ConfigError:
@@ -157,6 +179,6 @@ def _write_error(path: Path, error: OSError) -> ConfigError:
 def cached(source: Dataset, key: dict, cache_dir: str | Path | None, processes: int) -> TensorImageDataset:
     """The decoded cache of `source` under `key`: loaded when it exists, built first when not."""
     path = cache_path(key, cache_dir)
-    if (path / "images.npy").is_file() and (path / "labels.npy").is_file():
+    if _complete(path):
         return load(path)
     return build(source, path, processes)

@@ -59,6 +59,23 @@ def test_cache_holds_the_per_item_pixels_and_is_built_once(tmp_path, capsys):
     assert images.shape == (2, 3, 16, 16) and images.dtype == torch.float32 and -1 <= images.min() <= images.max() <= 1
 
 
+@pytest.mark.parametrize("lost", ["labels.npy", "images.npy"])
+def test_cache_folder_missing_a_file_is_rebuilt_in_place(tmp_path, lost):
+    """A cache folder with one of its files gone (removed by hand, or an interrupted removal before `gangen
+    cache --clean` renamed entries first) used to be decoded again on every run and then fail at the rename."""
+    root = make_folder(tmp_path / "imgs", TREE)
+    first = folder_module(root, tmp_path / "c")
+    first.prepare_data()
+    want = first._split("train")
+    [name] = caches(tmp_path / "c")
+    (tmp_path / "c" / name / lost).unlink()
+    again = folder_module(root, tmp_path / "c")
+    again.prepare_data()
+    assert caches(tmp_path / "c") == [name]  # rebuilt under its own name, no temporary folder left
+    got = again._split("train")
+    assert torch.equal(got.images, want.images) and torch.equal(got.labels, want.labels)
+
+
 def test_changed_file_or_settings_build_a_new_cache(tmp_path):
     root = make_folder(tmp_path / "imgs", TREE)
     folder_module(root, tmp_path / "c").prepare_data()
