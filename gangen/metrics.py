@@ -180,7 +180,7 @@ def _batches(
     if split not in ("train", "val"):
         raise ConfigError(f"split {split!r} is invalid: use 'train' or 'val'")
     source.setup("fit" if split == "train" else "validate")
-    dataset = (source.train_dataloader() if split == "train" else source.val_dataloader()).dataset
+    dataset = source._split(split)  # the images themselves: not the training loader (flips, sampler, collectives)
     keep = evenly_spaced(len(dataset), num_samples)  # spread: a class-sorted folder keeps every class
     subset = dataset if keep is None else Subset(dataset, keep)
     loader = DataLoader(subset, batch_size=batch_size, collate_fn=collate, num_workers=source.num_workers)

@@ -262,6 +262,18 @@ def test_real_statistics_of_a_sorted_folder_spread_over_it_and_follow_its_files(
     assert not again.from_cache and again.key["source_sha256"] != first.key["source_sha256"]
 
 
+@pytest.mark.parametrize("on_device", [False, True])
+def test_training_split_statistics_are_of_its_plain_images(extractor, tmp_path, on_device) -> None:
+    """real_split train reads the split itself: not the training loader, whose flips, on-device batches (no
+    dataset to read) and collectives under DDP (called by rank 0 alone) are the training's, and which replaced
+    the datamodule's training sampler (its checkpointed position) when the statistics were computed."""
+    dm = ImageDataModule(resolution=32, channels=3, batch_size=4, limit=24, hflip=True, on_device=on_device)
+    stats = real_statistics(dm, extractor, split="train", num_samples=6, use_cache=False)
+    images = dm._split("train").images[[0, 4, 8, 12, 16, 20]]  # evenly spaced, unflipped
+    torch.testing.assert_close(stats.features, extractor.features(images)["pool"], rtol=0, atol=1e-5)
+    assert dm._train_sampler is None  # the training order was not touched
+
+
 def test_evaluate_generator_streams_batches(extractor) -> None:
     torch.manual_seed(0)
     generator = DCGANGenerator(latent_dim=8, resolution=16, channels=1, base_channels=8)
