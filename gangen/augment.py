@@ -40,7 +40,8 @@ class DiffAugment:
                 raise ConfigError(f"unknown augment op {op!r} in {policy!r}: use a comma list of {', '.join(OPS)}")
         self.seed, self.translation_ratio, self.cutout_ratio = seed, translation_ratio, cutout_ratio
         self._rng: torch.Generator | None = None
-        self.pending_state: torch.Tensor | None = None  # a checkpoint's generator state, applied on first use
+        # a checkpoint's generator state (device type, state), applied on first use on that device type
+        self.pending_state: tuple[str, torch.Tensor] | None = None
 
     def __bool__(self) -> bool:
         return bool(self.ops)
@@ -48,9 +49,9 @@ class DiffAugment:
     def rng(self, device: torch.device) -> torch.Generator:
         if self._rng is None or self._rng.device != device:
             self._rng = torch.Generator(device=device).manual_seed(self.seed)
-            if self.pending_state is not None:
-                self._rng.set_state(self.pending_state.clone())  # never a view with a storage offset
-                self.pending_state = None
+            if self.pending_state is not None and self.pending_state[0] == device.type:  # CUDA states fit CUDA only
+                self._rng.set_state(self.pending_state[1].clone())  # never a view with a storage offset
+            self.pending_state = None
         return self._rng
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

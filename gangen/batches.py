@@ -24,7 +24,7 @@ ON_DEVICE_FRACTION = 0.25  # on_device "auto": the uint8 set may take at most th
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """A CPU generator seeded from (seed, epoch) only: the same stream on every rank and every resume."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)  # any int seed (a checkpoint's: 63 bits)
 
 
 def fits_on_device(num_bytes: int, device: torch.device, fraction: float = ON_DEVICE_FRACTION) -> bool:

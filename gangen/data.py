@@ -14,7 +14,8 @@ function turns each batch into float32 (B, C, H, W) in [-1, 1] plus int64 labels
   skipped), sorted by path. Label = index of the sorted top-level subfolder (images directly in `root` form
   class 0 when subfolders exist); with no subfolders every label is 0 and num_classes is None. An image that
   fails to decode raises ConfigError naming the file (at setup when cached, else when it is loaded).
-  Alpha is dropped (RGBA -> RGB / L); JPEGs are decoded at reduced size (PIL draft) when much larger than R.
+  Alpha is dropped (RGBA -> RGB / L); 16-bit grey is scaled to 8 bits; JPEGs are decoded at reduced size (PIL
+  draft) when much larger than R.
 - Validation split: the test split where there is one (fashion_mnist, mnist, cifar10, celeba); LSUN's
   `<class>_val` databases when all are present; otherwise (image_folder, LSUN without val) the training set
   itself, which is what GAN metrics such as FID usually compare against.
@@ -25,7 +26,6 @@ function turns each batch into float32 (B, C, H, W) in [-1, 1] plus int64 labels
 from __future__ import annotations
 
 import importlib.util
-from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -38,6 +38,7 @@ from gangen import decoded
 from gangen.batches import DeviceBatches, fits_on_device
 from gangen.errors import ConfigError, DataNotFoundError
 from gangen.readers import (
+    FlipItems,
     ImageFileDataset,
     LmdbImages,
     TensorImageDataset,
@@ -385,17 +386,29 @@ class ImageDataModule(pl.LightningDataModule):
                 "--data.root DIR or set --data.download true"
             ) from e
 
+    def _check_batches(self, split: str, count: int, world_size: int) -> None:
+        """Each of `world_size` processes gets count // world_size items: at least one full batch each."""
+        if count // world_size < self.batch_size:  # drop_last would leave no batch at all
+            processes = f" x {world_size} processes" if world_size > 1 else ""
+            raise ConfigError(
+                f"the {self.dataset} {split} split has {count} images, fewer than batch_size {self.batch_size}"
+                f"{processes}: lower --data.batch_size or add images"
+            )
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = self._split(split)
-        if shuffle and len(dataset) < self.batch_size:  # drop_last would leave no batch at all
-            raise ConfigError(
-                f"the {self.dataset} {split} split has {len(dataset)} images, fewer than batch_size "
-                f"{self.batch_size}: lower --data.batch_size or add images"
-            )
         sampler = None
         if shuffle:  # an order fixed by (seed, epoch) that a resumed run can enter mid-epoch (reliability.py)
-            seed = self._sampler_seed if self._sampler_seed is not None else torch.initial_seed() % 2**63
-            sampler = ResumableRandomSampler(len(dataset), seed, *self._rank_world())  # seed: checkpoint or run
+            rank, world_size = self._rank_world()
+            self._check_batches(split, len(dataset), world_size)
+            seed = self._sampler_seed
+            if seed is None:  # the run's seed; rank 0's for all (unseeded processes differ: shards would overlap)
+                seed = torch.initial_seed() % 2**63
+                if world_size > 1:
+                    seed = self.trainer.strategy.broadcast(seed, src=0)
+            sampler = ResumableRandomSampler(len(dataset), seed, rank, world_size, hflip=self.hflip)
+            if self.hflip:
+                dataset = FlipItems(dataset)  # indexed by the sampler's (index, flip) keys
             if self._resume is not None:
                 sampler.resume_at(self._resume["epoch"], self._resume["position"])
             self._train_sampler = sampler
@@ -405,7 +418,7 @@ class ImageDataModule(pl.LightningDataModule):
             sampler=sampler,
             drop_last=shuffle,
             num_workers=self.num_workers,
-            collate_fn=partial(collate, hflip=shuffle and self.hflip),  # batches come pre-gathered or as items
+            collate_fn=collate,  # batches come pre-gathered or as items
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
         )
@@ -424,7 +437,10 @@ class ImageDataModule(pl.LightningDataModule):
         """Shuffled training batches, incomplete last batch dropped; built on the device when on_device."""
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-        if not self.use_on_device(device):
+        on_device = self.use_on_device(device)
+        if self.on_device == "auto" and trainer is not None and trainer.world_size > 1:  # free memory is per GPU:
+            on_device = trainer.strategy.reduce_boolean_decision(on_device, all=True)  # one data path for all ranks
+        if not on_device:
             return self._loader("train", shuffle=True)
         return self.device_batches(device, *self._rank_world())
 
@@ -443,11 +459,7 @@ class ImageDataModule(pl.LightningDataModule):
     def device_batches(self, device: torch.device | str, rank: int = 0, world_size: int = 1) -> DeviceBatches:
         """The training set as DeviceBatches on `device` (the uint8 images are moved there once)."""
         data = self._split("train")
-        if len(data) // world_size < self.batch_size:
-            raise ConfigError(
-                f"the {self.dataset} train split has {len(data)} images, fewer than batch_size {self.batch_size} "
-                f"x {world_size} processes: lower --data.batch_size or add images"
-            )
+        self._check_batches("train", len(data), world_size)
         seed = self._sampler_seed if self._sampler_seed is not None else self.seed  # a checkpoint's, else ours
         batches = DeviceBatches(
             data.images, data.labels, self.batch_size, device=device, seed=seed, rank=rank,

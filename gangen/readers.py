@@ -38,11 +38,8 @@ class Batch(NamedTuple):
     labels: Tensor  # (B,) int64
 
 
-def collate(batch: Batch | list[tuple[Tensor, int | Tensor]], hflip: bool = False) -> tuple[Tensor, Tensor]:
-    """Turn a gathered Batch or a list of (uint8 image, label) items into float [-1, 1] images + labels.
-
-    hflip: flip each image left-right with probability 1/2 (torch's global generator).
-    """
+def collate(batch: Batch | list[tuple[Tensor, int | Tensor]]) -> tuple[Tensor, Tensor]:
+    """Turn a gathered Batch or a list of (uint8 image, label) items into float [-1, 1] images + labels."""
     if isinstance(batch, Batch):
         images, labels = batch
     else:
@@ -51,10 +48,30 @@ def collate(batch: Batch | list[tuple[Tensor, int | Tensor]], hflip: bool = Fals
     # numpy: this tiny per-batch work stays single-threaded; torch's thread pool took ~30 ms per batch
     # (vs 0.05 ms) when other processes kept the cores busy
     images = to_unit_range_numpy(images.numpy())  # 0 -> -1 and 255 -> 1 exactly
-    if hflip:
-        flip = (torch.rand(len(images)) < 0.5).view(-1, 1, 1, 1)
-        images = torch.where(flip, images.flip(-1), images)
     return images, labels.long()
+
+
+class FlipItems(Dataset):
+    """A dataset addressed by (index, flip) keys (reliability.ResumableRandomSampler with hflip): the item,
+    its image mirrored left-right where flip. The flips come with the order, so a resumed run repeats them."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, bool]) -> tuple[Tensor, Any]:
+        image, label = self.base[key[0]]
+        return (image.flip(-1) if key[1] else image), label
+
+    def __getitems__(self, keys: list[tuple[int, bool]]) -> Batch | list[tuple[Tensor, Any]]:
+        if not hasattr(self.base, "__getitems__"):
+            return [self[key] for key in keys]
+        batch = self.base.__getitems__([index for index, _ in keys])
+        flip = np.array([f for _, f in keys], dtype=bool).reshape(-1, 1, 1, 1)
+        images = batch.images.numpy()  # (B, C, H, W) uint8
+        return Batch(torch.from_numpy(np.where(flip, images[..., ::-1], images)), batch.labels)
 
 
 class TensorImageDataset(Dataset):
@@ -118,8 +135,16 @@ def resize_images(images: Tensor, resolution: int, channels: int) -> Tensor:
 
 
 def to_mode(image: Image.Image, channels: int) -> Image.Image:
-    """Apply the EXIF orientation and convert to "L" (channels=1) or "RGB" (channels=3)."""
-    return ImageOps.exif_transpose(image).convert("L" if channels == 1 else "RGB")
+    """Apply the EXIF orientation and convert to "L" (channels=1) or "RGB" (channels=3).
+
+    16-bit grey images (PNG, TIFF: modes I;16*) are scaled to 8 bits (65535 -> 255); PIL's convert clips them
+    at 255 instead, which makes nearly every pixel white.
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16"):
+        wide = np.asarray(image).astype(np.float32)  # (H, W) in the file's byte order, native now
+        image = Image.fromarray(np.rint(wide / 257.0).astype(np.uint8), "L")
+    return image.convert("L" if channels == 1 else "RGB")
 
 
 def fit_image(image: Image.Image, resolution: int, crop: int | None = None) -> Tensor:

@@ -128,11 +128,12 @@ class ResumableRandomSampler(DistributedSampler):
     only so that Lightning does not wrap it in another one; its own sharding is the one used.
     """
 
-    def __init__(self, num_items: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, num_items: int, seed: int = 0, rank: int = 0, world_size: int = 1, hflip: bool = False) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")  # an invariant, not user input
         self.num_items = num_items  # dataset length
-        self.seed = seed  # with the epoch, fixes the order
+        self.seed = seed  # with the epoch, fixes the order (and the flips)
+        self.hflip = hflip  # yield (index, flip) keys for readers.FlipItems: flips resume with the order
         self.epoch = 0
         self.rank, self.num_replicas = rank, world_size  # DistributedSampler's names
         self.num_samples = num_items // world_size  # items per rank and epoch
@@ -149,13 +150,20 @@ class ResumableRandomSampler(DistributedSampler):
         """The whole permutation of `epoch` (all ranks)."""
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
 
-    def __iter__(self) -> Iterator[int]:
+    def flips(self, epoch: int) -> np.ndarray:
+        """(num_items,) bool: whether the item at each position of `epoch`'s order is flipped (p = 1/2)."""
+        return np.random.default_rng([self.seed, epoch, 1]).random(self.num_items) < 0.5
+
+    def __iter__(self) -> Iterator[int | tuple[int, bool]]:
         start = 0
         if self._resume is not None and self._resume[0] == self.epoch:
             start = self._resume[1]
         self._resume = None
-        shard = self.order(self.epoch)[self.rank * self.num_samples : (self.rank + 1) * self.num_samples]
-        yield from shard[start:].tolist()
+        shard = slice(self.rank * self.num_samples + start, (self.rank + 1) * self.num_samples)
+        if self.hflip:
+            yield from zip(self.order(self.epoch)[shard].tolist(), self.flips(self.epoch)[shard].tolist(), strict=True)
+        else:
+            yield from self.order(self.epoch)[shard].tolist()
 
     def __len__(self) -> int:
         return self.num_samples

@@ -178,6 +178,7 @@ class GAN(L.LightningModule):
             self.discriminator.compile(mode=mode)
             self._cudagraph_trees = device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
         self._graphed = training and self._use_cuda_graph(self.trainer)
+        self.augment.seed = self.hparams.seed + self.global_rank  # distinct augmentations on every rank, as z
 
     def _use_cuda_graph(self, trainer: L.Trainer) -> bool:
         """Whether this fit captures its steps: cuda_graph true (refused in one line where it cannot), or
@@ -426,20 +427,24 @@ class GAN(L.LightningModule):
         if self._trainer is not None and self.trainer.state.fn == "fit":
             self.check_finite(params=True)  # never write a diverged state over a good checkpoint
         state: dict[str, Any] = {"images_seen": self.images_seen, "batches_seen": self.batches_seen}
-        if self.augment._rng is not None:  # this rank's augmentation stream (exact single-process resume)
-            state["augment_rng_state"] = self.augment._rng.get_state()
-        if self._latent_rng is not None:  # every rank's stream: rank r resumes with states[r]
-            rng_state = self._latent_rng.get_state()  # (S,) uint8 on the CPU, also for a CUDA generator
-            states = [rng_state]
-            if self._trainer is not None and self.trainer.world_size > 1:  # every rank saves: a collective is safe
-                # own copies: a row view of the gathered (world, S) tensor is saved with its storage offset, and
-                # Generator.set_state misreads such a view ("Invalid mt19937 state" on rank 1 at resume)
-                states = [s.cpu().clone() for s in self.all_gather(rng_state.to(self.device))]  # world x (S,)
+        # every rank's random streams (every rank saves: a collective is safe); rank r resumes with states[r]
+        if self.augment._rng is not None:
+            state["augment_rng_device"] = self.augment._rng.device.type
+            state["augment_rng_states"] = self._every_rank(self.augment._rng.get_state())
+        if self._latent_rng is not None:
             state["latent_rng_device"] = self._latent_rng.device.type
-            state["latent_rng_states"] = states
+            state["latent_rng_states"] = self._every_rank(self._latent_rng.get_state())
         checkpoint["gangen"] = state
         if self._trainer is not None:
             keep_epoch_unfinished(checkpoint, self.trainer)  # a max_steps stop resumes mid-epoch
+
+    def _every_rank(self, rng_state: torch.Tensor) -> list[torch.Tensor]:
+        """A generator state (S,) uint8 (on the CPU, also for a CUDA generator) of every rank, in rank order."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return [rng_state]
+        # own copies: a row view of the gathered (world, S) tensor is saved with its storage offset, and
+        # Generator.set_state misreads such a view ("Invalid mt19937 state" on rank 1 at resume)
+        return [s.cpu().clone() for s in self.all_gather(rng_state.to(self.device))]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("gangen", {})
@@ -448,6 +453,12 @@ class GAN(L.LightningModule):
         states = state.get("latent_rng_states") or [state.get("latent_rng_state")]  # older files: one state
         rng_state = states[self.global_rank] if self.global_rank < len(states) else None
         self._latent_rng_state = None if rng_state is None else (state.get("latent_rng_device", "cpu"), rng_state)
-        self.augment.pending_state = state.get("augment_rng_state")
+        augment_states = state.get("augment_rng_states") or [state.get("augment_rng_state")]  # older: rank 0's
+        augment_state = augment_states[self.global_rank] if self.global_rank < len(augment_states) else None
+        device = state.get("augment_rng_device", "cpu")  # older files: CPU states (a CUDA one is 16 bytes)
+        if augment_state is not None and "augment_rng_device" not in state and augment_state.numel() == 16:
+            device = "cuda"
+        self.augment.pending_state = None if augment_state is None else (device, augment_state)
+        self.augment._rng = None  # created again on first use, from the pending state
         self._ema_stats_at = None  # loaded EMA statistics are re-estimated before use (older files copied them)
         self._latent_rng = None

@@ -87,3 +87,36 @@ def test_identity_and_bad_policy():
     assert not DiffAugment("") and torch.equal(DiffAugment("")(x), x)
     with pytest.raises(ConfigError, match="unknown augment op 'flip'"):
         DiffAugment("color,flip")
+
+
+def test_checkpoint_streams_resume_per_rank_and_from_older_files():
+    """Every rank saves its own augmentation stream (seed + rank) and resumes with it; files written before
+    held rank 0's stream only, under another key, and still resume it; a stream of another device type is
+    not forced onto this one (a CUDA state does not fit a CPU generator)."""
+    from gangen.networks import DCGANDiscriminator, DCGANGenerator
+    from gangen.system import GAN
+
+    def model() -> GAN:
+        g = DCGANGenerator(latent_dim=8, resolution=16, channels=1, base_channels=8)
+        return GAN(g, DCGANDiscriminator(resolution=16, channels=1, base_channels=8), augment="translation", seed=5)
+
+    x = torch.rand(4, 1, 16, 16)
+    live = model()
+    live.configure_model()
+    assert live.augment.seed == 5  # rank 0 (no trainer): seed + 0
+    live.augment(x)  # advance the stream
+    checkpoint = {"state_dict": live.state_dict()}
+    live.on_save_checkpoint(checkpoint)
+    saved = checkpoint["gangen"]
+    assert saved["augment_rng_device"] == "cpu" and len(saved["augment_rng_states"]) == 1
+    want = live.augment(x)
+    older = {"augment_rng_state": saved["augment_rng_states"][0]}  # the one key older files have
+    for state in (saved, older):
+        resumed = model()
+        resumed.augment(x)  # a stream already in use is replaced by the checkpoint's
+        resumed.on_load_checkpoint({"gangen": state})
+        assert torch.equal(resumed.augment(x), want)
+    cuda_state = {"augment_rng_device": "cuda", "augment_rng_states": [torch.zeros(16, dtype=torch.uint8)]}
+    fresh = model()
+    fresh.on_load_checkpoint({"gangen": cuda_state})
+    assert torch.equal(fresh.augment(x), model().augment(x))  # a fresh CPU stream, not a crash

@@ -3,6 +3,7 @@
 import gzip
 import struct
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import numpy as np
@@ -391,6 +392,34 @@ def test_split_smaller_than_a_batch_is_refused() -> None:
     dm.setup("fit")
     with pytest.raises(ConfigError, match="has 100 images, fewer than batch_size 128"):
         dm.train_dataloader()
+
+
+def test_split_too_small_for_every_process_is_refused() -> None:
+    """Under DDP each rank gets len // world_size images: 12 images, batch 8 and 2 processes leave no rank a
+    full batch, which Lightning only warns about (then trains on nothing); both data paths refuse it."""
+    for on_device in (False, True):
+        dm = ImageDataModule(limit=12, batch_size=8, on_device=on_device)
+        dm.trainer = SimpleNamespace(
+            global_rank=0, world_size=2, strategy=SimpleNamespace(root_device=torch.device("cpu"))
+        )
+        dm.setup("fit")
+        with pytest.raises(ConfigError, match="has 12 images, fewer than batch_size 8 x 2 processes: lower"):
+            dm.train_dataloader()
+
+
+def test_16_bit_grey_images_are_scaled_not_clipped(tmp_path: Path) -> None:
+    """PIL's convert clips 16-bit grey (mode I;16) at 255: a full-range ramp came out nearly white."""
+    ramp = (np.arange(16 * 16).reshape(16, 16) * 257).astype(np.uint16)  # 0 .. 65535 in steps of 257
+    root = tmp_path / "deep"
+    root.mkdir()
+    Image.fromarray(ramp).save(root / "ramp.png")
+    assert Image.open(root / "ramp.png").mode == "I;16"
+    for channels in (1, 3):
+        dm = ImageDataModule(dataset="image_folder", root=str(root), resolution=16, channels=channels,
+                             batch_size=1, cache=False)  # fmt: skip
+        dm.setup("fit")
+        image, _ = dm._split("train")[0]  # (C, 16, 16) uint8
+        assert torch.equal(image, torch.arange(256).view(1, 16, 16).expand(channels, -1, -1).to(torch.uint8))
 
 
 def test_limit_is_evenly_spaced_so_every_class_keeps_its_share(tmp_path: Path) -> None:

@@ -12,12 +12,18 @@ from conftest import ROOT, run_cli, tiny_fit_args
 
 def test_two_process_fit_keeps_ranks_identical(tmp_path):
     probe = ["--trainer.callbacks+=ddp_probe.DumpParams", "--trainer.callbacks.folder", str(tmp_path)]
-    args = tiny_fit_args(tmp_path, "--trainer.devices", "2", "--trainer.accelerator", "cpu", *probe)
+    # unseeded (each process has its own torch seed) and augmented: the ranks must still share one data order
+    # (disjoint shards of it) and draw their own augmentations, as they draw their own latents
+    unseeded = ["--seed_everything", "false", "--model.augment", "translation,cutout"]
+    args = tiny_fit_args(tmp_path, "--trainer.devices", "2", "--trainer.accelerator", "cpu", *probe, *unseeded)
     r = run_cli(*args, env={"PYTHONPATH": str(ROOT / "tests")})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "MEMBER: 2/2" in r.stderr + r.stdout  # really two processes
     ranks = [torch.load(tmp_path / f"params_rank{i}.pt") for i in (0, 1)]
-    params = [k for k in ranks[0] if "running_" not in k and "num_batches" not in k and k != "images_seen"]
+    assert torch.equal(ranks[0]["sampler_seed"], ranks[1]["sampler_seed"])  # one order, so disjoint shards
+    assert not torch.equal(ranks[0]["augment_rng_state"], ranks[1]["augment_rng_state"])  # own augmentations
+    own = ("running_", "num_batches", "images_seen", "sampler_seed", "augment_rng_state")
+    params = [k for k in ranks[0] if not any(o in k for o in own)]
     assert params and all(torch.equal(ranks[0][k], ranks[1][k]) for k in params)  # DDP kept G and D in step
     # images seen count both ranks: 2 epochs x 640 images, each rank seeing half of every epoch
     assert int(ranks[0]["images_seen"]) == int(ranks[1]["images_seen"]) == 2 * 640

@@ -39,9 +39,9 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 
 # Every piece of state that changes the trajectory: EMA generator, DiffAugment's random stream, the lazy R1
-# schedule (batches seen).
+# schedule (batches seen), the DataLoader's flips.
 FULL_STATE = ["--model.ema_kimg", "0.5", "--model.augment", "color,translation,cutout",
-              "--model.reg", "r1", "--model.reg_every", "4"]  # fmt: skip
+              "--model.reg", "r1", "--model.reg_every", "4", "--data.hflip", "true"]  # fmt: skip
 VARIANTS = {
     "dcgan": [],
     "ema_augment_r1": FULL_STATE,
@@ -150,7 +150,18 @@ def test_sigint_saves_checkpoint(tmp_path):
 def test_two_process_mid_epoch_resume_is_exact(loader, tmp_path):
     """DDP (2 CPU processes, gloo): stopped mid-epoch 1, then resumed from its step checkpoint; every
     rank ends with the same weights as a run that never stopped (each rank skips its own consumed batches)."""
-    ddp = ["--trainer.devices", "2", "--trainer.accelerator", "cpu", "--data.on_device", str(loader == "on_device")]
+    ddp = [
+        "--trainer.devices",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+        "--data.on_device",
+        str(loader == "on_device"),
+        "--model.augment",
+        "translation,cutout",
+        "--data.hflip",
+        "true",
+    ]  # per-rank streams resume too
     straight = tmp_path / "straight"
     r = fit(straight, *ddp)  # 384 images: 3 batches of 64 per rank and epoch, 2 epochs
     assert r.returncode == 0, r.stderr[-3000:]

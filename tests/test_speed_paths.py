@@ -16,7 +16,8 @@ from gangen.errors import ConfigError
 from gangen.layers import nhwc_strides
 from gangen.networks import DCGANDiscriminator, DCGANGenerator
 from gangen.optim import make_capturable, use_fused
-from gangen.readers import collate
+from gangen.readers import FlipItems, collate
+from gangen.reliability import ResumableRandomSampler
 from gangen.system import GAN
 
 
@@ -80,6 +81,48 @@ def test_hflip_flips_about_half(dm):
     plain = collate(data.__getitems__(index.tolist()))[0]
     assert torch.equal(images[flips], plain[flips].flip(-1)) and torch.equal(images[~flips], plain[~flips])
     assert 0.3 < flips.float().mean() < 0.7
+
+
+def test_dataloader_flips_come_with_the_order_and_resume_with_it(dm):
+    """--data.hflip through the DataLoader (the CPU and file-dataset path): each image is mirrored where the
+    sampler's (seed, epoch) flips say, for batches gathered at once and item by item, and a loader resumed
+    mid-epoch gives the rest of the epoch exactly (flips drawn from torch's global generator did not)."""
+    data = dm._split("train")
+    sampler = ResumableRandomSampler(len(data), seed=11, hflip=True)
+    sampler.set_epoch(1)
+    keys = list(sampler)
+    index, flips = sampler.order(1), sampler.flips(1)
+    assert keys == list(zip(index.tolist(), flips.tolist(), strict=True))
+    assert 0.3 < flips.mean() < 0.7
+    flipped = FlipItems(data)
+    batch = collate(flipped.__getitems__(keys[:64]))[0]
+    plain = collate(data.__getitems__(index[:64].tolist()))[0]
+    f = torch.from_numpy(flips[:64])
+    assert torch.equal(batch[f], plain[f].flip(-1)) and torch.equal(batch[~f], plain[~f])
+    by_item = collate([flipped[key] for key in keys[:64]])[0]  # datasets without __getitems__ (image files)
+    assert torch.equal(by_item, batch)
+
+    def loader(resume_at: int | None) -> list[torch.Tensor]:
+        order = ResumableRandomSampler(len(data), seed=11, hflip=True)
+        order.set_epoch(1)
+        if resume_at is not None:
+            order.resume_at(1, resume_at)
+        return [
+            x for x, _ in torch.utils.data.DataLoader(flipped, 32, sampler=order, drop_last=True, collate_fn=collate)
+        ]
+
+    torch.manual_seed(0)
+    whole = loader(None)
+    torch.manual_seed(1)  # another global stream, as a resumed process has
+    rest = loader(3 * 32)
+    assert len(rest) == len(whole) - 3 and all(torch.equal(a, b) for a, b in zip(whole[3:], rest, strict=True))
+
+
+def test_on_device_order_takes_a_63_bit_seed(dm):
+    """A checkpoint of an unseeded DataLoader run holds a 63-bit seed; on-device batches must accept it."""
+    data = dm._split("train")
+    big = DeviceBatches(data.images, data.labels, 32, seed=2**63 - 1)
+    assert len(big.epoch_plan(0)[0].unique()) == 9 * 32
 
 
 class RecordBatches(L.Callback):
