@@ -182,6 +182,20 @@ class GANMetrics(L.Callback):
         self._real: Any = None
         self._last_kimg: float | None = None
 
+    def logged_keys(self) -> list[str]:
+        """The metric/* keys this callback can log, the distance first (none when switched off)."""
+        if not self.enabled:
+            return []
+        if self.feature_extractor == "inception":
+            fd, prefix = "fid", ""
+        else:
+            from gangen.classifier import metric_name
+
+            fd = metric_name(self.feature_extractor)
+            prefix = f"{fd}_"
+        names = [fd, "num_samples"] + [prefix + key for key in ("kid", "kid_std", "is", "is_std")]
+        return [f"metric/{name}" for name in names]
+
     def state_dict(self) -> dict[str, Any]:
         """The evaluation schedule, so a resumed run evaluates when the uninterrupted one would have."""
         return {"last_kimg": self._last_kimg}
@@ -216,8 +230,10 @@ class GANMetrics(L.Callback):
         generator = eval_generator(pl_module)
         z = latents(self.num_samples, generator.latent_dim, self.seed)  # (N, latent), the same on every rank
         rank, world = trainer.global_rank, trainer.world_size
-        mine = z[rank * len(z) // world : (rank + 1) * len(z) // world]  # this rank's share; shares add up to N
-        features = generated_features(generator, mine, self._extractor, self.batch_size)  # {"pool": (n_r, D), ...}
+        start = rank * len(z) // world
+        mine = z[start : (rank + 1) * len(z) // world]  # this rank's share; shares add up to N
+        # {"pool": (n_r, D), ...}; a conditional G's classes follow the image's index in the whole set
+        features = generated_features(generator, mine, self._extractor, self.batch_size, label_offset=start)
         if world > 1:
             features = {k: _gather_rows(trainer, v, self.num_samples) for k, v in features.items()}
         evaluator = Evaluator(self._extractor, self._real, batch_size=self.batch_size)

@@ -135,6 +135,11 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tup
     return classifier.to(device).eval(), dict(payload.get("meta", {}))
 
 
+def metric_name(path: str | Path) -> str:
+    """The name of a classifier file's distances: fd_<file stem> (metric/fd_<stem>, ...)."""
+    return "fd_" + "".join(c if c.isalnum() else "_" for c in Path(path).stem)
+
+
 class ClassifierExtractor:
     """A saved DomainClassifier as a metrics feature extractor: "pool" = its penultimate features.
 
@@ -147,7 +152,7 @@ class ClassifierExtractor:
         self.weights, self.device = Path(path), torch.device(device)
         self.classifier, self.meta = load_classifier(self.weights, self.device)
         self.weights_sha256 = file_sha256(self.weights)
-        self.name = "fd_" + "".join(c if c.isalnum() else "_" for c in self.weights.stem)
+        self.name = metric_name(self.weights)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

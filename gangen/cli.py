@@ -130,6 +130,7 @@ class GANCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._check_shapes()
+        self._check_monitors()
         self._check_resume()
         if getattr(self.model, "cuda_graph", None) is True:  # None (auto) falls back to the eager step instead
             self.model.check_cuda_graph(self.trainer)
@@ -140,6 +141,24 @@ class GANCLI(LightningCLI):
 
     def before_validate(self) -> None:
         self._check_shapes()
+
+    def _check_monitors(self) -> None:
+        """A ModelCheckpoint / EarlyStopping monitoring a metric/* key the metrics never log would stop the
+        run with a traceback after its first evaluation (e.g. metric/fid with the metrics off)."""
+        from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+        metrics = next((cb for cb in self.trainer.callbacks if isinstance(cb, GANMetrics)), None)
+        logged = metrics.logged_keys() if metrics is not None else []
+        for cb in self.trainer.callbacks:
+            monitor = getattr(cb, "monitor", None) if isinstance(cb, (ModelCheckpoint, EarlyStopping)) else None
+            if monitor and monitor.startswith("metric/") and monitor not in logged:
+                what = metrics.feature_extractor if metrics is not None else "none"
+                instead = f"monitor {logged[0]}" if logged else "drop that callback"
+                raise ConfigError(
+                    f"{type(cb).__name__} monitors {monitor!r}, which --metrics.feature_extractor {what} never "
+                    f"logs: {instead} (in the config's trainer.callbacks), or use --metrics.feature_extractor "
+                    "inception for metric/fid"
+                )
 
     def _check_resume(self) -> None:
         """`--ckpt_path last` means the newest last.ckpt of this run name (any version); any checkpoint is read

@@ -49,6 +49,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -189,9 +190,11 @@ def _batches(
         name = f"image_folder:{Path(source.root).resolve()}"
     elif name == "lsun":
         name = "lsun:" + ",".join(source.lsun_classes)
-    identity = {}
+    identity: dict[str, Any] = {}
     if keep is not None:
         identity["subset"] = "evenly spaced"  # which images, beyond how many (older versions took the first N)
+    if source.limit is not None and len(dataset) == source.limit:  # cut to --data.limit first: other images
+        identity["data_limit"] = source.limit
     files = source.source_stats(split)  # other files, or edited ones, get new statistics
     identity["source_sha256"] = hashlib.sha256(json.dumps(files).encode()).hexdigest()
     return name, (_from_float(images) for images, _ in loader), len(subset), identity
@@ -399,16 +402,19 @@ def evaluate_generator(
 
 
 def generated_features(
-    generator: nn.Module, z: Tensor, extractor: FeatureExtractor, batch_size: int = 64
+    generator: nn.Module, z: Tensor, extractor: FeatureExtractor, batch_size: int = 64, label_offset: int = 0
 ) -> dict[str, Tensor]:
     """Extractor features of generator(z), one batch at a time: {"pool": (N, D), ...} on the extractor's device.
 
     Each batch is generated (sampling.generate, eval mode) and converted to uint8 by clamping and rounding
-    (sampling.to_uint8), so only features are held, never the images.
+    (sampling.to_uint8), so only features are held, never the images. A conditional generator's image i gets
+    class (label_offset + i) % num_classes (label_offset: the index of z[0] in the whole evaluated set).
     """
     chunks: dict[str, list[Tensor]] = {}
-    for zb in z.split(batch_size):  # (B, latent_dim)
-        features = extractor.features(_from_float(generate(generator, len(zb), z=zb, batch_size=batch_size)))
+    for start in range(0, len(z), batch_size):
+        zb = z[start : start + batch_size]  # (B, latent_dim)
+        images = generate(generator, len(zb), z=zb, batch_size=batch_size, label_offset=label_offset + start)
+        features = extractor.features(_from_float(images))
         for key, value in features.items():
             chunks.setdefault(key, []).append(value)
     return {key: torch.cat(values) for key, values in chunks.items()}

@@ -35,17 +35,23 @@ def generate(
     batch_size: int = 256,
     z: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
+    label_offset: int = 0,
 ) -> torch.Tensor:
     """Images (N, C, H, W) in [-1, 1] on the CPU, from `z` or from latents drawn with `seed`.
 
     Runs the generator in eval mode (batchnorm uses its running statistics) on the device its parameters
-    are on, and restores its previous mode. `labels` (N,) picks the classes of a conditional generator
-    (default: its own balanced 0, 1, 2, ... within each batch).
+    are on, and restores its previous mode. `labels` (N,) picks the classes of a conditional generator;
+    default: image i gets class (label_offset + i) % num_classes, over the whole set, so every class comes
+    equally often and an image's class does not depend on batch_size (or, with each rank's offset, on how
+    many processes share the set).
     """
     if num_samples <= 0:
         raise ConfigError(f"num_samples {num_samples!r} must be > 0")
     if z is None:
         z = latents(num_samples, generator.latent_dim, seed)
+    classes = int(getattr(generator, "num_classes", 0) or 0)
+    if labels is None and classes:
+        labels = (label_offset + torch.arange(min(num_samples, len(z)))) % classes  # (N,)
     device = next(generator.parameters()).device
     was_training = generator.training
     generator.eval()

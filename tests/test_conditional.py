@@ -76,3 +76,27 @@ def test_mismatched_conditioning_is_refused(tmp_path):
     result = run_cli(*tiny_fit_args(tmp_path, "--model.generator.init_args.num_classes", "10"))
     assert result.returncode == 2
     assert "num_classes=10 but discriminator num_classes=0" in result.stderr
+
+
+def test_default_classes_follow_the_image_index_not_the_batch(inception_weights):
+    """Without labels, image i of a set gets class i % num_classes: restarting at 0 in every batch (and in
+    every rank's share of a metric's samples) gave 10k images at batch 64 an uneven class mix (1094 vs 937)
+    and made an image's class depend on batch_size and on the number of processes."""
+    from gangen.inception import make_feature_extractor
+    from gangen.metrics import generated_features
+    from gangen.sampling import generate
+
+    g = DCGANGenerator(latent_dim=8, resolution=16, channels=1, base_channels=8, num_classes=3)
+    seen: list[torch.Tensor] = []
+    g.register_forward_pre_hook(lambda module, args: seen.append(args[1].clone()))  # (z, labels) per call
+    z = torch.randn(10, 8)
+    generate(g, 10, z=z, batch_size=4)
+    assert [len(s) for s in seen] == [4, 4, 2] and torch.equal(torch.cat(seen), torch.arange(10) % 3)
+    seen.clear()
+    extractor = make_feature_extractor("inception", inception_weights)
+    whole = generated_features(g, z, extractor, batch_size=4)["pool"]  # (10, 2048)
+    shares = [
+        generated_features(g, z[a:b], extractor, batch_size=4, label_offset=a)["pool"] for a, b in ((0, 3), (3, 10))
+    ]
+    assert torch.equal(torch.cat(seen), torch.cat([torch.arange(10), torch.arange(10)]) % 3)  # as 2 ranks would
+    torch.testing.assert_close(torch.cat(shares), whole, rtol=0, atol=1e-5)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, fails
 from PIL import Image
 
 from gangen.cli import GANCLI
@@ -94,3 +94,14 @@ def test_fid_configs_without_weights_fail_before_training(config: Path, tmp_path
     assert "\n" not in message and "https://" in message and str(tmp_path / "torch") in message
     assert "download-weights" in message
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if "monitor: metric/fid" in c.read_text()], ids=lambda p: p.name)
+def test_monitor_of_a_metric_that_is_off_is_refused_before_training(config: Path, tmp_path, capsys):
+    """The GPU configs keep the best checkpoint by metric/fid: with the metrics off, ModelCheckpoint used to
+    stop the run with a traceback after its first epoch ("could not find the monitored key")."""
+    line = fails(capsys, "fit", "--config", str(config), "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+                 "--data.dataset", "fashion_mnist", "--data.root", DEFAULT_FASHION_MNIST_ROOT,
+                 "--metrics.feature_extractor", "none")  # fmt: skip
+    assert "ModelCheckpoint monitors 'metric/fid', which --metrics.feature_extractor none never logs" in line
+    assert "drop that callback" in line and not (tmp_path / "runs").exists()

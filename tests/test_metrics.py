@@ -237,6 +237,13 @@ def test_real_statistics_from_datamodule(extractor, tmp_path, monkeypatch) -> No
     other = real_statistics(elsewhere, extractor, split="val", num_samples=6)
     assert not other.from_cache and other.key["source_sha256"] != stats.key["source_sha256"]
     torch.testing.assert_close(other.features, stats.features, rtol=0, atol=0)
+    # without --data.limit the same 6 are spread over all 10k: other images (the key had no limit, and a
+    # later evaluation without the training run's limit was handed the limited run's statistics)
+    whole = real_statistics(ImageDataModule(resolution=32, channels=1, batch_size=16), extractor, num_samples=6)
+    assert not whole.from_cache and "data_limit" not in whole.key and stats.key["data_limit"] == 50
+    spread = [10_000 * j // 6 for j in range(6)]
+    expected = resize_images(read_idx(FMNIST / "t10k-images-idx3-ubyte.gz")[spread].unsqueeze(1), 32, 1)
+    torch.testing.assert_close(whole.features, extractor.features(expected)["pool"], rtol=0, atol=1e-5)
 
 
 def test_real_statistics_of_a_sorted_folder_spread_over_it_and_follow_its_files(extractor, tmp_path) -> None:
