@@ -17,14 +17,26 @@ GPU_ACCELERATORS = ("gpu", "cuda")
 
 def device_count(devices: Any) -> int | None:
     """Processes per node asked for by `devices` (int, "N", "0,1", [0, 1]); None for "auto" / -1."""
-    if isinstance(devices, str):
-        devices = devices.strip()
-        if devices in ("auto", "-1"):
-            return None
-        return len([d for d in devices.split(",") if d.strip()]) if "," in devices else int(devices)
-    if isinstance(devices, (list, tuple)):
-        return len(devices)
-    return None if devices in (None, -1) else int(devices)
+    try:
+        if isinstance(devices, str):
+            devices = devices.strip()
+            if devices in ("auto", "-1"):
+                return None
+            return len(device_indices(devices)) if "," in devices else int(devices)
+        if isinstance(devices, (list, tuple)):
+            return len(device_indices(devices))
+        return None if devices in (None, -1) else int(devices)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(
+            f"--trainer.devices {devices!r} is not a device count or list: use a number (2), GPU indices "
+            "(0,1 or [0, 1]) or auto"
+        ) from e
+
+
+def device_indices(devices: Any) -> list[int]:
+    """The device indices of "0,1" or [0, 1] (ValueError for anything else)."""
+    items = devices.split(",") if isinstance(devices, str) else devices
+    return [int(d) for d in items if str(d).strip()]
 
 
 def multi_process(trainer: Any) -> bool:
@@ -42,6 +54,20 @@ def check_trainer(trainer: Any) -> None:
 
     accelerator, devices = trainer.get("accelerator", "auto"), trainer.get("devices", "auto")
     strategy = trainer.get("strategy", "auto")
+    device_count(devices)  # a count, a list or auto: one line otherwise
+    # Lightning refuses these for manual optimization (gangen's G/D steps) only once fit starts, with a traceback
+    if (trainer.get("gradient_clip_val") or 0) > 0:
+        raise ConfigError(
+            f"--trainer.gradient_clip_val {trainer['gradient_clip_val']}: Lightning does not clip gradients "
+            "under manual optimization, which gangen's G and D steps use; drop the flag (R1, --model.reg r1, is "
+            "the usual way to keep D's gradients in check)"
+        )
+    if (trainer.get("accumulate_grad_batches") or 1) != 1:
+        raise ConfigError(
+            f"--trainer.accumulate_grad_batches {trainer['accumulate_grad_batches']}: Lightning does not "
+            "accumulate gradients under manual optimization, which gangen's G and D steps use; drop the flag "
+            "and raise --data.batch_size (or train on more devices)"
+        )
     if isinstance(accelerator, str) and accelerator.lower() in GPU_ACCELERATORS:
         available = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if available == 0:
@@ -50,10 +76,9 @@ def check_trainer(trainer: Any) -> None:
                 "use --trainer.accelerator cpu (or auto)"
             )
         wanted = device_count(devices)
-        indices = devices if isinstance(devices, (list, tuple)) else []
-        if isinstance(devices, str) and "," in devices:
-            indices = [int(d) for d in devices.split(",") if d.strip()]
-        if (wanted or 0) > available or any(int(i) >= available for i in indices):
+        listed = isinstance(devices, (list, tuple)) or (isinstance(devices, str) and "," in devices)
+        indices = device_indices(devices) if listed else []
+        if (wanted or 0) > available or any(i >= available for i in indices):
             raise ConfigError(
                 f"--trainer.devices {devices}: this machine has {available} CUDA GPU(s); "
                 f"ask for at most {available} (or --trainer.devices auto)"

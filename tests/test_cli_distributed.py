@@ -62,6 +62,10 @@ BAD_TRAINER = [
     (["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.sync_batchnorm", "true"],
      ["--trainer.sync_batchnorm true", "GPUs only", "drop the flag"]),
     (["--trainer.accelerator", "cpu", "--trainer.devices", "0"], ["Lightning refused", "devices"]),
+    (["--trainer.devices", "two"], ["--trainer.devices 'two'", "not a device count", "0,1"]),
+    (["--trainer.gradient_clip_val", "1.0"], ["gradient_clip_val 1.0", "manual optimization", "drop the flag"]),
+    (["--trainer.accumulate_grad_batches", "2"],
+     ["accumulate_grad_batches 2", "manual optimization", "--data.batch_size"]),
 ]  # fmt: skip
 
 
