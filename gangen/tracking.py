@@ -114,6 +114,11 @@ class WandbLogger(_LightningWandbLogger):
             self._wandb_init.pop("anonymous", None)  # wandb warns about the setting even when it is None
 
     @property
+    def root_dir(self) -> str:
+        """The run folder: `fit --ckpt_path last` looks for its checkpoints/last.ckpt there (same id)."""
+        return self._run_dir
+
+    @property
     def name(self) -> str:
         return ""
 

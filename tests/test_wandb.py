@@ -83,6 +83,15 @@ def test_offline_fit_logs_losses_fd_grids_and_config(tmp_path, wandb_env, classi
     assert logged.summary["metric/fd_clf"] == pytest.approx(jsonl[-1]["fd_clf"])
     assert not list(offline.rglob("model-*"))  # no checkpoint artifacts offline: they stay in checkpoints/
 
+    # README: the same run id and --ckpt_path last resume it (W&B loggers have no root_dir: the lookup used to
+    # search the working directory only and train from scratch into the same run)
+    more = [*args, "--trainer.logger.init_args.id", run.name, "--ckpt_path", "last", "--trainer.max_epochs", "3"]
+    r = run_cli(*more, env=wandb_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"gangen: resuming from {run / 'checkpoints' / 'last.ckpt'}" in r.stdout
+    assert [p.name for p in (runs / "gangen").iterdir()] == [run.name]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch=2-step=30.ckpt", "last.ckpt"]
+
 
 @pytest.mark.parametrize("how", [["--trainer.logger.init_args.offline", "false"], "WANDB_MODE=online"])
 def test_online_without_key_fails_at_once(capsys, tmp_path, wandb_env, monkeypatch, how):
