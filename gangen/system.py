@@ -394,8 +394,9 @@ class GAN(L.LightningModule):
         if bad:
             raise DivergenceError(
                 f"training diverged: a loss became nan/inf before kimg {self.images_seen / 1000:g} (batch "
-                f"{self.batches_seen}); stopped without saving, so the last checkpoint is the last good state: "
-                "resume from it with a lower learning rate or another loss (e.g. --model.loss hinge)"
+                f"{self.batches_seen}); stopped without saving, so the last checkpoint is the last good state. "
+                "A resume keeps the checkpoint's loss and learning rates (command-line changes to them are not "
+                "applied): train anew with a lower learning rate or another loss (e.g. --model.loss hinge)"
             )
 
     def eval_generator(self) -> nn.Module:
