@@ -240,6 +240,13 @@ class GANMetrics(L.Callback):
         evaluator.update_features(features)
         return {**evaluator.compute(), "real_from_cache": self._real.from_cache}
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.enabled and self.num_samples < trainer.world_size:  # a rank without images skips the gathers
+            raise ConfigError(
+                f"metrics num_samples {self.num_samples} is fewer than the {trainer.world_size} processes that "
+                f"share them: use --metrics.num_samples {trainer.world_size} or more (10000+ is usual)"
+            )
+
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled or trainer.sanity_checking:
             return

@@ -13,6 +13,7 @@ import torch
 from gangen.data import ImageDataModule
 from gangen.errors import ConfigError
 from gangen.sampling import (
+    atomic_file,
     checkpoint_data,
     generate,
     interpolation_latents,
@@ -196,7 +197,7 @@ def evaluate_command(argv: Sequence[str]) -> None:
         results = evaluate_generator(generator, args.num_samples, real, extractor, args.batch_size, args.seed)
     results = {"source": str(source), "real_split": args.split, "real_from_cache": real.from_cache, **results}
     text = json.dumps(results, indent=2)
-    output.write_text(text + "\n")
+    atomic_file(output, lambda tmp: Path(tmp).write_text(text + "\n"))  # never a half-written file
     print(text)
     print(f"wrote {output}")
 

@@ -107,6 +107,19 @@ def test_evaluate_needs_exactly_one_source(argv):
     assert r.returncode == 2 and "exactly one of --ckpt_path" in r.stderr
 
 
+def test_fewer_samples_than_processes_is_one_line_not_a_hang(classifier_file, tmp_path):
+    """3 CPU processes sharing 2 generated images: the rank with none skipped the feature gathers the others
+    waited in. Refused at setup, on every rank, before any training."""
+    args = tiny_fit_args(
+        tmp_path, "--trainer.devices", "3", "--trainer.accelerator", "cpu",
+        "--metrics.feature_extractor", str(classifier_file), "--metrics.num_samples", "2",
+    )  # fmt: skip
+    r = run_cli(*args, timeout=180)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "gangen: error: metrics num_samples 2 is fewer than the 3 processes" in r.stderr
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
 def test_ddp_domain_fd_counts_exactly_n_and_equals_single_process(classifier_file, tmp_path):
     """2 CPU processes (gloo): each generates its share of 15 images; the gathered FD equals one process's.
 
