@@ -33,6 +33,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DistributedSampler
 
 from gangen.errors import ConfigError, DataNotFoundError, GanGenError
+from gangen.sampling import new_file_mode
 
 
 class DivergenceError(GanGenError):
@@ -94,6 +95,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, new_file_mode())  # readable as any file the user writes, not mkstemp's 0600
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -4,6 +4,7 @@ divergence stops training without overwriting the last good checkpoint, download
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -45,6 +46,24 @@ def test_sigkill_mid_write_leaves_the_previous_checkpoint(tmp_path):
     assert len(leftovers) == 1 and leftovers[0].startswith(".last.ckpt.")  # hidden, never matches last*.ckpt
     AtomicCheckpointIO().save_checkpoint({"w": torch.arange(6)}, path)  # the next good write of that file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # removes the killed writer's tmp file
+
+
+def test_atomic_writes_get_the_permissions_of_any_new_file(tmp_path):
+    """Checkpoints, grids, npz and JSON went through mkstemp, whose files are private (0600): other users of a
+    shared machine or group could not read a run's checkpoints and samples."""
+    from gangen.sampling import atomic_file, save_grid
+
+    umask = os.umask(0o022)
+    try:
+        AtomicCheckpointIO().save_checkpoint({"w": torch.arange(5)}, tmp_path / "last.ckpt")
+        save_grid(torch.zeros(4, 1, 8, 8), tmp_path / "grid.png", nrow=2)
+        atomic_file(tmp_path / "out.json", lambda tmp: Path(tmp).write_text("{}"))
+        with open(tmp_path / "plain.txt", "w") as f:  # what open() gives under the same umask
+            f.write("x")
+    finally:
+        os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"last.ckpt": 0o644, "grid.png": 0o644, "out.json": 0o644, "plain.txt": 0o644}
 
 
 def test_failed_write_leaves_no_file(tmp_path):
