@@ -12,6 +12,7 @@ Set GANGEN_DEBUG=1 to get the traceback instead.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -255,8 +256,40 @@ def run_lightning_cli(argv: Sequence[str] | None) -> None:
     )
 
 
+class _Below(logging.Filter):
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < self.level
+
+
+def _lightning_info_to_stdout() -> None:
+    """Lightning's information lines ("Seed set to 0", "GPU available: ...") on stdout, its warnings and
+    errors on stderr: a refused run's stderr is then its one `gangen: error:` line. Only the handlers
+    Lightning installs itself (stderr, when nothing configured logging) are replaced."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        own = [
+            h for h in logger.handlers
+            if type(h) is logging.StreamHandler and h.stream is sys.stderr and not getattr(h, "gangen", False)
+        ]  # fmt: skip
+        for handler in own:
+            logger.removeHandler(handler)
+            info = logging.StreamHandler(sys.stdout)
+            info.addFilter(_Below(logging.WARNING))
+            warnings = logging.StreamHandler(sys.stderr)
+            warnings.setLevel(logging.WARNING)
+            for new in (info, warnings):
+                new.setFormatter(handler.formatter)
+                new.gangen = True  # type: ignore[attr-defined]  # replaced once, also when main runs again
+                logger.addHandler(new)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
+    _lightning_info_to_stdout()
     try:
         if args and args[0] in COMMANDS:
             COMMANDS[args[0]](args[1:])

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import DEMO_CONFIG, ROOT, assert_fit_refused, tiny_fit_args
+from conftest import DEMO_CONFIG, ROOT, assert_fit_refused, run_cli, tiny_fit_args
 
 
 def free_port() -> int:
@@ -72,6 +72,19 @@ BAD_TRAINER = [
 @pytest.mark.parametrize("extra,needles", BAD_TRAINER, ids=lambda v: "_".join(v) if isinstance(v, list) else None)
 def test_bad_trainer_settings(capsys, tmp_path, extra, needles):
     assert_fit_refused(capsys, tmp_path, extra, needles)  # one line, no run folder
+
+
+def test_refused_run_prints_one_line_on_stderr_as_a_user_sees_it(tmp_path):
+    """In a real process Lightning's information lines ("Seed set to 0") went to stderr before the error, so
+    a refused run printed two lines there; they go to stdout now, and stderr holds the one error line."""
+    r = run_cli("fit", "--config", str(DEMO_CONFIG), "--trainer.logger.init_args.save_dir", str(tmp_path),
+                "--trainer.devices", "two")  # fmt: skip
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == [
+        "gangen: error: --trainer.devices 'two' is not a device count or list: use a number (2), GPU indices "
+        "(0,1 or [0, 1]) or auto"
+    ]
+    assert "Seed set to 0" in r.stdout and list(tmp_path.iterdir()) == []
 
 
 def test_sync_batchnorm_single_process_cpu_is_allowed():
