@@ -117,7 +117,7 @@ def gradient_penalty(
 ) -> dict[str, torch.Tensor]:
     """WGAN-GP (Gulrajani et al. 2017): weight * E (||grad D(x_hat)|| - 1)^2 at x_hat = real + u (fake - real)."""
     u = torch.rand(real.shape[0], 1, 1, 1, device=real.device, dtype=real.dtype, generator=generator)  # (B, 1, 1, 1)
-    mixed = torch.lerp(real.detach(), fake.detach(), u)
+    mixed = torch.lerp(real.detach(), fake.detach().to(real.dtype), u)  # bf16 autocast: G's images are bf16
     _, grad = _input_gradients(critic, mixed)
     norm = grad.flatten(1).norm(dim=1)  # (B,)
     return {"loss": weight * (norm - 1.0).square().mean(), "grad_norm": norm.detach().mean()}

@@ -85,9 +85,13 @@ def test_unknown_loss():
         make_loss("wgan")
 
 
-@pytest.mark.parametrize("reg,loss", [("r1", "non_saturating"), ("gp", "wasserstein")])
-def test_lazy_regularisation_in_training(monkeypatch, reg, loss):
-    """A real fit: the penalty runs on D steps 0, 4 (reg_every=4 of 8), scaled by 4, and trains D."""
+@pytest.mark.parametrize(
+    "reg,loss,precision",
+    [("r1", "non_saturating", "32-true"), ("gp", "wasserstein", "32-true"), ("gp", "wasserstein", "bf16-mixed")],
+)
+def test_lazy_regularisation_in_training(monkeypatch, reg, loss, precision):
+    """A real fit: the penalty runs on D steps 0, 4 (reg_every=4 of 8), scaled by 4, and trains D. Under bf16
+    autocast (the CLI's default on a bf16 CPU or GPU) G's images are bf16: the GP interpolation crashed."""
     import lightning.pytorch as L
 
     import gangen.system
@@ -111,7 +115,7 @@ def test_lazy_regularisation_in_training(monkeypatch, reg, loss):
     model.log = lambda key, value, **kw: seen.append((key, float(value)))  # what training_step logs
     trainer = L.Trainer(
         accelerator="cpu", max_epochs=1, limit_train_batches=8, limit_val_batches=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, precision=precision,
     )  # fmt: skip
     trainer.fit(model, ImageDataModule(resolution=16, channels=1, batch_size=32, limit=256))
     assert len(calls) == 2 and model.batches_seen == 8
