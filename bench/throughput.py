@@ -11,8 +11,9 @@ is a Lightning `Trainer.fit` of gangen.system.GAN on gangen.data.ImageDataModule
 classes (demo config at --resolution, width 64 like the baseline, no logger / checkpoints / validation),
 timed from batch `--warmup` to the last batch by a callback. Repeats alternate the order of the runs.
 Table: median images/s over repeats with the min-max spread, the median of the paired ratios to the
-baseline (same repeat), and peak memory (CPU: peak RSS of the process plus its largest DataLoader worker;
-GPU: torch.cuda.max_memory_allocated).
+baseline (same repeat), and peak memory (CPU: peak RSS of the process plus the peak private memory of its
+DataLoader workers, sampled every second, so the pages they share with it count once; GPU:
+torch.cuda.max_memory_allocated).
 
 --root: Fashion-MNIST's IDX files (default), or a folder of RGB images (subfolders = classes, as CelebA in
 the example's ImageFolder): the baseline then reads it with torchvision's ImageFolder and gangen trains
@@ -33,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -76,12 +78,64 @@ def variant(name: str) -> tuple[list[str], list[str]]:
     return EXPERIMENT_VARIANTS.get(name) or (VARIANTS[name], [])
 
 
+class PeakMemory:
+    """Peak RSS of this process plus the peak private memory of its child processes (DataLoader workers),
+    the children sampled every `interval` s from /proc. A forked worker's RSS is mostly copy-on-write pages
+    shared with its parent: adding it to the parent's peak RSS (as before) counted them twice, which made a
+    2-worker baseline look ~400 MiB larger than it is."""
+
+    def __init__(self, interval: float = 1.0) -> None:  # a sample reads ~10 ms of smaps per worker
+        self.interval, self.children_kib = interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _private_kib(pid: int) -> int:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                return sum(int(line.split()[1]) for line in f if line.startswith(("Private_Clean:", "Private_Dirty:")))
+        except OSError:  # the process just exited
+            return 0
+
+    @staticmethod
+    def _children(pid: int) -> list[int]:
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])  # after "(comm)": state, ppid
+                except (OSError, IndexError, ValueError):
+                    continue
+                if ppid == pid:
+                    found.append(int(entry))
+        return found
+
+    def sample(self) -> None:
+        total = sum(self._private_kib(child) for child in self._children(os.getpid()))
+        self.children_kib = max(self.children_kib, total)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def stop(self) -> float:
+        """The peak in MiB."""
+        self._stop.set()
+        self._thread.join()
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        return (own + self.children_kib) / 1024
+
+
+MEMORY: PeakMemory | None = None  # started by a --child process (CPU)
+
+
 def peak_memory_mib(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest exited worker
-    return (own + workers) / 1024
+    assert MEMORY is not None
+    return MEMORY.stop()
 
 
 def run_baseline(args: argparse.Namespace) -> dict[str, float]:
@@ -268,10 +322,15 @@ def main() -> None:
     p.add_argument("--child_timeout", type=float, default=900, help="seconds one measurement may take")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.resolution != 64:  # classic_dcgan.py's networks are the example's, built for 64x64 only
+        p.error(f"--resolution {args.resolution}: the classic baseline is the 64x64 DCGAN example; use 64")
     if args.child is None:
         return table(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    global MEMORY
+    if args.device == "cpu":
+        MEMORY = PeakMemory()
     args.batch = args.batch_size[0]
     if args.child == "baseline":
         result = run_baseline(args)

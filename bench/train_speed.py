@@ -26,19 +26,33 @@ from gangen.system import GAN  # noqa: E402
 
 
 class BatchTimer(L.Callback):
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.start, self.images, self.batches = warmup, 0.0, 0, 0
+    """Times `batches` training batches after `warmup`, counted over the whole fit (epochs may end in between:
+    a per-epoch batch_idx restarted the clock at every epoch), then stops the fit."""
+
+    def __init__(self, warmup: int, batches: int) -> None:
+        self.warmup, self.wanted = warmup, batches
+        self.seen = self.images = self.batches = 0
+        self.start = self.end = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if batch_idx == self.warmup:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+        if self.seen == self.warmup:
+            _sync()
             self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if batch_idx >= self.warmup:
+        self.seen += 1
+        if self.seen > self.warmup:
             self.images += batch[0].shape[0]
             self.batches += 1
+            if self.batches == self.wanted:
+                _sync()
+                self.end = time.perf_counter()  # before teardown (Lightning moves the model off the GPU)
+                trainer.should_stop = True
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -48,21 +62,20 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("overrides", nargs="*", help="extra CLI arguments after --, e.g. --data.batch_size 128")
     args = p.parse_args()
-    timer = BatchTimer(args.warmup)
+    timer = BatchTimer(args.warmup, args.batches)
     with tempfile.TemporaryDirectory() as tmp:
         cli = GANCLI(
             GAN, ImageDataModule, run=False, auto_configure_optimizers=False,
             args=["--config", args.config, "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
                   "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-                  "--trainer.limit_val_batches", "0", "--trainer.callbacks", "[]", "--trainer.max_epochs", "1000",
-                  "--trainer.limit_train_batches", str(args.warmup + args.batches), "--trainer.max_steps",
-                  str(2 * (args.warmup + args.batches)), "--trainer.default_root_dir", tmp, *args.overrides],
+                  "--trainer.limit_val_batches", "0", "--trainer.callbacks", "[]", "--trainer.max_epochs", "-1",
+                  "--trainer.max_steps", "-1", "--trainer.default_root_dir", tmp, *args.overrides],
         )  # fmt: skip
         cli.trainer.callbacks.append(timer)
         cli.trainer.fit(cli.model, cli.datamodule)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - timer.start
+    if timer.batches < args.batches:
+        raise SystemExit(f"the fit stopped after {timer.batches} of {args.batches} timed batches")
+    seconds = timer.end - timer.start
     batch = cli.datamodule.hparams.batch_size
     print(
         f"{timer.images / seconds:.0f} img/s  {1000 * seconds / timer.batches:.1f} ms/batch  batch {batch}  "
