@@ -34,6 +34,13 @@ class Entry:
     unfinished: bool
 
 
+def creation_mode(mode: int) -> int:
+    """`mode` less the process umask: what open() / mkdir() would give (mkstemp / mkdtemp give 0600 / 0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def touch(path: Path) -> None:
     """Mark a cache entry as used now; a read-only cache stays as it is."""
     try:

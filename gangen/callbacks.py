@@ -186,15 +186,13 @@ class GANMetrics(L.Callback):
         """The metric/* keys this callback can log, the distance first (none when switched off)."""
         if not self.enabled:
             return []
-        if self.feature_extractor == "inception":
-            fd, prefix = "fid", ""
-        else:
+        name = self.feature_extractor
+        if name != "inception":
             from gangen.classifier import metric_name
 
-            fd = metric_name(self.feature_extractor)
-            prefix = f"{fd}_"
-        names = [fd, "num_samples"] + [prefix + key for key in ("kid", "kid_std", "is", "is_std")]
-        return [f"metric/{name}" for name in names]
+            name = metric_name(name)
+        fd, prefix = _result_names(name)
+        return [f"metric/{fd}", "metric/num_samples", *(f"metric/{prefix}{out}" for _, out in _LOGGED_EXTRAS)]
 
     def state_dict(self) -> dict[str, Any]:
         """The evaluation schedule, so a resumed run evaluates when the uninterrupted one would have."""
@@ -256,11 +254,9 @@ class GANMetrics(L.Callback):
             return
         self._last_kimg = kimg
         results = self.evaluate(trainer, pl_module)
-        name = results["feature_extractor"]
-        fd = "fid" if name == "inception" else name
-        prefix = "" if name == "inception" else f"{name}_"
+        fd, prefix = _result_names(results["feature_extractor"])
         logged = {f"metric/{fd}": results[fd], "metric/num_samples": float(results["num_fake"])}
-        for key, out in (("kid_mean", "kid"), ("kid_std", "kid_std"), ("is_mean", "is"), ("is_std", "is_std")):
+        for key, out in _LOGGED_EXTRAS:
             if f"{prefix}{key}" in results:
                 logged[f"metric/{prefix}{out}"] = results[f"{prefix}{key}"]
         for key, value in logged.items():
@@ -270,6 +266,15 @@ class GANMetrics(L.Callback):
             folder.mkdir(parents=True, exist_ok=True)
             with open(folder / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"kimg": kimg, "global_step": trainer.global_step, **results}) + "\n")
+
+
+_LOGGED_EXTRAS = (("kid_mean", "kid"), ("kid_std", "kid_std"), ("is_mean", "is"), ("is_std", "is_std"))  # result, log
+
+
+def _result_names(extractor: str) -> tuple[str, str]:
+    """(distance key, prefix of the other keys) of an extractor's results: ("fid", "") for Inception, else
+    (name, "name_"), so a domain classifier's distance is never logged as FID."""
+    return ("fid", "") if extractor == "inception" else (extractor, f"{extractor}_")
 
 
 def _gather_rows(trainer: L.Trainer, rows: torch.Tensor, total: int) -> torch.Tensor:

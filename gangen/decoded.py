@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from gangen.cache_dir import touch
+from gangen.cache_dir import creation_mode, touch
 from gangen.errors import ConfigError
 from gangen.readers import TensorImageDataset
 
@@ -135,9 +135,7 @@ def build(source: Dataset, path: Path, processes: int = 1, log: bool = True) -> 
         try:
             np.save(tmp / "labels.npy", labels)
             _sync(tmp / "images.npy", tmp / "labels.npy")  # on disk before the name says complete (power loss)
-            umask = os.umask(0)
-            os.umask(umask)
-            tmp.chmod(0o777 & ~umask)  # mkdtemp's folder is private (0700): readable as any folder the user makes
+            tmp.chmod(creation_mode(0o777))  # mkdtemp's folder is private (0700): readable as any folder the user makes
             try:
                 tmp.rename(path)  # atomic: the cache appears complete or not at all
             except OSError:

@@ -32,8 +32,8 @@ from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DistributedSampler
 
+from gangen.cache_dir import creation_mode
 from gangen.errors import ConfigError, DataNotFoundError, GanGenError
-from gangen.sampling import new_file_mode
 
 
 class DivergenceError(GanGenError):
@@ -95,7 +95,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.chmod(tmp, new_file_mode())  # readable as any file the user writes, not mkstemp's 0600
+            os.chmod(tmp, creation_mode(0o666))  # readable as any file the user writes, not mkstemp's 0600
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -18,6 +18,7 @@ from PIL import Image
 from torch import nn
 from torchvision.utils import make_grid
 
+from gangen.cache_dir import creation_mode
 from gangen.errors import ConfigError, DataNotFoundError
 from gangen.networks import build_network
 
@@ -101,20 +102,13 @@ def _pil(array: np.ndarray) -> Image.Image:
     return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)  # (H, W, C) uint8
 
 
-def new_file_mode() -> int:
-    """The permissions open() gives a new file (0o666 less the umask); mkstemp's own are private (0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def atomic_file(path: Path, write: Any) -> None:
     """Call write(tmp_path), then rename tmp_path to `path` (same folder, so the rename is atomic)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, new_file_mode())  # readable as any file the user writes, not mkstemp's 0600
+        os.chmod(tmp, creation_mode(0o666))  # readable as any file the user writes, not mkstemp's 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
