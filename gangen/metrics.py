@@ -56,7 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from gangen.cache_dir import touch
-from gangen.decoded import cache_root
+from gangen.decoded import DECODER_VERSION, cache_root
 from gangen.errors import ConfigError
 from gangen.inception import FeatureExtractor, check_uint8
 from gangen.sampling import atomic_file, generate, latents, to_uint8
@@ -170,7 +170,7 @@ def _batches(
     (`num_samples` evenly spaced over it) or a uint8 tensor (its first `num_samples`)."""
     from torch.utils.data import DataLoader, Subset
 
-    from gangen.data import ImageDataModule, evenly_spaced
+    from gangen.data import _FILE_DATASETS, ImageDataModule, evenly_spaced
     from gangen.readers import collate
 
     if isinstance(source, Tensor):
@@ -193,6 +193,8 @@ def _batches(
     identity: dict[str, Any] = {}
     if keep is not None:
         identity["subset"] = "evenly spaced"  # which images, beyond how many (older versions took the first N)
+    if source.dataset in _FILE_DATASETS:  # PIL-decoded pixels: a decoder change gives new statistics
+        identity["decoder"] = DECODER_VERSION
     if source.limit is not None and len(dataset) == source.limit:  # cut to --data.limit first: other images
         identity["data_limit"] = source.limit
     files = source.source_stats(split)  # other files, or edited ones, get new statistics

@@ -414,9 +414,9 @@ def test_16_bit_grey_images_are_scaled_not_clipped(tmp_path: Path) -> None:
     root.mkdir()
     Image.fromarray(ramp).save(root / "ramp.png")
     assert Image.open(root / "ramp.png").mode == "I;16"
-    for channels in (1, 3):
+    for channels, cache in ((1, False), (3, False), (1, True)):  # PIL per item, and the decoded cache
         dm = ImageDataModule(dataset="image_folder", root=str(root), resolution=16, channels=channels,
-                             batch_size=1, cache=False)  # fmt: skip
+                             batch_size=1, cache=cache, cache_dir=str(tmp_path / "cache"))  # fmt: skip
         dm.setup("fit")
         image, _ = dm._split("train")[0]  # (C, 16, 16) uint8
         assert torch.equal(image, torch.arange(256).view(1, 16, 16).expand(channels, -1, -1).to(torch.uint8))
