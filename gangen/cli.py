@@ -98,14 +98,32 @@ class GANCLI(LightningCLI):
                     f"(e.g. --data.{key} {g[key]})"
                 )
 
+    def parse_arguments(self, parser, args) -> None:  # type: ignore[no-untyped-def]
+        self._args = args  # parsed again by _parse_ckpt_path, over the checkpoint's settings
+        super().parse_arguments(parser, args)
+
     def _parse_ckpt_path(self) -> None:
-        """Lightning reads the hyperparameters of --ckpt_path here, at parse time: read the file safely first,
-        so a missing, corrupt, foreign or code-carrying checkpoint is one line before anything is built."""
+        """`--ckpt_path PATH`: the checkpoint's model settings replace the defaults, and the config files and
+        the command line still win (Lightning put the checkpoint's over everything: `--model.loss hinge` was
+        silently dropped). _check_resume says what differs. The file is read safely first: a missing,
+        corrupt, foreign or code-carrying checkpoint is one line."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and ckpt_path not in ("last", "best", "hpc"):
-            self._read_ckpt = (ckpt_path, read_checkpoint(ckpt_path))  # kept for _check_resume: read once
-        super()._parse_ckpt_path()
+        if not ckpt_path or ckpt_path in ("last", "best", "hpc"):  # `last` is found in _check_resume
+            return
+        ckpt = read_checkpoint(ckpt_path)
+        self._read_ckpt = (ckpt_path, ckpt)  # kept for _check_resume: read once
+        hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if k != "_instantiator"}
+        parser = self.parser._subcommands_action._name_parser_map[subcommand]
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(k for k in hparams if f"model.{k}" not in known)
+        if unknown:
+            raise ConfigError(
+                f"checkpoint {ckpt_path} has model settings this gangen does not know ({', '.join(unknown)}): "
+                "resume it with the gangen version that wrote it"
+            )
+        parser.set_defaults({f"model.{key}": value for key, value in hparams.items()})
+        super().parse_arguments(self.parser, self._args)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Lightning's Trainer plus gangen's fault tolerance: atomic, weights_only checkpoint files (unless a
@@ -193,6 +211,13 @@ class GANCLI(LightningCLI):
                     raise ConfigError(
                         f"checkpoint {ckpt_path} was trained with {name} {key}={value!r}, the config has "
                         f"{current[key]!r}: resume with the checkpoint's settings (--model.{name}.{key} {value})"
+                    )
+        if self.trainer.global_rank == 0:  # other changes train as configured: said, never silent
+            for key, value in ckpt["hyper_parameters"].items():
+                now = self.model.hparams.get(key, value)
+                if key not in ("generator", "discriminator", "_instantiator") and now != value:
+                    print(
+                        f"gangen: resuming with model.{key} {now!r} as configured (checkpoint: {value!r})", flush=True
                     )
 
 

@@ -50,3 +50,49 @@ def _rebuild(optimizer: torch.optim.Optimizer, **options: Any) -> torch.optim.Op
     takes = inspect.signature(cls.__init__).parameters
     settings = {k: v for k, v in {**optimizer.defaults, **options}.items() if k in takes}
     return cls([{**group, **options} for group in optimizer.param_groups], **settings)
+
+
+# How an optimizer runs (not what it computes): these follow the run that resumes, never the checkpoint.
+_IMPLEMENTATION = ("foreach", "fused", "capturable", "differentiable")
+
+
+def keep_configured_settings(optimizer: torch.optim.Optimizer, name: str, report: Any = None) -> None:
+    """After `optimizer.load_state_dict` (a resumed fit), its groups keep the settings it was built with.
+
+    torch replaces every group setting with the checkpoint's. That would train with the old learning rate
+    while the run's config.yaml records the new one, and would carry the old run's implementation flags
+    over: a capturable state (a CUDA-graph run) crashes the first step on the CPU, and an eager one breaks
+    a CUDA-graph capture. The counters ("step") move to where the resumed flags want them. `report` gets
+    one line per changed setting ("gangen: resumed g_optimizer lr 0.0001 as configured (checkpoint: 0.0002)").
+    """
+    built = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+    def restore(opt: torch.optim.Optimizer) -> None:
+        for i, (group, settings) in enumerate(zip(opt.param_groups, built, strict=True)):
+            for key, value in settings.items():
+                old = group.get(key)
+                if key not in _IMPLEMENTATION and not _same(old, value) and report is not None:
+                    where = f" (group {i})" if len(built) > 1 else ""
+                    report(
+                        f"gangen: resumed {name}{where} {key} {_show(value)} as configured (checkpoint: {_show(old)})"
+                    )
+                group[key] = value.clone() if isinstance(value, torch.Tensor) else value
+            on_device = bool(group.get("capturable") or group.get("fused"))
+            for param in group["params"]:
+                state = opt.state.get(param)
+                step = state.get("step") if isinstance(state, dict) else None
+                if isinstance(step, torch.Tensor):
+                    state["step"] = step.detach().to(param.device if on_device else "cpu", torch.float32)
+
+    optimizer.register_load_state_dict_post_hook(restore)
+
+
+def _same(a: Any, b: Any) -> bool:
+    return _show(a) == _show(b)
+
+
+def _show(value: Any) -> Any:
+    """A plain value to compare and print: tensors as numbers, tuples (betas) as lists."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().tolist()
+    return [_show(v) for v in value] if isinstance(value, (tuple, list)) else value

@@ -24,7 +24,7 @@ from gangen.graphs import StepGraphs, gradient_hook_owners
 from gangen.layers import check_choice, nhwc_strides
 from gangen.losses import REGULARIZERS, gradient_penalty, make_loss, r1_penalty
 from gangen.networks import build_network, network_spec
-from gangen.optim import default_adam, make_capturable, use_fused
+from gangen.optim import default_adam, keep_configured_settings, make_capturable, use_fused
 from gangen.reliability import keep_epoch_unfinished
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -237,7 +237,11 @@ class GAN(L.LightningModule):
             use_fused(self.g_optimizer(self.generator.parameters())),
             use_fused(self.d_optimizer(self.discriminator.parameters())),
         ]
-        return [make_capturable(opt) for opt in optimizers] if self._graphed else optimizers
+        if self._graphed:
+            optimizers = [make_capturable(opt) for opt in optimizers]
+        for name, opt in zip(("g_optimizer", "d_optimizer"), optimizers, strict=True):
+            keep_configured_settings(opt, name, report=rank_zero_info)  # a resumed fit trains as configured
+        return optimizers
 
     def _d(self, images: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """Discriminator logits (B,) of augmented images (labels only for a conditional model)."""

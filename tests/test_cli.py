@@ -135,6 +135,32 @@ def test_resume_continues_counting(trained_ckpt, tmp_path):
     assert torch.equal(ckpt["state_dict"]["grid_z"], before["state_dict"]["grid_z"])  # same fixed latents
 
 
+def test_resume_from_a_path_trains_what_is_configured_and_says_what_changed(trained_ckpt, tmp_path):
+    """`fit --ckpt_path PATH`: the checkpoint's model settings fill in what the config leaves at its
+    defaults, and the config files and the command line win (Lightning put the checkpoint's over them, so
+    `--model.loss hinge` was dropped while config.yaml recorded the checkpoint's), and the optimizers train
+    with the configured learning rate, not the one in their saved state. Every change is said on stdout."""
+    ckpt = torch.load(trained_ckpt, weights_only=True)
+    assert ckpt["hyper_parameters"]["loss"] == "non_saturating"
+    ckpt["hyper_parameters"]["check_finite_every"] = 7  # as if trained with --model.check_finite_every 7
+    edited = tmp_path / "trained.ckpt"
+    torch.save(ckpt, edited)
+    r = run_cli(*tiny_fit_args(tmp_path, "--trainer.max_epochs", "3", "--ckpt_path", str(edited),
+                               "--model.loss", "hinge", "--model.g_optimizer.init_args.lr", "1e-4"))  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "dcgan_fashion_mnist" / "version_0"
+    resumed = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["hyper_parameters"]["loss"] == "hinge" and resumed["hyper_parameters"]["check_finite_every"] == 7
+    g_lr, d_lr = (state["param_groups"][0]["lr"] for state in resumed["optimizer_states"])
+    assert (g_lr, d_lr) == (1e-4, 2e-4)
+    config = yaml.safe_load((run / "config.yaml").read_text())["model"]
+    assert config["loss"] == "hinge" and config["check_finite_every"] == 7
+    assert config["g_optimizer"]["init_args"]["lr"] == 1e-4
+    assert "gangen: resuming with model.loss 'hinge' as configured (checkpoint: 'non_saturating')" in r.stdout
+    assert "gangen: resumed g_optimizer lr 0.0001 as configured (checkpoint: 0.0002)" in r.stdout
+    assert "d_optimizer" not in r.stdout and "check_finite_every" not in r.stdout  # unchanged: not said
+
+
 def test_tensorboard_logger_gets_scalars_and_grids(tmp_path):
     from conftest import ROOT, tiny_fit_args
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

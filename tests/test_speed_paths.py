@@ -15,7 +15,7 @@ from gangen.data import ImageDataModule
 from gangen.errors import ConfigError
 from gangen.layers import nhwc_strides
 from gangen.networks import DCGANDiscriminator, DCGANGenerator
-from gangen.optim import make_capturable, use_fused
+from gangen.optim import keep_configured_settings, make_capturable, use_fused
 from gangen.readers import FlipItems, collate
 from gangen.reliability import ResumableRandomSampler
 from gangen.system import GAN
@@ -231,6 +231,48 @@ def test_adamw_rebuilt_fused_or_capturable_keeps_its_class_and_decoupled_decay()
     torch.testing.assert_close(net.weight, reference_net.weight)
     plain_adam = torch.optim.Adam(reference_net.parameters(), lr=1e-2, weight_decay=0.1)  # L2, not decoupled
     assert make_capturable(plain_adam).param_groups[0]["decoupled_weight_decay"] is False
+
+
+def test_resumed_optimizer_keeps_its_configured_settings_and_flags():
+    """torch's load_state_dict takes every group setting from the file: the old learning rate, and the old
+    run's flags. A CUDA-graph run saves capturable groups with their counters on the GPU; resumed on the CPU
+    (or in DDP, without graphs) the first step crashed. The file below is such a run's, as a CPU load sees
+    it: capturable=True groups over a CPU-trained state."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    trained = torch.optim.Adam(net.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    for _ in range(2):
+        trained.zero_grad()
+        net(torch.ones(2, 4)).square().sum().backward()
+        trained.step()
+    saved = trained.state_dict()
+    for group in saved["param_groups"]:
+        group["capturable"] = True
+    lines: list[str] = []
+
+    def resumed(lr: float) -> torch.optim.Optimizer:
+        opt = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.5, 0.999))
+        keep_configured_settings(opt, "g_optimizer", report=lines.append)
+        opt.load_state_dict(saved)
+        return opt
+
+    opt = resumed(1e-4)
+    group = opt.param_groups[0]
+    assert group["lr"] == 1e-4 and group["capturable"] is False and group["betas"] == (0.5, 0.999)
+    assert lines == ["gangen: resumed g_optimizer lr 0.0001 as configured (checkpoint: 0.0002)"]  # betas: same
+    step = opt.state[net.weight]["step"]
+    assert step.device.type == "cpu" and step.dtype == torch.float32 and step.item() == 2  # the count goes on
+    before = net.weight.detach().clone()
+    opt.zero_grad()
+    net(torch.ones(2, 4)).square().sum().backward()
+    opt.step()  # torch alone: "If capturable=True, params and state_steps must be on supported devices"
+    assert not torch.equal(net.weight, before)
+    lines.clear()
+    resumed(2e-4)
+    assert lines == []  # nothing changed: nothing said
+    plain = torch.optim.Adam(net.parameters(), lr=1e-4)
+    plain.load_state_dict(saved)
+    assert plain.param_groups[0]["capturable"] is True and plain.param_groups[0]["lr"] == 2e-4  # what it fixes
 
 
 def test_compile_option_compiles_in_place_and_keeps_keys():
