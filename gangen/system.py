@@ -15,7 +15,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from gangen.augment import DiffAugment
+from gangen.augment import DiffAugment, augment_seed
 from gangen.callbacks import writes_logs_now
 from gangen.distributed import broadcast_buffers_
 from gangen.ema import ema_beta, make_ema, recalibrate_batchnorm_, update_ema_
@@ -178,7 +178,7 @@ class GAN(L.LightningModule):
             self.discriminator.compile(mode=mode)
             self._cudagraph_trees = device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
         self._graphed = training and self._use_cuda_graph(self.trainer)
-        self.augment.seed = self.hparams.seed + self.global_rank  # distinct augmentations on every rank, as z
+        self.augment.seed = augment_seed(self.hparams.seed, self.global_rank)  # every rank its own, not z's
 
     def _use_cuda_graph(self, trainer: L.Trainer) -> bool:
         """Whether this fit captures its steps: cuda_graph true (refused in one line where it cannot), or

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gangen.augment import DiffAugment
+from gangen.augment import DiffAugment, augment_seed
 from gangen.errors import ConfigError
 
 POLICY = "color,translation,cutout"
@@ -89,8 +89,25 @@ def test_identity_and_bad_policy():
         DiffAugment("color,flip")
 
 
+def test_augmentation_stream_is_not_the_latents_stream():
+    """Latents come from seed + rank; the augmentation had the same seed, so its draws were the latents'
+    bits (torch.rand and torch.randn of one seed are dependent). Now each rank's augmentation seed is
+    derived from (seed, rank) and collides with no latent seed of a run of up to 1024 processes."""
+    for seed in (0, 5, 2**63, -1):
+        seeds = {augment_seed(seed, rank) for rank in range(1024)}
+        latent_seeds = {(seed + rank) % 2**64 for rank in range(1024)}
+        assert len(seeds) == 1024 and not seeds & latent_seeds
+        assert all(0 <= s < 2**64 for s in seeds)  # what manual_seed takes
+    assert augment_seed(5, 1) == augment_seed(5, 1) != augment_seed(6, 0)  # reproducible, seed-dependent
+    u = torch.rand(6400, generator=torch.Generator().manual_seed(augment_seed(5, 0)))
+    z = torch.randn(6400, generator=torch.Generator().manual_seed(5))
+    same_seed = torch.rand(6400, generator=torch.Generator().manual_seed(5))
+    assert abs(torch.corrcoef(torch.stack([same_seed, z]))[0, 1]) > 0.3  # what it was
+    assert abs(torch.corrcoef(torch.stack([u, z]))[0, 1]) < 0.05
+
+
 def test_checkpoint_streams_resume_per_rank_and_from_older_files():
-    """Every rank saves its own augmentation stream (seed + rank) and resumes with it; files written before
+    """Every rank saves its own augmentation stream and resumes with it; files written before
     held rank 0's stream only, under another key, and still resume it; a stream of another device type is
     not forced onto this one (a CUDA state does not fit a CPU generator)."""
     from gangen.networks import DCGANDiscriminator, DCGANGenerator
@@ -103,7 +120,7 @@ def test_checkpoint_streams_resume_per_rank_and_from_older_files():
     x = torch.rand(4, 1, 16, 16)
     live = model()
     live.configure_model()
-    assert live.augment.seed == 5  # rank 0 (no trainer): seed + 0
+    assert live.augment.seed == augment_seed(5, 0)  # rank 0 (no trainer)
     live.augment(x)  # advance the stream
     checkpoint = {"state_dict": live.state_dict()}
     live.on_save_checkpoint(checkpoint)
