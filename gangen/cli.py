@@ -281,34 +281,42 @@ def run_lightning_cli(argv: Sequence[str] | None) -> None:
     )
 
 
-class _Below(logging.Filter):
-    def __init__(self, level: int) -> None:
-        super().__init__()
-        self.level = level
+class _CurrentStream(logging.StreamHandler):
+    """Writes to sys.stdout / sys.stderr as they are when a record comes (redirected or captured later
+    on), records below `below` only or from `level` on."""
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno < self.level
+    def __init__(self, name: str, level: int = logging.NOTSET, below: int | None = None) -> None:
+        super().__init__()
+        self._name, self._below = name, below
+        self.setLevel(level)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return getattr(sys, self._name)
+
+    @stream.setter
+    def stream(self, value: Any) -> None:  # StreamHandler.__init__ sets it: the current one is always used
+        pass
+
+    def filter(self, record: logging.LogRecord) -> bool:  # type: ignore[override]
+        return (self._below is None or record.levelno < self._below) and bool(super().filter(record))
 
 
 def _lightning_info_to_stdout() -> None:
     """Lightning's information lines ("Seed set to 0", "GPU available: ...") on stdout, its warnings and
     errors on stderr: a refused run's stderr is then its one `gangen: error:` line. Only the handlers
-    Lightning installs itself (stderr, when nothing configured logging) are replaced."""
-    for name in ("lightning.pytorch", "lightning.fabric"):
+    Lightning installs itself on stderr are replaced: the subpackages' own (when nothing configured logging)
+    and the top package's "INFO: ..." one, which their records reach when the root logger had a handler at
+    import (a program that configured logging first; pytest)."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logger = logging.getLogger(name)
         own = [
-            h for h in logger.handlers
-            if type(h) is logging.StreamHandler and h.stream is sys.stderr and not getattr(h, "gangen", False)
-        ]  # fmt: skip
-        for handler in own:
+            h for h in logger.handlers if type(h) is logging.StreamHandler and h.stream in (sys.stderr, sys.__stderr__)
+        ]
+        for handler in own:  # replaced once: the new handlers are not plain StreamHandlers
             logger.removeHandler(handler)
-            info = logging.StreamHandler(sys.stdout)
-            info.addFilter(_Below(logging.WARNING))
-            warnings = logging.StreamHandler(sys.stderr)
-            warnings.setLevel(logging.WARNING)
-            for new in (info, warnings):
+            for new in (_CurrentStream("stdout", below=logging.WARNING), _CurrentStream("stderr", logging.WARNING)):
                 new.setFormatter(handler.formatter)
-                new.gangen = True  # type: ignore[attr-defined]  # replaced once, also when main runs again
                 logger.addHandler(new)
 
 

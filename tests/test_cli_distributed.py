@@ -87,6 +87,34 @@ def test_refused_run_prints_one_line_on_stderr_as_a_user_sees_it(tmp_path):
     assert "Seed set to 0" in r.stdout and list(tmp_path.iterdir()) == []
 
 
+def test_refused_run_in_a_program_that_configured_logging_first(tmp_path):
+    """A program (or pytest) with a root logging handler before Lightning is imported: Lightning's records
+    then reach its top package's "INFO: ..." handler on stderr, so main() printed `INFO: Seed set to 0`
+    there before the error line. The replacement handlers also write to the streams current at each
+    record, so a later redirection is followed."""
+    program = f"""
+import contextlib, io, logging, sys
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+from gangen.cli import main
+out, err = io.StringIO(), io.StringIO()
+for _ in range(2):  # main() again: the handlers are not stacked
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(["fit", "--config", {str(DEMO_CONFIG)!r}, "--trainer.logger.init_args.save_dir", {str(tmp_path)!r},
+                  "--trainer.devices", "two"])
+        except SystemExit as stop:
+            assert stop.code == 2, stop.code
+print(repr(out.getvalue()))
+print(repr(err.getvalue()))
+"""
+    r = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out, err = (eval(line) for line in r.stdout.splitlines()[-2:])
+    assert err.splitlines() == ["gangen: error: --trainer.devices 'two' is not a device count or list: use a number "
+                                "(2), GPU indices (0,1 or [0, 1]) or auto"] * 2  # fmt: skip
+    assert out.count("Seed set to 0") == 2 and list(tmp_path.iterdir()) == []
+
+
 def test_sync_batchnorm_single_process_cpu_is_allowed():
     from gangen.distributed import check_trainer
 
