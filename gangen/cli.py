@@ -151,6 +151,9 @@ class GANCLI(LightningCLI):
         self._check_shapes()
         self._check_monitors()
         self._check_resume()
+        self.model.check_run(self.trainer)
+        if self.datamodule.num_classes is not None:  # known before any file is read (Fashion-MNIST, CIFAR-10)
+            self.model.check_classes(self.datamodule)
         if getattr(self.model, "cuda_graph", None) is True:  # None (auto) falls back to the eager step instead
             self.model.check_cuda_graph(self.trainer)
         trainer = self.trainer

@@ -177,6 +177,9 @@ class GAN(L.LightningModule):
             self.generator.compile(mode=mode)  # in place: the state_dict keeps its keys (no `_orig_mod.`)
             self.discriminator.compile(mode=mode)
             self._cudagraph_trees = device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
+        if self._trainer is not None:
+            self.check_run(self.trainer)
+            self.check_classes(self.trainer.datamodule)
         self._graphed = training and self._use_cuda_graph(self.trainer)
         self.augment.seed = augment_seed(self.hparams.seed, self.global_rank)  # every rank its own, not z's
 
@@ -204,6 +207,31 @@ class GAN(L.LightningModule):
     def on_fit_end(self) -> None:
         if self._step_graphs is not None:  # Lightning has moved the model off the GPU: the graphs point at
             self._step_graphs.clear()  # freed memory, and their pools would stay allocated
+
+    def check_run(self, trainer: L.Trainer) -> None:
+        """One-line refusal of Trainer settings this module cannot train with (the CLI asks before anything
+        is written)."""
+        precision = str(trainer.precision)
+        if self.generator_ema is not None and precision in ("bf16-true", "16-true"):
+            raise ConfigError(
+                f"--trainer.precision {precision} keeps the EMA generator in half precision, where its small updates "
+                "round away (and sampling it crashed): use bf16-mixed, or --model.ema_kimg 0"
+            )
+
+    def check_classes(self, data: Any) -> None:
+        """A conditional model needs the data's labels, one per class it was built for: an out-of-range label
+        was an IndexError deep in the first step. Called once the datamodule is set up (its classes known)."""
+        if not self.num_classes or not hasattr(data, "num_classes"):
+            return
+        classes = data.num_classes
+        if classes != self.num_classes:
+            have = f"has {classes} classes" if classes else "has no class labels"
+            fix = (
+                f"set --model.generator.num_classes {classes} and --model.discriminator.num_classes {classes}"
+                if classes
+                else "use an unconditional model (num_classes 0) or data with classes"
+            )
+            raise ConfigError(f"the model is conditional on {self.num_classes} classes but the data {have}: {fix}")
 
     def cuda_graph_blocker(self, trainer: L.Trainer) -> tuple[str, str] | None:
         """Why a captured step cannot serve this run and the fix other than eager training ("" if none), or
@@ -243,12 +271,14 @@ class GAN(L.LightningModule):
             keep_configured_settings(opt, name, report=rank_zero_info)  # a resumed fit trains as configured
         return optimizers
 
-    def _d(self, images: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        """Discriminator logits (B,) of augmented images (labels only for a conditional model)."""
+    def _d(self, images: torch.Tensor, labels: torch.Tensor | None, eager: bool = False) -> torch.Tensor:
+        """Discriminator logits (B,) of augmented images (labels only for a conditional model). `eager`: not
+        through torch.compile (--model.compile), which cannot take the double backward of R1 / GP."""
         x = self.augment(images)
         if self._memory_format == torch.channels_last:
             x = nhwc_strides(x)  # 1-channel images: explicit NHWC strides, or cuDNN copies gradients (layers.py)
-        return self.discriminator(x) if labels is None else self.discriminator(x, labels)
+        d = self.discriminator._call_impl if eager else self.discriminator  # _call_impl: forward and hooks
+        return d(x) if labels is None else d(x, labels)
 
     def _reg_due(self) -> bool:
         """Whether this D step adds the lazy R1 / GP term."""
@@ -258,7 +288,7 @@ class GAN(L.LightningModule):
     def _regularize(self, real: torch.Tensor, fake: torch.Tensor, labels: torch.Tensor | None) -> dict:
         """The R1 / GP term of this D step, already scaled by reg_every (lazy regularisation)."""
         hp = self.hparams
-        critic = lambda x: self._d(x, labels)  # noqa: E731
+        critic = lambda x: self._d(x, labels, eager=True)  # noqa: E731  # a lazy, less frequent step
         if hp.reg == "r1":
             terms = r1_penalty(critic, real, hp.reg_weight)
         else:

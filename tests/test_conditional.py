@@ -78,6 +78,32 @@ def test_mismatched_conditioning_is_refused(tmp_path):
     assert "num_classes=10 but discriminator num_classes=0" in result.stderr
 
 
+def test_conditional_model_on_data_without_its_classes_is_refused(tmp_path):
+    """Checked once the datamodule is set up (a folder's classes are its subfolders): a folder with no
+    subfolders has no labels (every label was 0), and a label >= num_classes was an IndexError mid-step."""
+    import lightning.pytorch as L
+    import numpy as np
+    from PIL import Image
+
+    from gangen.data import ImageDataModule
+    from gangen.system import GAN
+
+    for i in range(8):
+        Image.fromarray(np.full((16, 16), i * 30, np.uint8)).save(tmp_path / f"{i}.png")
+    data = ImageDataModule(dataset="image_folder", root=str(tmp_path), resolution=16, channels=1, batch_size=4,
+                           cache=False)  # fmt: skip
+    g = DCGANGenerator(latent_dim=8, resolution=16, channels=1, base_channels=8, num_classes=2)
+    model = GAN(g, DCGANDiscriminator(resolution=16, channels=1, base_channels=8, num_classes=2))
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    with pytest.raises(ConfigError) as error:
+        trainer.fit(model, datamodule=data)
+    assert str(error.value) == (
+        "the model is conditional on 2 classes but the data has no class labels: use an unconditional model "
+        "(num_classes 0) or data with classes"
+    )
+
+
 def test_default_classes_follow_the_image_index_not_the_batch(inception_weights):
     """Without labels, image i of a set gets class i % num_classes: restarting at 0 in every batch (and in
     every rank's share of a metric's samples) gave 10k images at batch 64 an uneven class mix (1094 vs 937)

@@ -20,6 +20,9 @@ FIT_CASES = [
     (["--data.resolution", "64"], ["data.resolution=64", "resolution=32"]),
     (["--model.discriminator.resolution", "64"], ["discriminator resolution=64"]),
     (["--data.channels", "3"], ["data.channels=3", "channels=1"]),
+    (["--trainer.precision", "bf16-true", "--model.ema_kimg", "10"], ["bf16-true", "bf16-mixed", "--model.ema_kimg 0"]),
+    (["--model.generator.num_classes", "5", "--model.discriminator.num_classes", "5"],
+     ["conditional on 5 classes", "data has 10 classes", "--model.generator.num_classes 10"]),
 ]  # fmt: skip
 
 
