@@ -184,6 +184,9 @@ def sampler_state(trainer: L.Trainer | None, sampler: ResumableRandomSampler, ba
         # processed: batches whose training step ran this epoch (counted before on_train_batch_end, where
         # ModelCheckpoint(every_n_train_steps) saves, and equal to completed at a SIGTERM stop)
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        epochs = trainer.fit_loop.epoch_progress.current
+        if epochs.started == epochs.completed:  # between epochs (a stop signal in the last batch or at epoch
+            done = 0  # end): current_epoch is the next one, the batch counts are still the finished one's
         state.update(epoch=trainer.current_epoch, position=done * batch_size)
     return state
 

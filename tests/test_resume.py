@@ -121,6 +121,22 @@ def test_sigterm_saves_checkpoint_and_resumes_exactly(uninterrupted, tmp_path):
     assert_same_state(uninterrupted, torch.load(tmp_path / "params_rank0.pt"))
 
 
+def test_sigterm_in_an_epochs_last_batch_resumes_with_the_whole_next_epoch(uninterrupted, tmp_path):
+    """Stopped in epoch 0's last batch (no validation that epoch), Lightning has counted the epoch as done:
+    the checkpoint's epoch is 1 while the batch counts are still epoch 0's, so its position was a whole
+    epoch and the resumed run skipped all of epoch 1."""
+    every_2 = ["--trainer.check_val_every_n_epoch", "2"]
+    r = fit(tmp_path, *signal_at(5, signal.SIGTERM), *every_2)  # batch 5: the last of epoch 0's 6
+    assert r.returncode == 128 + signal.SIGTERM, (r.returncode, r.stderr[-3000:])
+    ckpt = torch.load(tmp_path / "dcgan_fashion_mnist" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["gangen"]["batches_seen"] == 6 and ckpt["ImageDataModule"] == {"seed": 0, "epoch": 1, "position": 0}
+    r = fit(tmp_path, "--ckpt_path", "last", *every_2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = torch.load(tmp_path / "params_rank0.pt")
+    assert int(resumed["images_seen"]) == 2 * 384
+    assert_same_state(uninterrupted, resumed)
+
+
 def test_max_steps_stop_then_resume_last_is_exact(uninterrupted, tmp_path):
     """A run stopped by max_steps 4 batches into epoch 0 (of 6), then resumed from the last.ckpt that
     ModelCheckpoint wrote at that stop: it finishes epoch 0 first and ends as the run that never stopped."""
