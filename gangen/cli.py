@@ -111,6 +111,7 @@ class GANCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or ckpt_path in ("last", "best", "hpc"):  # `last` is found in _check_resume
             return
+        _refuse_export(ckpt_path)
         ckpt = read_checkpoint(ckpt_path)
         self._read_ckpt = (ckpt_path, ckpt)  # kept for _check_resume: read once
         hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if k != "_instantiator"}
@@ -163,6 +164,7 @@ class GANCLI(LightningCLI):
 
     def before_validate(self) -> None:
         self._check_shapes()
+        self._check_resume()  # `last` found as fit finds it (Lightning alone validated fresh weights), networks
 
     def _check_monitors(self) -> None:
         """A ModelCheckpoint / EarlyStopping monitoring a metric/* key the metrics never log would stop the
@@ -183,10 +185,13 @@ class GANCLI(LightningCLI):
                 )
 
     def _check_resume(self) -> None:
-        """`--ckpt_path last` means the newest last.ckpt of this run name (any version); any checkpoint is read
-        safely and checked against the model before a run folder is written."""
+        """`--ckpt_path last` means the newest last.ckpt of this run name (any version) or of a configured
+        ModelCheckpoint folder; any checkpoint is read safely and checked against the model before a run
+        folder is written. fit: a changed network is refused, a changed seed too (the checkpoint's random
+        streams and data order continue), every other changed model or data setting is said."""
         from gangen.reliability import find_last_checkpoint
 
+        fit = self.subcommand == "fit"
         config = self.config_init[self.subcommand]
         ckpt_path = config.get("ckpt_path")
         if ckpt_path is None:
@@ -196,32 +201,80 @@ class GANCLI(LightningCLI):
             folders = [Path(self.trainer.default_root_dir)]
             if logger is not None and getattr(logger, "root_dir", None):
                 folders.insert(0, Path(logger.root_dir))
+            folders[:0] = [Path(cb.dirpath) for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
             found = find_last_checkpoint(folders)
+            where = ", ".join(map(str, folders))
+            if found is None and not fit:
+                raise ConfigError(f"--ckpt_path last: no last.ckpt under {where}: pass --ckpt_path PATH")
             if found is None:  # Lightning's meaning too: set and forget, the first run starts from scratch
-                print(f"gangen: no last.ckpt under {', '.join(map(str, folders))}: training from scratch", flush=True)
+                print(f"gangen: no last.ckpt under {where}: training from scratch", flush=True)
                 config["ckpt_path"] = None
                 return
             ckpt_path = config["ckpt_path"] = str(found)
-            print(f"gangen: resuming from {found}", flush=True)
+            print(f"gangen: {'resuming from' if fit else 'validating'} {found}", flush=True)
+        _refuse_export(ckpt_path)
         cached_path, ckpt = getattr(self, "_read_ckpt", (None, None))
         self._read_ckpt = (None, None)  # not kept alive during training
         ckpt = ckpt if cached_path == ckpt_path else read_checkpoint(ckpt_path)
+        hparams = ckpt["hyper_parameters"]
         for name in ("generator", "discriminator"):
-            saved = (ckpt["hyper_parameters"].get(name) or {}).get("init_args", {})
-            current = getattr(getattr(self.model, name), "config", {})
-            for key, value in saved.items():
-                if key in current and current[key] != value:
+            _check_network(ckpt_path, name, hparams.get(name) or {}, getattr(self.model, name))
+        data_saved = dict(ckpt.get("datamodule_hyper_parameters") or {})
+        data_now = dict(self.datamodule.hparams)
+        if fit:  # the data's seed is not a hyperparameter: its training order's is in the checkpoint
+            order_seed = (ckpt.get(type(self.datamodule).__name__) or {}).get("seed")
+            data_seed = getattr(self.datamodule, "seed", None)
+            seeds = [("model", hparams, self.model.hparams)]
+            if order_seed is not None and data_seed is not None:
+                seeds.append(("data", {"seed": order_seed}, {"seed": data_seed}))
+            for section, saved, now in seeds:
+                if "seed" in saved and now.get("seed", saved["seed"]) != saved["seed"]:
                     raise ConfigError(
-                        f"checkpoint {ckpt_path} was trained with {name} {key}={value!r}, the config has "
-                        f"{current[key]!r}: resume with the checkpoint's settings (--model.{name}.{key} {value})"
+                        f"checkpoint {ckpt_path} continues the random streams and data order of {section}.seed "
+                        f"{saved['seed']!r}, the config has {now['seed']!r}: resume with --{section}.seed "
+                        f"{saved['seed']!r} (a new seed is a new run)"
                     )
-        if self.trainer.global_rank == 0:  # other changes train as configured: said, never silent
-            for key, value in ckpt["hyper_parameters"].items():
-                now = self.model.hparams.get(key, value)
-                if key not in ("generator", "discriminator", "_instantiator") and now != value:
-                    print(
-                        f"gangen: resuming with model.{key} {now!r} as configured (checkpoint: {value!r})", flush=True
-                    )
+        if not fit or self.trainer.global_rank != 0:
+            return
+        for section, saved, now in (("model", hparams, self.model.hparams), ("data", data_saved, data_now)):
+            for key, value in saved.items():  # other changes train as configured: said, never silent
+                if key not in ("generator", "discriminator", "_instantiator") and now.get(key, value) != value:
+                    print(f"gangen: resuming with {section}.{key} {now[key]!r} as configured (checkpoint: {value!r})")
+        sys.stdout.flush()
+
+
+def _refuse_export(ckpt_path: str) -> None:
+    if str(ckpt_path).endswith(".safetensors"):
+        raise ConfigError(
+            f"--ckpt_path {ckpt_path} is a generator export: fit and validate need a checkpoint from fit "
+            "(checkpoints/last.ckpt); `gangen generate` and `gangen evaluate` take exports"
+        )
+
+
+def _check_network(ckpt_path: str, name: str, saved: dict, module: Any) -> None:
+    """The configured network must be the checkpoint's (its weights are loaded as they are): class and every
+    constructor argument, those left out of a spec (num_classes 0, dropout 0) at their defaults."""
+    import inspect
+
+    from gangen.networks import network_spec
+
+    try:
+        current = network_spec(module)
+    except ConfigError:  # a network without a config: Lightning's state_dict check is all there is
+        return
+    if saved.get("class_path") and saved["class_path"] != current["class_path"]:
+        raise ConfigError(
+            f"checkpoint {ckpt_path} was trained with {name} {saved['class_path']}, the config has "
+            f"{current['class_path']}: use the checkpoint's (--model.{name} {saved['class_path']})"
+        )
+    defaults = {k: p.default for k, p in inspect.signature(type(module)).parameters.items() if p.default is not p.empty}
+    was, now = {**defaults, **(saved.get("init_args") or {})}, {**defaults, **current["init_args"]}
+    for key in sorted(was.keys() | now.keys()):
+        if was.get(key) != now.get(key):
+            raise ConfigError(
+                f"checkpoint {ckpt_path} was trained with {name} {key}={was.get(key)!r}, the config has "
+                f"{now.get(key)!r}: use the checkpoint's settings (--model.{name}.{key} {was.get(key)})"
+            )
 
 
 def _check_wandb(logger: Any) -> None:

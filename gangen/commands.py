@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from gangen.data import ImageDataModule
-from gangen.errors import ConfigError
+from gangen.errors import ConfigError, GanGenError
 from gangen.sampling import (
     atomic_file,
     checkpoint_data,
@@ -170,7 +170,8 @@ def evaluate_command(argv: Sequence[str]) -> None:
         raise ConfigError("pass exactly one of --ckpt_path (generate and evaluate) or --samples (evaluate files)")
     ckpt = read_checkpoint(known.ckpt_path) if known.ckpt_path else None  # read once, used twice
     if ckpt is not None:  # the checkpoint's data settings are the defaults; --data.* still overrides them
-        p.set_defaults({f"data.{k}": v for k, v in _checkpoint_data(ckpt, known.ckpt_path).items()})
+        given = any(arg.startswith("--data") for arg in argv)  # a checkpoint without them needs them given
+        p.set_defaults({f"data.{k}": v for k, v in _checkpoint_data(ckpt, known.ckpt_path, given).items()})
     args = p.parse_args(list(argv))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {args.device!r}: no CUDA device is available here; use --device cpu")
@@ -179,7 +180,10 @@ def evaluate_command(argv: Sequence[str]) -> None:
     source = Path(args.ckpt_path or args.samples)
     samples = load_samples(args.samples) if args.samples else None  # (N, C, H, W) uint8
     datamodule = p.instantiate_classes(args).data
-    extractor = make_feature_extractor(args.feature_extractor, args.inception_weights, device=args.device)
+    try:
+        extractor = make_feature_extractor(args.feature_extractor, args.inception_weights, device=args.device)
+    except GanGenError as err:  # the message names fit's option; evaluate's is --inception_weights
+        raise type(err)(str(err).replace("--metrics.inception_weights", "--inception_weights")) from err
     count = args.num_samples if samples is None else len(samples)
     output = Path(args.output) if args.output else source.parent / f"metrics-{extractor.name}-n{count}.json"
     if not output.parent.is_dir():
@@ -202,10 +206,11 @@ def evaluate_command(argv: Sequence[str]) -> None:
     print(f"wrote {output}")
 
 
-def _checkpoint_data(ckpt: dict, ckpt_path: str) -> dict:
-    """The data settings a gangen checkpoint was trained with (its datamodule hyperparameters)."""
+def _checkpoint_data(ckpt: dict, ckpt_path: str, given: bool = False) -> dict:
+    """The data settings a gangen checkpoint was trained with (its datamodule hyperparameters); a checkpoint
+    without them (trained from Python without a datamodule) needs --data.* given."""
     data = checkpoint_data(ckpt)
-    if not data:
+    if not data and not given:
         raise ConfigError(f"{ckpt_path} does not record its data: pass --data.dataset ... --data.resolution ...")
     return data
 

@@ -84,6 +84,21 @@ def keep_configured_settings(optimizer: torch.optim.Optimizer, name: str, report
                 if isinstance(step, torch.Tensor):
                     state["step"] = step.detach().to(param.device if on_device else "cpu", torch.float32)
 
+    def other_class(opt: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any] | None:
+        """A state saved by another optimizer class (SGD -> Adam: torch fails on a missing "step") is not
+        loaded: this optimizer starts fresh, with the saved groups' parameters."""
+        saved = state_dict.get("param_groups") or []
+        settings = lambda groups: {k for g in groups for k in g if k not in ("params", "initial_lr", *_IMPLEMENTATION)}  # noqa: E731
+        if not saved or settings(saved) == settings(built):
+            return None
+        if report is not None:
+            report(
+                f"gangen: {name} is {type(opt).__name__}, the checkpoint's had other settings: its state starts fresh"
+            )
+        groups = [{**settings_of, "params": group["params"]} for settings_of, group in zip(built, saved, strict=False)]
+        return {"state": {}, "param_groups": groups}
+
+    optimizer.register_load_state_dict_pre_hook(other_class)
     optimizer.register_load_state_dict_post_hook(restore)
 
 

@@ -428,9 +428,8 @@ class GAN(L.LightningModule):
         if bad:
             raise DivergenceError(
                 f"training diverged: a loss became nan/inf before kimg {self.images_seen / 1000:g} (batch "
-                f"{self.batches_seen}); stopped without saving, so the last checkpoint is the last good state. "
-                "A resume keeps the checkpoint's loss and learning rates (command-line changes to them are not "
-                "applied): train anew with a lower learning rate or another loss (e.g. --model.loss hinge)"
+                f"{self.batches_seen}); stopped without saving, so the last checkpoint is the last good state: "
+                "resume it (--ckpt_path last) with a lower learning rate or another loss (e.g. --model.loss hinge)"
             )
 
     def eval_generator(self) -> nn.Module:
@@ -473,6 +472,27 @@ class GAN(L.LightningModule):
         if self._trainer is not None:
             keep_epoch_unfinished(checkpoint, self.trainer)  # a max_steps stop resumes mid-epoch
 
+    def _fit_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """A checkpoint of this model with other EMA or grid settings loads (before Lightning loads it strictly):
+        an EMA switched on starts from the checkpoint's generator, one switched off is dropped, and a grid of
+        another size is drawn anew from the seed. Each change is said (rank 0)."""
+        said = []
+        ema_keys = [k for k in state_dict if k.startswith("generator_ema.")]
+        if self.generator_ema is not None and not ema_keys:
+            for key in [k for k in state_dict if k.startswith("generator.")]:
+                state_dict["generator_ema." + key[len("generator.") :]] = state_dict[key].clone()
+            said.append("the EMA generator starts from the checkpoint's generator (it had none)")
+        elif self.generator_ema is None and ema_keys:
+            for key in ema_keys:
+                del state_dict[key]
+            said.append("the checkpoint's EMA generator is dropped (--model.ema_kimg 0)")
+        grid = state_dict.get("grid_z")
+        if grid is not None and grid.shape != self.grid_z.shape:
+            state_dict["grid_z"] = self.grid_z.detach().clone()
+            said.append(f"the sample grid has {len(self.grid_z)} latents drawn from the seed (checkpoint: {len(grid)})")
+        for line in said:
+            rank_zero_info(f"gangen: {line}")
+
     def _every_rank(self, rng_state: torch.Tensor) -> list[torch.Tensor]:
         """A generator state (S,) uint8 (on the CPU, also for a CUDA generator) of every rank, in rank order."""
         if self._trainer is None or self.trainer.world_size == 1:
@@ -482,6 +502,7 @@ class GAN(L.LightningModule):
         return [s.cpu().clone() for s in self.all_gather(rng_state.to(self.device))]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._fit_state_dict(checkpoint.get("state_dict", {}))
         state = checkpoint.get("gangen", {})
         self.images_seen = int(state.get("images_seen", 0))
         self.batches_seen = int(state.get("batches_seen", 0))

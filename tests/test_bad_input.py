@@ -100,7 +100,22 @@ def test_evaluate_without_inception_weights(capsys, tmp_path, trained_ckpt, monk
     line = fails(capsys, "evaluate", "--ckpt_path", str(trained_ckpt), "--num_samples", "8",
                  "--output", str(tmp_path / "m.json"))  # fmt: skip
     assert "Inception weights not found" in line and "gangen download-weights" in line
+    assert "pass --inception_weights PATH" in line  # evaluate's option (the message named fit's --metrics.*)
     assert not (tmp_path / "m.json").exists()
+
+
+def test_evaluate_a_checkpoint_without_data_settings_takes_them_from_the_flags(capsys, tmp_path, trained_ckpt):
+    """A checkpoint trained from Python without a datamodule records no data: evaluate asks for --data.*,
+    and refused them even when given."""
+    ckpt = torch.load(trained_ckpt, weights_only=True)
+    del ckpt["datamodule_hyper_parameters"]
+    bare = tmp_path / "bare.ckpt"
+    torch.save(ckpt, bare)
+    common = ["evaluate", "--ckpt_path", str(bare), "--num_samples", "8", "--num_real", "8", "--output",
+              str(tmp_path / "m.json"), "--feature_extractor", str(tmp_path / "none.pt")]  # fmt: skip
+    assert "does not record its data: pass --data.dataset" in fails(capsys, *common)
+    line = fails(capsys, *common, "--data.dataset", "fashion_mnist", "--data.resolution", "32", "--data.channels", "1")
+    assert "does not record its data" not in line and "none.pt" in line  # past the data: the extractor file
 
 
 def test_generate_from_corrupt_safetensors(capsys, tmp_path):

@@ -6,9 +6,10 @@ import csv
 import math
 
 import numpy as np
+import pytest
 import torch
 import yaml
-from conftest import DEMO_CONFIG, run_cli, tiny_fit_args
+from conftest import DEMO_CONFIG, assert_fit_refused, fails, run_cli, tiny_fit_args
 from PIL import Image
 
 from gangen import GAN, DCGANGenerator, generate, load_generator
@@ -159,6 +160,81 @@ def test_resume_from_a_path_trains_what_is_configured_and_says_what_changed(trai
     assert "gangen: resuming with model.loss 'hinge' as configured (checkpoint: 'non_saturating')" in r.stdout
     assert "gangen: resumed g_optimizer lr 0.0001 as configured (checkpoint: 0.0002)" in r.stdout
     assert "d_optimizer" not in r.stdout and "check_finite_every" not in r.stdout  # unchanged: not said
+
+
+RESUME_REFUSED = [
+    # settings the networks leave out of their specs when 0: compared at their defaults (was a state_dict traceback)
+    (["--model.discriminator.dropout", "0.3"],
+     ["discriminator dropout=0.0", "has 0.3", "--model.discriminator.dropout 0.0"]),
+    (["--model.generator.num_classes", "10", "--model.discriminator.num_classes", "10"],
+     ["generator num_classes=0", "--model.generator.num_classes 0"]),
+    # a seed starts the random streams and the data order, which the checkpoint continues
+    (["--model.seed", "5"], ["model.seed 0", "has 5", "--model.seed 0"]),
+    (["--data.seed", "5"], ["data.seed 0", "has 5", "--data.seed 0"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("extra,needles", RESUME_REFUSED, ids=lambda v: "_".join(v) if isinstance(v, list) else None)
+def test_resume_with_another_network_or_seed_is_one_line(capsys, trained_ckpt, tmp_path, extra, needles):
+    assert_fit_refused(capsys, tmp_path, ["--ckpt_path", str(trained_ckpt), *extra], needles)
+
+
+def test_generator_export_or_missing_last_checkpoint_is_one_line(capsys, trained_ckpt, tmp_path):
+    export = tmp_path / "out" / "g.safetensors"
+    export.parent.mkdir()
+    assert run_cli("export", "--ckpt_path", str(trained_ckpt), "--output", str(export)).returncode == 0
+    for command in ("fit", "validate"):  # was KeyError 'pytorch-lightning_version' (and a run folder)
+        line = fails(capsys, command, "--config", str(DEMO_CONFIG), "--trainer.logger.init_args.save_dir",
+                     str(tmp_path / "runs"), "--ckpt_path", str(export))  # fmt: skip
+        assert "is a generator export" in line and "checkpoints/last.ckpt" in line
+    # validate of `last` with none there: Lightning warned and validated freshly initialised weights
+    line = fails(capsys, "validate", "--config", str(DEMO_CONFIG), "--trainer.logger.init_args.save_dir",
+                 str(tmp_path / "runs"), "--ckpt_path", "last")  # fmt: skip
+    assert "--ckpt_path last: no last.ckpt under" in line and "--ckpt_path PATH" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_validate_last_finds_the_run_s_checkpoint(trained_run, tmp_path):
+    r = run_cli("validate", "--config", str(DEMO_CONFIG), "--trainer.logger", "false", "--trainer.default_root_dir",
+                str(trained_run.parent), "--ckpt_path", "last", "--trainer.limit_val_batches", "2",
+                "--data.limit", "640", "--trainer.enable_progress_bar", "false")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"gangen: validating {trained_run / 'checkpoints' / 'last.ckpt'}" in r.stdout
+
+
+def test_resume_switching_ema_grid_optimizer_class_and_checkpoint_folder(trained_ckpt, tmp_path):
+    """Each of these crashed the resume with a traceback: EMA switched on (missing generator_ema keys) or off
+    (unexpected keys), another grid size (grid_z size mismatch), SGD -> Adam or Adam -> SGD (torch's
+    load_state_dict: KeyError 'step' for SGD -> Adam). And `--ckpt_path last` now also looks in a configured
+    ModelCheckpoint folder, where a SIGTERM save goes (it trained from scratch)."""
+    folder = tmp_path / "ckpts"
+    config = tmp_path / "ckpt_folder.yaml"
+    config.write_text(yaml.safe_dump({"trainer": {"callbacks": [{
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"dirpath": str(folder), "save_last": True}}]}}))  # fmt: skip
+    sgd = ["--model.g_optimizer", "torch.optim.SGD", "--model.g_optimizer.init_args.lr", "0.01",
+           "--model.g_optimizer.init_args.momentum", "0.9"]  # fmt: skip
+    r = run_cli(*tiny_fit_args(tmp_path / "a", "--config", str(config), "--ckpt_path", str(trained_ckpt),
+                               "--trainer.max_epochs", "3", "--model.ema_kimg", "1", "--model.num_grid_samples", "16",
+                               "--data.batch_size", "32", *sgd))  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    for line in ("gangen: the EMA generator starts from the checkpoint's generator (it had none)",
+                 "gangen: the sample grid has 16 latents drawn from the seed (checkpoint: 64)",
+                 "gangen: g_optimizer is SGD, the checkpoint's had other settings: its state starts fresh",
+                 "gangen: resuming with data.batch_size 32 as configured (checkpoint: 64)"):  # fmt: skip
+        assert line in r.stdout, (line, r.stdout[-3000:])
+    ckpt = torch.load(folder / "last.ckpt", weights_only=True)
+    assert ckpt["state_dict"]["grid_z"].shape == (16, 100) and ckpt["gangen"]["images_seen"] == 3 * 640
+    assert "momentum_buffer" in ckpt["optimizer_states"][0]["state"][0]  # SGD's state, trained on
+    r = run_cli(*tiny_fit_args(tmp_path / "b", "--config", str(config), "--ckpt_path", "last",
+                               "--trainer.max_epochs", "4", "--data.batch_size", "32"))  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"gangen: resuming from {folder / 'last.ckpt'}" in r.stdout
+    assert "gangen: the checkpoint's EMA generator is dropped (--model.ema_kimg 0)" in r.stdout
+    assert "gangen: d_optimizer" not in r.stdout and "gangen: g_optimizer is Adam" in r.stdout
+    ckpt = torch.load(folder / "last.ckpt", weights_only=True)
+    assert not any(k.startswith("generator_ema.") for k in ckpt["state_dict"])
+    assert ckpt["gangen"]["images_seen"] == 4 * 640
 
 
 def test_tensorboard_logger_gets_scalars_and_grids(tmp_path):
