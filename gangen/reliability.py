@@ -257,6 +257,14 @@ class Preemption(Checkpoint):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore()
+        # A ModelCheckpoint that saves after validation (check_val_every_n_epoch > 1) left the epochs after
+        # the last validation out of last.ckpt (Lightning saves at the end only when it never saved)
+        for callback in trainer.checkpoint_callbacks:
+            if (
+                isinstance(callback, ModelCheckpoint) and callback.save_last
+                and 0 < callback._last_global_step_saved < trainer.global_step
+            ):  # fmt: skip
+                callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore()

@@ -137,6 +137,17 @@ def test_sigterm_in_an_epochs_last_batch_resumes_with_the_whole_next_epoch(unint
     assert_same_state(uninterrupted, resumed)
 
 
+def test_last_checkpoint_holds_the_epochs_after_the_last_validation(tmp_path):
+    """ModelCheckpoint saves after validation when it runs every 2 epochs: a 3-epoch fit's last.ckpt held
+    epoch 1 (Lightning saves at the end only when it never saved), and the third epoch was lost."""
+    r = fit(tmp_path, "--trainer.max_epochs", "3", "--trainer.check_val_every_n_epoch", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "dcgan_fashion_mnist" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["gangen"]["images_seen"] == 3 * 384 and ckpt["global_step"] == 3 * 6 * STEPS_PER_BATCH
+    final = torch.load(tmp_path / "params_rank0.pt")
+    assert torch.equal(ckpt["state_dict"]["generator.net.0.weight"], final["generator.net.0.weight"])
+
+
 def test_max_steps_stop_then_resume_last_is_exact(uninterrupted, tmp_path):
     """A run stopped by max_steps 4 batches into epoch 0 (of 6), then resumed from the last.ckpt that
     ModelCheckpoint wrote at that stop: it finishes epoch 0 first and ends as the run that never stopped."""
