@@ -136,7 +136,8 @@ class GANCLI(LightningCLI):
 
         try:
             trainer = super().instantiate_trainer(**kwargs)
-        except (MisconfigurationException, ValueError) as err:  # refused deep in Trainer.__init__: one line
+        except (MisconfigurationException, ValueError, ImportError) as err:  # refused in Trainer.__init__: one line
+            # (ImportError: an accelerator whose package is missing, e.g. tpu without torch_xla)
             if isinstance(err, GanGenError):
                 raise
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -178,10 +179,12 @@ class GANCLI(LightningCLI):
             if monitor and monitor.startswith("metric/") and monitor not in logged:
                 what = metrics.feature_extractor if metrics is not None else "none"
                 instead = f"monitor {logged[0]}" if logged else "drop that callback"
+                wanted = monitor.removeprefix("metric/").split("_")[0]  # fid, kid, is, or fd (a classifier's)
+                source = "a classifier file (gangen train-classifier)" if wanted == "fd" else "inception"
                 raise ConfigError(
                     f"{type(cb).__name__} monitors {monitor!r}, which --metrics.feature_extractor {what} never "
                     f"logs: {instead} (in the config's trainer.callbacks), or use --metrics.feature_extractor "
-                    "inception for metric/fid"
+                    f"{source} for {monitor}"
                 )
 
     def _check_resume(self) -> None:
@@ -388,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if os.environ.get("GANGEN_DEBUG"):
             raise
         message = " ".join(str(err).split())
-        command = args[0] if args and args[0] in GANCLI.subcommands() else ""
+        command = args[0] if args and (args[0] in GANCLI.subcommands() or args[0] in COMMANDS) else ""
         message = message if len(message) <= 400 else message[:400] + " ..."
         print(f"gangen: error: {message} (see `gangen {command + ' ' if command else ''}--help`)", file=sys.stderr)
         sys.exit(2)

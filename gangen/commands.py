@@ -85,6 +85,7 @@ def train_classifier_command(argv: Sequence[str]) -> None:
     from gangen.classifier import save_classifier, train_classifier
 
     p = ArgumentParser(
+        exit_on_error=False,  # a bad option: one line (gangen.cli.main)
         prog="gangen train-classifier",
         description="Train a small classifier on a dataset's labels; its features give metric/fd_<name>.",
     )
@@ -148,7 +149,11 @@ def evaluate_command(argv: Sequence[str]) -> None:
     from gangen.inception import make_feature_extractor
     from gangen.metrics import Evaluator, evaluate_generator, real_statistics
 
-    p = ArgumentParser(prog="gangen evaluate", description="FID / KID / IS or a domain FD of a checkpoint or samples.")
+    p = ArgumentParser(
+        prog="gangen evaluate",
+        description="FID / KID / IS or a domain FD of a checkpoint or samples.",
+        exit_on_error=False,
+    )
     p.add_argument("--ckpt_path", type=str | None, default=None, help="gangen checkpoint to generate from")
     p.add_argument("--samples", type=str | None, default=None, help="folder of images or .npz, instead of a ckpt")
     p.add_class_arguments(ImageDataModule, "data", sub_configs=True)

@@ -86,11 +86,19 @@ def check_trainer(trainer: Any) -> None:
     if isinstance(strategy, str) and strategy.lower() != "auto":
         known = StrategyRegistry.available_strategies()
         if strategy.lower() not in known:
-            usual = ("ddp", "ddp_find_unused_parameters_true", "ddp_spawn", "fsdp")
+            usual = ("ddp_find_unused_parameters_true", "ddp_spawn_find_unused_parameters_true")
             common = ["auto"] + [s for s in usual if s in known]
             raise ConfigError(
                 f"--trainer.strategy {strategy!r} is not a Lightning strategy: use one of {', '.join(common)} "
                 "(or see lightning.pytorch.strategies.StrategyRegistry)"
+            )
+        unused = strategy.lower().removesuffix("_find_unused_parameters_false") + "_find_unused_parameters_true"
+        if (
+            unused in known and strategy.lower() != unused
+        ):  # plain DDP: each backward of the G/D step uses one network of the one DDP wrapper
+            raise ConfigError(
+                f"--trainer.strategy {strategy}: plain DDP stops at gangen's first step (each backward uses only "
+                f"one of the two networks it wraps): use {unused} (what auto picks)"
             )
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     if trainer.get("sync_batchnorm") and on_cpu and multi_process(trainer):

@@ -344,8 +344,9 @@ class Evaluator:
                 "raise the number of samples"
             )
         if min(n_fake, n_real) < MIN_UNBIASED_SAMPLES:
+            what = "FID" if self.extractor.name == "inception" else f"FD ({self.extractor.name} features)"
             warnings.warn(
-                f"FID from {n_fake} generated / {n_real} real samples (< {MIN_UNBIASED_SAMPLES}) is biased: "
+                f"{what} from {n_fake} generated / {n_real} real samples (< {MIN_UNBIASED_SAMPLES}) is biased: "
                 "compare only values computed with the same sample counts",
                 stacklevel=2,
             )

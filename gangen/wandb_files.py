@@ -32,15 +32,23 @@ FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 def run_file(path: str | Path) -> Path:
     """The run-*.wandb file of a run folder (a glob pattern matching one folder is fine) or the file itself."""
-    matches = sorted(glob.glob(str(path))) or [str(path)]
-    candidate = Path(matches[-1])
-    if candidate.is_dir():
-        files = sorted(candidate.glob("run-*.wandb"))
-        if files:
-            return files[-1]
-    elif candidate.suffix == ".wandb" and candidate.is_file():
-        return candidate
-    raise DataNotFoundError(f"no W&B run file (run-*.wandb) at {path}: pass a wandb/offline-run-* or run-* folder")
+    return run_files(path)[-1]
+
+
+def run_files(path: str | Path) -> list[Path]:
+    """The run-*.wandb files of the folders (or files) `path` matches, oldest first: one run, or the segments
+    of one run resumed with the same id (each process writes an offline-run-<time>-<id> folder of its own)."""
+    files = []
+    for match in sorted(glob.glob(str(path))) or [str(path)]:  # offline-run-<YYYYmmdd_HHMMSS>-<id>: by time
+        candidate = Path(match)
+        found = sorted(candidate.glob("run-*.wandb")) if candidate.is_dir() else [candidate]
+        files += [f for f in found[-1:] if f.suffix == ".wandb" and f.is_file()]
+    if not files:
+        raise DataNotFoundError(f"no W&B run file (run-*.wandb) at {path}: pass a wandb/offline-run-* or run-* folder")
+    ids = sorted({f.stem.removeprefix("run-") for f in files})
+    if len(ids) > 1:
+        raise DataNotFoundError(f"{path} matches the W&B runs {', '.join(ids)}: pass one run's folders")
+    return files
 
 
 def read_chunks(data: bytes) -> Iterator[bytes]:
@@ -106,9 +114,13 @@ class WandbRun:
 
 
 def read_run(path: str | Path) -> WandbRun:
-    """History, config and summary of an offline or synced W&B run folder (or its run-*.wandb file)."""
-    run = WandbRun(run_file(path))
-    for record in read_records(run.path):
+    """History, config and summary of an offline or synced W&B run folder (or its run-*.wandb file); a
+    pattern matching the folders of one resumed run reads them all, in order (history appended, config and
+    summary updated), as W&B shows the run. `path` of the result is the newest file."""
+    files = run_files(path)
+    run = WandbRun(files[-1])
+    records = (record for file in files for record in read_records(file))
+    for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "history":
             run.history.append(_items(record.history.item))

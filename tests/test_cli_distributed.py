@@ -66,6 +66,12 @@ BAD_TRAINER = [
     (["--trainer.gradient_clip_val", "1.0"], ["gradient_clip_val 1.0", "manual optimization", "drop the flag"]),
     (["--trainer.accumulate_grad_batches", "2"],
      ["accumulate_grad_batches 2", "manual optimization", "--data.batch_size"]),
+    # were a 176-line crash at the first step (after the run folder was written) and a 39-line ImportError
+    (["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
+     ["--trainer.strategy ddp", "plain DDP", "use ddp_find_unused_parameters_true"]),
+    (["--trainer.strategy", "ddp_spawn_find_unused_parameters_false"],
+     ["use ddp_spawn_find_unused_parameters_true"]),
+    (["--trainer.accelerator", "tpu"], ["Lightning refused the trainer settings", "torch_xla"]),
 ]  # fmt: skip
 
 

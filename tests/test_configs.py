@@ -105,3 +105,17 @@ def test_monitor_of_a_metric_that_is_off_is_refused_before_training(config: Path
                  "--metrics.feature_extractor", "none")  # fmt: skip
     assert "ModelCheckpoint monitors 'metric/fid', which --metrics.feature_extractor none never logs" in line
     assert "drop that callback" in line and not (tmp_path / "runs").exists()
+    assert line.endswith("or use --metrics.feature_extractor inception for metric/fid")
+
+
+def test_monitor_of_a_classifier_distance_names_a_classifier(tmp_path, capsys):
+    """The refusal suggested Inception (metric/fid) for any monitored metric, also a classifier's FD."""
+    line = fails(capsys, "fit", "--config", str(ROOT / "configs" / "dcgan_fashion_mnist.yaml"),
+                 "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+                 "--trainer.callbacks+=lightning.pytorch.callbacks.EarlyStopping",
+                 "--trainer.callbacks.monitor", "metric/fd_clf", "--metrics.feature_extractor", "none")  # fmt: skip
+    assert "EarlyStopping monitors 'metric/fd_clf'" in line
+    assert line.endswith(
+        "or use --metrics.feature_extractor a classifier file (gangen train-classifier) for metric/fd_clf"
+    )
+    assert not (tmp_path / "runs").exists()

@@ -39,6 +39,18 @@ def test_generate_num_samples(capsys, trained_ckpt, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command", ["evaluate", "train-classifier", "generate"])
+def test_unknown_option_of_a_command_is_one_line(capsys, tmp_path, command):
+    """evaluate and train-classifier printed their whole usage (17-19 lines) for an unknown option."""
+    source = (
+        []
+        if command == "train-classifier"
+        else ["--samples" if command == "evaluate" else "--ckpt_path", str(tmp_path)]
+    )
+    line = fails(capsys, command, *source, "--output", str(tmp_path / "x"), "--bogus", "1")
+    assert "unrecognized arguments: --bogus 1" in line and f"gangen {command}" in line and "--help" in line
+
+
 def test_generate_missing_checkpoint(capsys, tmp_path):
     line = fails(capsys, "generate", "--ckpt_path", str(tmp_path / "nope.ckpt"), "--output", str(tmp_path / "g.png"))
     assert "nope.ckpt" in line and "not found" in line and "gangen fit" in line

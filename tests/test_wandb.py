@@ -91,6 +91,14 @@ def test_offline_fit_logs_losses_fd_grids_and_config(tmp_path, wandb_env, classi
     assert f"gangen: resuming from {run / 'checkpoints' / 'last.ckpt'}" in r.stdout
     assert [p.name for p in (runs / "gangen").iterdir()] == [run.name]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch=2-step=30.ckpt", "last.ckpt"]
+    # each process wrote its own offline-run-*-<id> folder; the README's pattern reads both, in order (it read
+    # the newest only: the history before the resume was silently dropped)
+    segments = sorted((run / "wandb").glob(f"offline-run-*-{run.name}"))
+    assert len(segments) == 2 and segments[0] == offline
+    whole = read_run(run / "wandb" / "offline-run-*")
+    assert whole.history[: len(logged.history)] == logged.history and len(whole.history) > len(logged.history)
+    assert max(whole.values("trainer/global_step")) == 15 and whole.values("metric/num_samples") == [16, 16, 16]
+    assert whole.summary["trainer/global_step"] == 15 and whole.path.parent == segments[1]
 
 
 @pytest.mark.parametrize("how", [["--trainer.logger.init_args.offline", "false"], "WANDB_MODE=online"])
@@ -144,3 +152,15 @@ def test_reader_reassembles_records_across_blocks():
     assert list(read_chunks(_log_format(payloads))) == payloads  # padding, FIRST/MIDDLE/LAST, empty records
     with pytest.raises(Exception, match="not a W&B run file"):
         list(read_chunks(b"PK\x03\x04" + b"\x00" * 20))
+
+
+def test_a_pattern_over_two_runs_is_refused(tmp_path):
+    """Segments of one run are read together; folders of different runs are not mixed into one history."""
+    from gangen.errors import DataNotFoundError
+
+    for name, run_id in (("offline-run-20261127_090000-aaa", "aaa"), ("offline-run-20261127_100000-bbb", "bbb")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / f"run-{run_id}.wandb").write_bytes(_log_format([]))
+    with pytest.raises(DataNotFoundError, match="matches the W&B runs aaa, bbb: pass one run's folders"):
+        read_run(tmp_path / "offline-run-*")
+    assert read_run(tmp_path / "offline-run-*-bbb").history == []
