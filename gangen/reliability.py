@@ -60,10 +60,18 @@ def safe_load(path: str | Path, map_location: Any = "cpu") -> Any:
             f"checkpoint {str(path)!r} holds pickled code or objects ({what}) that safe loading refuses; nothing "
             "in it was run: use a checkpoint written by `gangen fit`, and only load files from sources you trust"
         ) from None
-    except Exception as err:  # torch raises many types for truncated or foreign files
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except Exception as err:  # torch raises many types, with long texts, for truncated or foreign files
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head.startswith(b"PK"):
+            what = "a damaged or truncated torch file: its zip archive does not read back"
+        elif head[:1] == b"\x80":
+            what = "a damaged legacy torch file"
+        else:
+            what = "not a torch file"
         raise ConfigError(
-            f"checkpoint {str(path)!r} could not be loaded safely ({first[:200]}): pass an intact gangen checkpoint"
+            f"checkpoint {str(path)!r} could not be loaded ({what}; {type(err).__name__}): pass an intact file "
+            "written by gangen (fit, or train-classifier for a feature extractor)"
         ) from None
 
 

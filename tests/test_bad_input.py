@@ -61,7 +61,11 @@ def test_fit_resume_from_bad_checkpoint(capsys, tmp_path, trained_ckpt, problem)
     elif problem == "foreign":
         torch.save({"state_dict": {"w": torch.zeros(2)}, "epoch": 3}, ckpt)
     line = fails(capsys, *fit_args(tmp_path / "runs", "--ckpt_path", str(ckpt)))
-    expected = {"missing": "not found", "truncated": "could not be loaded safely", "foreign": "not a gangen checkpoint"}
+    expected = {
+        "missing": "not found",
+        "truncated": "a damaged or truncated torch file",
+        "foreign": "not a gangen checkpoint",
+    }
     assert str(ckpt) in line and expected[problem] in line
     assert not (tmp_path / "runs").exists()
 
