@@ -131,6 +131,9 @@ class WandbLogger(_LightningWandbLogger):
         """The wandb run; a run that cannot start (no network, server down) is one ConfigError line."""
         import wandb
 
+        if self._experiment is None and rank_zero_only.rank == 0:  # the run folder before wandb.init: W&B
+            Path(self._run_dir).mkdir(parents=True, exist_ok=True)  # looks for the git checkout from it (a
+            # missing folder: "wandb: WARNING git root ... does not exist" and no git information)
         try:
             return super().experiment
         except (wandb.errors.Error, TimeoutError) as err:

@@ -53,6 +53,7 @@ def test_offline_fit_logs_losses_fd_grids_and_config(tmp_path, wandb_env, classi
     assert r.returncode == 0, r.stderr[-3000:]
     assert "no API key found" in r.stderr and "wandb sync" in r.stderr  # went offline, said so once
     assert r.stderr.count("gangen: W&B:") == 1
+    assert "git root" not in r.stderr  # the run folder exists before wandb.init looks for the git checkout
     assert "gangen: global batch 64 = 64 per device x 1 device x 1 node" in r.stdout
     [run] = list((runs / "gangen").iterdir())  # one folder per run: runs/<project>/<run id>
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
