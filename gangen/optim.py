@@ -88,8 +88,7 @@ def keep_configured_settings(optimizer: torch.optim.Optimizer, name: str, report
         """A state saved by another optimizer class (SGD -> Adam: torch fails on a missing "step") is not
         loaded: this optimizer starts fresh, with the saved groups' parameters."""
         saved = state_dict.get("param_groups") or []
-        settings = lambda groups: {k for g in groups for k in g if k not in ("params", "initial_lr", *_IMPLEMENTATION)}  # noqa: E731
-        if not saved or settings(saved) == settings(built):
+        if not saved or _kind(saved) == _kind(built):
             return None
         if report is not None:
             report(
@@ -100,6 +99,15 @@ def keep_configured_settings(optimizer: torch.optim.Optimizer, name: str, report
 
     optimizer.register_load_state_dict_pre_hook(other_class)
     optimizer.register_load_state_dict_post_hook(restore)
+
+
+# Group flags that torch versions add to every optimizer (a file of an older torch lacks them): not the kind
+_FLAGS = ("params", "initial_lr", "maximize", "decoupled_weight_decay", *_IMPLEMENTATION)
+
+
+def _kind(groups: list[dict[str, Any]]) -> set[str]:
+    """The setting names that tell optimizers apart: SGD has momentum, Adam betas (Adam and AdamW share them)."""
+    return {k for group in groups for k in group if k not in _FLAGS}
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -270,6 +270,13 @@ def test_resumed_optimizer_keeps_its_configured_settings_and_flags():
     lines.clear()
     resumed(2e-4)
     assert lines == []  # nothing changed: nothing said
+    older = {**saved, "param_groups": [dict(g) for g in saved["param_groups"]]}  # an older torch's file:
+    for group in older["param_groups"]:  # no flags it did not have yet; still Adam's state, kept
+        del group["decoupled_weight_decay"], group["maximize"]
+    again = torch.optim.Adam(net.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    keep_configured_settings(again, "g_optimizer", report=lines.append)
+    again.load_state_dict(older)
+    assert again.state[net.weight]["step"].item() >= 2 and "exp_avg" in again.state[net.weight] and lines == []
     plain = torch.optim.Adam(net.parameters(), lr=1e-4)
     plain.load_state_dict(saved)
     assert plain.param_groups[0]["capturable"] is True and plain.param_groups[0]["lr"] == 2e-4  # what it fixes
