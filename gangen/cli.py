@@ -226,16 +226,16 @@ class GANCLI(LightningCLI):
         data_now = dict(self.datamodule.hparams)
         if fit:  # the data's seed is not a hyperparameter: its training order's is in the checkpoint
             order_seed = (ckpt.get(type(self.datamodule).__name__) or {}).get("seed")
-            data_seed = getattr(self.datamodule, "seed", None)
-            seeds = [("model", hparams, self.model.hparams)]
-            if order_seed is not None and data_seed is not None:
-                seeds.append(("data", {"seed": order_seed}, {"seed": data_seed}))
-            for section, saved, now in seeds:
-                if "seed" in saved and now.get("seed", saved["seed"]) != saved["seed"]:
+            seeds = (
+                ("model", hparams.get("seed"), self.model.hparams.get("seed")),
+                ("data", order_seed, getattr(self.datamodule, "seed", None)),  # None: unseeded, or the run's seed
+            )
+            for section, was, now in seeds:
+                if was is not None and now is not None and now != was:
                     raise ConfigError(
                         f"checkpoint {ckpt_path} continues the random streams and data order of {section}.seed "
-                        f"{saved['seed']!r}, the config has {now['seed']!r}: resume with --{section}.seed "
-                        f"{saved['seed']!r} (a new seed is a new run)"
+                        f"{was!r}, the config has {now!r}: resume with --{section}.seed {was!r} (a new seed is a "
+                        "new run)"
                     )
         if not fit or self.trainer.global_rank != 0:
             return

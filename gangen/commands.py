@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from gangen.data import ImageDataModule
-from gangen.errors import ConfigError, GanGenError
+from gangen.errors import ConfigError
 from gangen.sampling import (
     atomic_file,
     checkpoint_data,
@@ -185,10 +185,9 @@ def evaluate_command(argv: Sequence[str]) -> None:
     source = Path(args.ckpt_path or args.samples)
     samples = load_samples(args.samples) if args.samples else None  # (N, C, H, W) uint8
     datamodule = p.instantiate_classes(args).data
-    try:
-        extractor = make_feature_extractor(args.feature_extractor, args.inception_weights, device=args.device)
-    except GanGenError as err:  # the message names fit's option; evaluate's is --inception_weights
-        raise type(err)(str(err).replace("--metrics.inception_weights", "--inception_weights")) from err
+    extractor = make_feature_extractor(
+        args.feature_extractor, args.inception_weights, device=args.device, option="--inception_weights PATH"
+    )
     count = args.num_samples if samples is None else len(samples)
     output = Path(args.output) if args.output else source.parent / f"metrics-{extractor.name}-n{count}.json"
     if not output.parent.is_dir():

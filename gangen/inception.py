@@ -47,8 +47,9 @@ def hub_cache_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILENAME
 
 
-def resolve_inception_weights(path: str | Path | None = None) -> Path:
-    """The Inception weights file: `path`, else $GANGEN_INCEPTION_WEIGHTS, else the torch hub cache file."""
+def resolve_inception_weights(path: str | Path | None = None, option: str = _OPTION) -> Path:
+    """The Inception weights file: `path`, else $GANGEN_INCEPTION_WEIGHTS, else the torch hub cache file.
+    `option`: how the caller's command line passes a path (named in the error)."""
     for given, origin in ((path, "inception_weights"), (os.environ.get(ENV_VAR) or None, f"${ENV_VAR}")):
         if given is not None:
             file = Path(given).expanduser()
@@ -62,7 +63,7 @@ def resolve_inception_weights(path: str | Path | None = None) -> Path:
     if cached.is_file():
         return cached
     raise DataNotFoundError(
-        f"Inception weights not found: pass {_OPTION} or set {ENV_VAR}=PATH, or put {INCEPTION_URL} at "
+        f"Inception weights not found: pass {option} or set {ENV_VAR}=PATH, or put {INCEPTION_URL} at "
         f"{cached} (`gangen download-weights` does that on a machine with network)"
     )
 
@@ -191,12 +192,15 @@ EXTRACTORS = ("inception",)
 
 
 def make_feature_extractor(
-    spec: str = "inception", weights: str | Path | None = None, device: str | torch.device = "cpu"
+    spec: str = "inception",
+    weights: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    option: str = _OPTION,
 ) -> FeatureExtractor:
     """The feature extractor named by `spec`: "inception" (weights resolved by resolve_inception_weights) or
     the path of a domain classifier saved by `gangen train-classifier` (metrics named fd_<file stem>)."""
     if spec == "inception":
-        return InceptionExtractor(resolve_inception_weights(weights), device)
+        return InceptionExtractor(resolve_inception_weights(weights, option), device)
     if spec.endswith((".pt", ".pth", ".ckpt")) or Path(spec).is_file():  # a domain classifier file
         from gangen.classifier import ClassifierExtractor
 
