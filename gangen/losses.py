@@ -97,27 +97,47 @@ def make_loss(name: str) -> GANLoss:
     return LOSSES[check_choice("loss", name, tuple(LOSSES))]()
 
 
-def _input_gradients(critic: Critic, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (B,), d sum(logits) / d images (B, C, H, W)), with a graph so the penalty can be trained."""
+def _input_gradients(
+    critic: Critic, images: torch.Tensor, scaler: torch.amp.GradScaler | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (B,), d sum(logits) / d images (B, C, H, W)), with a graph so the penalty can be trained.
+
+    `scaler`: the fp16 loss scaler of a 16-mixed run. The backward through D then runs in float16, where
+    input gradients below about 1e-5 per image underflow. They are taken of the scaled mean logit, as torch's
+    AMP recipe for gradient penalties does with a loss (so they overflow about when the loss's own backward
+    would), and multiplied back by batch / scale on the device (no host sync). After an overflow the penalty
+    is inf and the scaler skips the step, as for any other overflow.
+    """
     images = images.detach().requires_grad_(True)
     logits = critic(images)
-    (grad,) = torch.autograd.grad(logits.sum(), images, create_graph=True)
-    return logits, grad
+    if scaler is None or not scaler.is_enabled():
+        (grad,) = torch.autograd.grad(logits.sum(), images, create_graph=True)
+        return logits, grad
+    (scaled,) = torch.autograd.grad(scaler.scale(logits.mean()), images, create_graph=True)
+    scale = scaler.scale(torch.ones((), device=images.device))  # the current scale, as a device tensor
+    return logits, scaled * (logits.shape[0] / scale)
 
 
-def r1_penalty(critic: Critic, real: torch.Tensor, gamma: float) -> dict[str, torch.Tensor]:
-    """R1 (Mescheder et al. 2018): gamma/2 * E ||grad_x D(x)||^2 on real images."""
-    _, grad = _input_gradients(critic, real)
+def r1_penalty(
+    critic: Critic, real: torch.Tensor, gamma: float, scaler: torch.amp.GradScaler | None = None
+) -> dict[str, torch.Tensor]:
+    """R1 (Mescheder et al. 2018): gamma/2 * E ||grad_x D(x)||^2 on real images (scaler: see _input_gradients)."""
+    _, grad = _input_gradients(critic, real, scaler)
     norm2 = grad.square().flatten(1).sum(1)  # (B,)
     return {"loss": 0.5 * gamma * norm2.mean(), "grad_norm": norm2.detach().sqrt().mean()}
 
 
 def gradient_penalty(
-    critic: Critic, real: torch.Tensor, fake: torch.Tensor, weight: float, generator: torch.Generator | None = None
+    critic: Critic,
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    weight: float,
+    generator: torch.Generator | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, torch.Tensor]:
     """WGAN-GP (Gulrajani et al. 2017): weight * E (||grad D(x_hat)|| - 1)^2 at x_hat = real + u (fake - real)."""
     u = torch.rand(real.shape[0], 1, 1, 1, device=real.device, dtype=real.dtype, generator=generator)  # (B, 1, 1, 1)
     mixed = torch.lerp(real.detach(), fake.detach().to(real.dtype), u)  # bf16 autocast: G's images are bf16
-    _, grad = _input_gradients(critic, mixed)
+    _, grad = _input_gradients(critic, mixed, scaler)
     norm = grad.flatten(1).norm(dim=1)  # (B,)
     return {"loss": weight * (norm - 1.0).square().mean(), "grad_norm": norm.detach().mean()}

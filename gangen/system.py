@@ -285,14 +285,20 @@ class GAN(L.LightningModule):
         hp = self.hparams
         return hp.reg != "none" and hp.reg_weight != 0 and self.batches_seen % hp.reg_every == 0
 
+    def _loss_scaler(self) -> torch.amp.GradScaler | None:
+        """The run's fp16 loss scaler (precision 16-mixed), or None."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        return scaler if scaler is not None and scaler.is_enabled() else None
+
     def _regularize(self, real: torch.Tensor, fake: torch.Tensor, labels: torch.Tensor | None) -> dict:
         """The R1 / GP term of this D step, already scaled by reg_every (lazy regularisation)."""
         hp = self.hparams
         critic = lambda x: self._d(x, labels, eager=True)  # noqa: E731  # a lazy, less frequent step
+        scaler = self._loss_scaler()  # 16-mixed: input gradients through the loss scale
         if hp.reg == "r1":
-            terms = r1_penalty(critic, real, hp.reg_weight)
+            terms = r1_penalty(critic, real, hp.reg_weight, scaler=scaler)
         else:
-            terms = gradient_penalty(critic, real, fake, hp.reg_weight, generator=self._latent_rng)
+            terms = gradient_penalty(critic, real, fake, hp.reg_weight, generator=self._latent_rng, scaler=scaler)
         return {**terms, "loss": terms["loss"] * hp.reg_every}
 
     def _adversarial_step(
@@ -370,7 +376,9 @@ class GAN(L.LightningModule):
 
         self.images_seen += n * self.trainer.world_size
         self.batches_seen += 1
-        self._track_finite([value for key, value in logs.items() if key.startswith("loss/")])
+        # an fp16 loss scale that overflows the penalty's gradients makes it inf: the scaler skips that step
+        overflow_ok = f"loss/d_{hp.reg}" if self._loss_scaler() is not None else None
+        self._track_finite([value for key, value in logs.items() if key.startswith("loss/") and key != overflow_ok])
         self._log_step_scalars(logs, n)
 
     def _log_step_scalars(self, logs: dict[str, torch.Tensor], n: int) -> None:

@@ -80,6 +80,37 @@ def test_r1_on_known_discriminator():
     assert real.grad is None  # the caller's images are not touched
 
 
+@pytest.mark.parametrize("reg", ["r1", "gp"])
+def test_penalties_under_fp16_take_input_gradients_through_the_loss_scale(reg):
+    """Under 16-mixed the backward through D runs in float16: input gradients of 7e-7 per image (a no-norm D
+    with a small last layer) underflow unscaled; through the loss scale they match float32."""
+    from gangen.networks import DCGANDiscriminator
+
+    torch.manual_seed(0)
+    d = DCGANDiscriminator(resolution=16, channels=1, base_channels=8, norm="none")
+    with torch.no_grad():
+        d.net[-1].weight.mul_(1e-4)  # the logits conv
+    real, fake = torch.rand(16, 1, 16, 16) * 2 - 1, torch.rand(16, 1, 16, 16) * 2 - 1
+
+    def penalty(scaler=None):
+        if reg == "r1":
+            return r1_penalty(d, real, 1.0, scaler=scaler)
+        return gradient_penalty(d, real, fake, 1.0, generator=torch.Generator().manual_seed(1), scaler=scaler)
+
+    reference = penalty()["grad_norm"].item()
+    assert 1e-7 < reference < 1e-5
+    with torch.autocast("cpu", dtype=torch.float16):
+        unscaled = penalty()["grad_norm"].item()
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+        terms = penalty(scaler)
+        overflow = penalty(torch.amp.GradScaler("cpu", init_scale=2.0**24))
+    assert abs(unscaled - reference) > 0.3 * reference  # the old way: mostly lost
+    assert terms["grad_norm"].item() == pytest.approx(reference, rel=0.05)
+    scaler.scale(terms["loss"]).backward()  # the penalty's own backward, scaled as in training
+    assert d.net[0].weight.grad.isfinite().all()
+    assert not math.isfinite(overflow["loss"].item())  # an overflow shows, so the scaler skips the step
+
+
 def test_unknown_loss():
     with pytest.raises(ConfigError, match="unknown loss 'wgan'.*'hinge', 'wasserstein'"):
         make_loss("wgan")
@@ -87,41 +118,60 @@ def test_unknown_loss():
 
 @pytest.mark.parametrize(
     "reg,loss,precision",
-    [("r1", "non_saturating", "32-true"), ("gp", "wasserstein", "32-true"), ("gp", "wasserstein", "bf16-mixed")],
+    [
+        ("r1", "non_saturating", "32-true"),
+        ("gp", "wasserstein", "32-true"),
+        ("gp", "wasserstein", "bf16-mixed"),
+        ("r1", "non_saturating", "16-mixed"),
+    ],
 )
 def test_lazy_regularisation_in_training(monkeypatch, reg, loss, precision):
     """A real fit: the penalty runs on D steps 0, 4 (reg_every=4 of 8), scaled by 4, and trains D. Under bf16
-    autocast (the CLI's default on a bf16 CPU or GPU) G's images are bf16: the GP interpolation crashed."""
+    autocast (the CLI's default on a bf16 CPU or GPU) G's images are bf16: the GP interpolation crashed.
+    Under 16-mixed (fp16 autocast with a loss scaler; on the CPU through an explicit plugin, as Lightning
+    turns the flag into bf16 there) the penalty gets the run's scaler; its first scale (2^16) overflows the
+    first step, which the scaler skips and the divergence check (every batch here) does not take for one."""
     import lightning.pytorch as L
+    from lightning.pytorch.plugins.precision import MixedPrecision
 
     import gangen.system
     from gangen import GAN, DCGANDiscriminator, DCGANGenerator, ImageDataModule
 
-    calls = []
+    calls, scalers = [], []
     real_fn = {"r1": gangen.system.r1_penalty, "gp": gangen.system.gradient_penalty}[reg]
 
     def counted(*args, **kwargs):
         out = real_fn(*args, **kwargs)
         calls.append(out["loss"].item())
+        scalers.append(kwargs["scaler"])
         return out
 
     monkeypatch.setattr(gangen.system, {"r1": "r1_penalty", "gp": "gradient_penalty"}[reg], counted)
     model = GAN(
         generator=DCGANGenerator(latent_dim=16, resolution=16, channels=1, base_channels=8),
         discriminator=DCGANDiscriminator(resolution=16, channels=1, base_channels=8, norm="none"),
-        loss=loss, reg=reg, reg_weight=5.0, reg_every=4,
+        loss=loss, reg=reg, reg_weight=5.0, reg_every=4, check_finite_every=1,
     )  # fmt: skip
     seen = []
     model.log = lambda key, value, **kw: seen.append((key, float(value)))  # what training_step logs
+    fp16 = precision == "16-mixed"
+    fp16_plugin = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))
     trainer = L.Trainer(
         accelerator="cpu", max_epochs=1, limit_train_batches=8, limit_val_batches=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, precision=precision,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        **({"plugins": [fp16_plugin]} if fp16 else {"precision": precision}),
     )  # fmt: skip
     trainer.fit(model, ImageDataModule(resolution=16, channels=1, batch_size=32, limit=256))
     assert len(calls) == 2 and model.batches_seen == 8
     logged = [v for k, v in seen if k == f"loss/d_{reg}"]
-    assert logged == pytest.approx([4 * c for c in calls])  # scaled by the interval
-    assert all(math.isfinite(v) for _, v in seen)
+    assert logged == pytest.approx([4 * c for c in calls], nan_ok=True)  # scaled by the interval
+    penalty = (f"loss/d_{reg}", f"d/{reg}_grad_norm")
+    assert all(math.isfinite(v) for k, v in seen if k not in penalty)
+    for key in penalty:
+        assert [math.isfinite(v) for k, v in seen if k == key] == [not fp16, True]
+    assert scalers == [trainer.precision_plugin.scaler if fp16 else None] * 2
+    if fp16:
+        assert trainer.precision_plugin.scaler.get_scale() < 2.0**16
 
 
 def test_weight_decay_and_sgd_through_optimizer_configs():
