@@ -90,7 +90,9 @@ def init_bilinear_(conv: nn.ConvTranspose2d) -> None:
     """Initialise a transposed conv as bilinear upsampling of channel-group means.
 
     Output channel j is the bilinear upsampling of the mean of input channels {i : i % out == j}
-    (the identity map when in == out), so training starts from smooth upsampling.
+    (the identity map when in == out), so training starts from smooth upsampling. It equals
+    F.interpolate(mode="bilinear", align_corners=False) except on the outermost ring of pixels, where the
+    missing neighbour is the conv's zero padding (a constant map gives 3/4 on edges, 9/16 in corners).
     Weight layout: (in_ch, out_ch, k, k).
     """
     in_ch, out_ch, k, _ = conv.weight.shape
