@@ -5,7 +5,9 @@ train-classifier, cache. `gangen.cli.main` dispatches `COMMANDS[argv[0]](argv[1:
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+import contextlib
+import signal
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -16,6 +18,7 @@ from gangen.sampling import (
     atomic_file,
     checkpoint_data,
     generate,
+    generator_state,
     interpolation_latents,
     load_generator,
     output_kind,
@@ -44,6 +47,7 @@ def generate_command(argv: Sequence[str]) -> None:
     p.add_argument("--batch_size", type=int, default=256, help="images generated per forward pass")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--class_label", type=int, default=None, help="class of every image (conditional models)")
+    p.add_argument("--no_ema", action="store_true", help="use the trained generator, not its EMA (if it has one)")
     args = p.parse_args(argv)
 
     num = args.num_samples if args.num_samples is not None else (8 if args.interpolate else 64)
@@ -51,31 +55,79 @@ def generate_command(argv: Sequence[str]) -> None:
         raise ConfigError(f"--num_samples {num} must be > 0")
     if args.batch_size <= 0:
         raise ConfigError(f"--batch_size {args.batch_size} must be > 0")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {args.device!r}: no CUDA device is available here; use --device cpu")
+    if args.nrow is not None and args.nrow <= 0:
+        raise ConfigError(f"--nrow {args.nrow} must be > 0 (images per grid row)")
+    device = _usable_device(args.device)
     kind = output_kind(args.output)
-    generator = load_generator(args.ckpt_path, args.device)
-    z = None
+    ckpt = read_checkpoint(args.ckpt_path)
+    generator = load_generator(ckpt, device, ema=not args.no_ema)
+    is_ema = generator_state(ckpt, ema=not args.no_ema)[1]
+    classes = int(getattr(generator, "num_classes", 0) or 0)
+    z = labels = None
     if args.interpolate:
         z = interpolation_latents(num, args.interpolate, generator.latent_dim, args.seed)
+        if classes:  # one class per strip (strip r: class r % classes), so a strip walks the latent only
+            labels = (torch.arange(num) % classes).repeat_interleave(args.interpolate)
         num = len(z)
-    labels = None
     if args.class_label is not None:
-        classes = int(getattr(generator, "num_classes", 0) or 0)
         if not 0 <= args.class_label < classes:
             raise ConfigError(
                 f"--class_label {args.class_label}: the checkpoint's generator "
                 + (f"has classes 0..{classes - 1}" if classes else "is unconditional; drop --class_label")
             )
         labels = torch.full((num,), args.class_label, dtype=torch.long)
-    images = generate(generator, num, seed=args.seed, batch_size=args.batch_size, z=z, labels=labels)  # (N,C,H,W)
-    if kind == "grid":
-        path = save_grid(images, args.output, nrow=args.nrow or (args.interpolate or 8))
-    elif kind == "npz":
-        path = save_npz(images, args.output)
-    else:
-        path = save_png_folder(images, args.output)
-    print(f"wrote {len(images)} images {tuple(images.shape[1:])} to {path}")
+    with _terminate_as_exit():  # SIGTERM cleans up a half-written output like Ctrl-C does
+        images = generate(  # (N, C, H, W), uint8 for the large outputs
+            generator, num, seed=args.seed, batch_size=args.batch_size, z=z, labels=labels, uint8=kind != "grid"
+        )
+        try:
+            if kind == "grid":
+                path = save_grid(images, args.output, nrow=args.nrow or (args.interpolate or 8))
+            elif kind == "npz":
+                path = save_npz(images, args.output)
+            else:
+                path = save_png_folder(images, args.output)
+        except (OSError, ValueError) as err:  # disk full, file size limit, a grid too large for the format
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+            raise ConfigError(
+                f"--output {args.output!r} could not be written ({reason}); nothing was left there: free space, "
+                "or choose fewer samples or another location or format"
+            ) from None
+    print(f"wrote {len(images)} images {tuple(images.shape[1:])} to {path}" + (" (EMA generator)" if is_ema else ""))
+
+
+def _usable_device(name: str) -> torch.device:
+    """`name` as a torch.device that works here, else a one-line ConfigError."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device name: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name!r}: no CUDA device is available here; use --device cpu")
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"--device {name!r} is not usable here ({first[:150]}); use --device cpu") from None
+    return device
+
+
+@contextlib.contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """Within the block, SIGTERM raises SystemExit(143), so writers' cleanup runs (the default kills at once)."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def train_classifier_command(argv: Sequence[str]) -> None:

@@ -53,19 +53,21 @@ def safe_load(path: str | Path, map_location: Any = "cpu") -> Any:
         )
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:  # weights_only refuses globals: a class, a function, a code payload
-        found = re.search(r"GLOBAL (\S+)", str(err)) or re.search(r"Unsupported global: (\S+)", str(err))
-        what = found.group(1).rstrip(",.") if found else "non-tensor objects"
-        raise ConfigError(
-            f"checkpoint {str(path)!r} holds pickled code or objects ({what}) that safe loading refuses; nothing "
-            "in it was run: use a checkpoint written by `gangen fit`, and only load files from sources you trust"
-        ) from None
     except Exception as err:  # torch raises many types, with long texts, for truncated or foreign files
         with open(path, "rb") as f:
             head = f.read(4)
+        torch_file = head.startswith(b"PK") or head[:1] == b"\x80"  # a zip archive, or a legacy pickle
+        if isinstance(err, pickle.UnpicklingError) and torch_file:  # weights_only refused a class, a function...
+            found = re.search(r"GLOBAL (\S+)", str(err)) or re.search(r"Unsupported global: (\S+)", str(err))
+            what = found.group(1).rstrip(",.") if found else "non-tensor objects"
+            raise ConfigError(
+                f"checkpoint {str(path)!r} holds pickled code or objects ({what}) that safe loading refuses; "
+                "nothing in it was run: use a checkpoint written by `gangen fit`, and only load files from sources "
+                "you trust"
+            ) from None
         if head.startswith(b"PK"):
             what = "a damaged or truncated torch file: its zip archive does not read back"
-        elif head[:1] == b"\x80":
+        elif torch_file:
             what = "a damaged legacy torch file"
         else:
             what = "not a torch file"

@@ -24,8 +24,12 @@ from gangen.networks import build_network
 
 
 def latents(num_samples: int, latent_dim: int, seed: int = 0) -> torch.Tensor:
-    """(N, latent_dim) standard normal latents, drawn on the CPU so a seed gives the same z on any device."""
-    return torch.randn(num_samples, latent_dim, generator=torch.Generator().manual_seed(seed))
+    """(N, latent_dim) standard normal latents, drawn on the CPU so a seed gives the same z on any device.
+
+    Latent i does not depend on N: rows are drawn in blocks of 16 (torch's CPU sampler draws the last values
+    of a tensor whose size is not a multiple of 16 differently, so randn(10, D)[9] != randn(50, D)[9])."""
+    rows = -(-num_samples // 16) * 16
+    return torch.randn(rows, latent_dim, generator=torch.Generator().manual_seed(seed))[:num_samples]
 
 
 @torch.no_grad()
@@ -37,6 +41,7 @@ def generate(
     z: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     label_offset: int = 0,
+    uint8: bool = False,
 ) -> torch.Tensor:
     """Images (N, C, H, W) in [-1, 1] on the CPU, from `z` or from latents drawn with `seed`.
 
@@ -44,28 +49,47 @@ def generate(
     are on, and restores its previous mode. `labels` (N,) picks the classes of a conditional generator;
     default: image i gets class (label_offset + i) % num_classes, over the whole set, so every class comes
     equally often and an image's class does not depend on batch_size (or, with each rank's offset, on how
-    many processes share the set).
+    many processes share the set). `uint8`: each batch is converted as `to_uint8` does (clamped, rounded)
+    as it comes, so a large set takes 1 byte per value instead of 4.
     """
     if num_samples <= 0:
         raise ConfigError(f"num_samples {num_samples!r} must be > 0")
+    if batch_size <= 0:
+        raise ConfigError(f"batch_size {batch_size!r} must be > 0")
     if z is None:
         z = latents(num_samples, generator.latent_dim, seed)
+    elif len(z) < num_samples:
+        raise ConfigError(f"z holds {len(z)} latents for num_samples {num_samples}: pass as many as num_samples")
     classes = int(getattr(generator, "num_classes", 0) or 0)
+    if labels is not None and not classes:
+        raise ConfigError("labels were passed to an unconditional generator (num_classes 0): drop them")
+    if labels is not None and len(labels) < num_samples:
+        raise ConfigError(f"labels holds {len(labels)} classes for num_samples {num_samples}: pass one per image")
     if labels is None and classes:
-        labels = (label_offset + torch.arange(min(num_samples, len(z)))) % classes  # (N,)
-    device = next(generator.parameters()).device
+        labels = (label_offset + torch.arange(num_samples)) % classes  # (N,)
+    param = next(generator.parameters())
+    convert = _uint8_nchw if uint8 else (lambda x: x.float().cpu())  # noqa: E731
+    out = None  # (N, C, H, W), filled batch by batch: no list of batches to concatenate
     was_training = generator.training
     generator.eval()
     try:
-        z = z[:num_samples]
-        if labels is None:
-            chunks = [generator(zb.to(device)).float().cpu() for zb in z.split(batch_size)]
-        else:
-            pairs = zip(z.split(batch_size), labels[:num_samples].split(batch_size), strict=True)
-            chunks = [generator(zb.to(device), yb.to(device)).float().cpu() for zb, yb in pairs]
+        for start in range(0, num_samples, batch_size):
+            zb = z[start : start + batch_size].to(param.device, param.dtype)
+            if labels is None:
+                images = convert(generator(zb))
+            else:
+                images = convert(generator(zb, labels[start : start + batch_size].to(param.device)))
+            if out is None:
+                out = torch.empty((num_samples, *images.shape[1:]), dtype=images.dtype)
+            out[start : start + len(images)] = images
     finally:
         generator.train(was_training)
-    return torch.cat(chunks)
+    return out
+
+
+def _uint8_nchw(images: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) floats in [-1, 1] -> uint8 (N, C, H, W) on the CPU, clamped and rounded (not truncated)."""
+    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -87,13 +111,16 @@ def interpolation_latents(rows: int, steps: int, latent_dim: int, seed: int = 0)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, C, H, W) floats in [-1, 1] -> (N, H, W, C) uint8, clamped and rounded (not truncated)."""
-    x = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    """(N, C, H, W) floats in [-1, 1] (or uint8 from generate(uint8=True)) -> (N, H, W, C) uint8, clamped and
+    rounded (not truncated)."""
+    x = images.cpu() if images.dtype == torch.uint8 else _uint8_nchw(images)
     return x.permute(0, 2, 3, 1).numpy()
 
 
 def grid_image(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:
-    """(N, C, H, W) in [-1, 1] -> one (C', H', W') image in [-1, 1] with a 2-pixel border."""
+    """(N, C, H, W) in [-1, 1] (or uint8) -> one (C', H', W') image in [-1, 1] with a 2-pixel border."""
+    if images.dtype == torch.uint8:
+        images = images.float() / 127.5 - 1  # back to [-1, 1]: the uint8 values round-trip exactly
     grid = make_grid(images.float(), nrow=nrow, padding=2, pad_value=-1.0)  # (3, H', W') for 1 or 3 channels
     return grid[: images.shape[1]]  # greyscale stays one channel
 
@@ -125,10 +152,10 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
 def save_png_folder(images: torch.Tensor, folder: str | Path) -> Path:
     """One PNG per sample, 000000.png, 000001.png, ... The folder must not already hold PNGs."""
     folder = Path(folder)
-    if folder.exists() and any(folder.glob("*.png")):
-        raise ConfigError(f"output folder {folder} already holds PNG files: choose an empty or new folder")
+    check_png_folder(folder)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
+        tmp.chmod(creation_mode(0o777))  # a folder as mkdir makes it, not mkdtemp's 0700
         for i, array in enumerate(to_uint8(images)):
             _pil(array).save(tmp / f"{i:06d}.png")
         if folder.exists():  # an existing empty folder: move the files in
@@ -147,8 +174,13 @@ def save_npz(images: torch.Tensor, path: str | Path) -> Path:
     """uint8 array (N, H, W, C) under the key arr_0, the layout FID tools read."""
     path = Path(path)
     array = to_uint8(images)
-    atomic_file(path, lambda tmp: np.savez(tmp, array))
+    atomic_file(path, lambda tmp: _savez(tmp, array))
     return path
+
+
+def _savez(tmp: str, array: np.ndarray) -> None:
+    with open(tmp, "wb") as f:  # a file object: np.savez appends .npz to any name not ending in lower-case .npz
+        np.savez(f, array)
 
 
 _IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
@@ -164,6 +196,9 @@ def output_kind(output: str) -> str:
     if output.endswith(("/", os.sep)) or path.is_dir():
         kind = "folder"
         parent = path.parent
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"--output {output!r}: {path} is a file, not a folder; choose a new or empty folder")
+        check_png_folder(path)
     elif path.suffix.lower() in _IMAGE_SUFFIXES:
         kind, parent = "grid", path.parent
     elif path.suffix.lower() == ".npz":
@@ -174,6 +209,12 @@ def output_kind(output: str) -> str:
         )
     check_output_folder(output, parent)
     return kind
+
+
+def check_png_folder(folder: Path) -> None:
+    """ConfigError if `folder` already holds PNGs (of another run: files would mix)."""
+    if folder.is_dir() and any(folder.glob("*.png")):
+        raise ConfigError(f"output folder {folder} already holds PNG files: choose an empty or new folder")
 
 
 def check_output_folder(output: str, parent: Path) -> None:
@@ -265,12 +306,14 @@ def read_safetensors(path: Path) -> dict[str, Any]:
     return {"hyper_parameters": {"generator": spec}, "state_dict": state, "datamodule_hyper_parameters": data}
 
 
-def load_generator(ckpt: str | Path | dict[str, Any], device: str | torch.device = "cpu") -> nn.Module:
+def load_generator(
+    ckpt: str | Path | dict[str, Any], device: str | torch.device = "cpu", ema: bool = True
+) -> nn.Module:
     """The generator of a gangen checkpoint (a path, or a dict from read_checkpoint), in eval mode, on `device`.
 
-    The EMA generator's weights (`generator_ema.*`) are preferred when the checkpoint has them.
+    The EMA generator's weights (`generator_ema.*`) are used when the checkpoint has them, unless ema=False.
     """
     ckpt = ckpt if isinstance(ckpt, dict) else read_checkpoint(ckpt)
     generator = build_network(ckpt["hyper_parameters"]["generator"])
-    generator.load_state_dict(generator_state(ckpt)[0])
+    generator.load_state_dict(generator_state(ckpt, ema)[0])
     return generator.to(device).eval()

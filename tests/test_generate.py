@@ -1,0 +1,181 @@
+"""`gangen generate` and gangen.generate: what is written, for any count, and the refusals and cleanups."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, fails
+from PIL import Image
+
+from gangen import DCGANGenerator, generate, load_generator
+from gangen.cache_dir import creation_mode
+from gangen.errors import ConfigError
+from gangen.networks import network_spec
+from gangen.sampling import interpolation_latents, latents, save_grid, to_uint8
+
+
+def run(*argv: str) -> None:
+    from gangen.cli import main
+
+    main(list(argv))
+
+
+def npz(path) -> np.ndarray:
+    with np.load(path) as f:
+        return f["arr_0"]
+
+
+def test_image_i_does_not_depend_on_the_count(trained_ckpt, tmp_path):
+    """torch's CPU sampler draws the last values of a tensor whose size is not a multiple of 16 another way:
+    latent 9 of 10 differed from latent 9 of 50, and the last PNG of a preview from the same image of a set."""
+    assert torch.equal(latents(10, 100)[9], latents(50, 100)[9]) and torch.equal(latents(1, 7)[0], latents(64, 7)[0])
+    run("generate", "--ckpt_path", str(trained_ckpt), "--num_samples", "10", "--output", f"{tmp_path}/pngs/")
+    run("generate", "--ckpt_path", str(trained_ckpt), "--num_samples", "50", "--batch_size", "7",
+        "--output", str(tmp_path / "s.npz"))  # fmt: skip
+    array = npz(tmp_path / "s.npz")
+    for i in (0, 9):
+        with Image.open(tmp_path / "pngs" / f"{i:06d}.png") as im:
+            np.testing.assert_array_equal(np.asarray(im), array[i, ..., 0])
+
+
+def test_upper_case_npz_suffix_holds_the_array(trained_ckpt, tmp_path):
+    """np.savez appends .npz to a name not ending in lower-case .npz: x.NPZ was written empty, the array went
+    to a hidden stray file."""
+    run("generate", "--ckpt_path", str(trained_ckpt), "--num_samples", "5", "--output", str(tmp_path / "x.NPZ"))
+    assert npz(tmp_path / "x.NPZ").shape == (5, 32, 32, 1)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.NPZ"]
+
+
+def test_uint8_batches_equal_the_float_path(trained_ckpt, tmp_path):
+    g = load_generator(trained_ckpt)
+    images = generate(g, 37, seed=3, batch_size=8)
+    small = generate(g, 37, seed=3, batch_size=5, uint8=True)
+    assert small.dtype == torch.uint8 and small.shape == (37, 1, 32, 32)
+    np.testing.assert_array_equal(to_uint8(small), to_uint8(images))
+    save_grid(images, tmp_path / "a.png")
+    save_grid(small, tmp_path / "b.png")
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+def test_png_folder_has_the_mode_mkdir_gives(trained_ckpt, tmp_path):
+    run("generate", "--ckpt_path", str(trained_ckpt), "--num_samples", "2", "--output", f"{tmp_path}/pngs/")
+    assert stat.S_IMODE((tmp_path / "pngs").stat().st_mode) == creation_mode(0o777)  # mkdtemp's was 0700
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--device", "foo"], "--device 'foo' is not a device name"),
+        (["--nrow", "0"], "--nrow 0 must be > 0"),
+        (["--nrow", "-3"], "--nrow -3 must be > 0"),
+    ],
+)
+def test_bad_generate_options_are_one_line(capsys, trained_ckpt, tmp_path, args, needle):
+    line = fails(capsys, "generate", "--ckpt_path", str(trained_ckpt), "--output", str(tmp_path / "g.png"), *args)
+    assert needle in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_folder_outputs_are_checked_before_generating(capsys, tmp_path):
+    """A folder already holding PNGs was refused only after every image was generated; a file named as a
+    folder was a NotADirectoryError. Both are refused before the checkpoint is read (here: none exists)."""
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "000000.png").write_bytes(b"x")
+    (tmp_path / "file.txt").write_text("x")
+    missing = str(tmp_path / "no.ckpt")
+    line = fails(capsys, "generate", "--ckpt_path", missing, "--output", f"{tmp_path}/full/")
+    assert "already holds PNG files" in line
+    line = fails(capsys, "generate", "--ckpt_path", missing, "--output", f"{tmp_path}/file.txt/")
+    assert "file.txt is a file, not a folder" in line
+
+
+def test_write_failures_are_one_line_and_leave_nothing(capsys, trained_ckpt, tmp_path):
+    # a grid larger than WebP allows (16383 px): PIL's ValueError
+    line = fails(capsys, "generate", "--ckpt_path", str(trained_ckpt), "--num_samples", "600", "--nrow", "600",
+                 "--output", str(tmp_path / "g.webp"))  # fmt: skip
+    assert "--output" in line and "g.webp" in line and "could not be written" in line and "WebP" in line
+    assert list(tmp_path.iterdir()) == []
+    # a file size limit (ulimit -f; Python ignores SIGXFSZ, so the write fails with EFBIG): a full disk likewise
+    code = f"import resource; resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)); import runpy, sys; \
+sys.argv = ['cli.py', 'generate', '--ckpt_path', {str(trained_ckpt)!r}, '--num_samples', '100', '--output', \
+{str(tmp_path / 's.npz')!r}]; runpy.run_path({str(ROOT / 'cli.py')!r}, run_name='__main__')"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [
+        f"gangen: error: --output {str(tmp_path / 's.npz')!r} could not be written (File too large); nothing was "
+        "left there: free space, or choose fewer samples or another location or format"
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_while_writing_a_png_folder_leaves_nothing(trained_ckpt, tmp_path):
+    """SIGTERM killed the process at once: a hidden half-written folder stayed behind. Now it is cleaned up
+    like Ctrl-C, exit status 143."""
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "cli.py"), "generate", "--ckpt_path", str(trained_ckpt), "--num_samples",
+         "40000", "--output", f"{tmp_path}/pngs/"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(len(os.listdir(p)) > 10 for p in tmp_path.glob(".pngs.*")):
+        time.sleep(0.05)
+    assert any(tmp_path.glob(".pngs.*")), "the writer never started"
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    assert list(tmp_path.iterdir()) == []
+
+
+def _conditional_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    g = DCGANGenerator(latent_dim=8, resolution=16, channels=1, base_channels=8, num_classes=3)
+    state = {f"generator.{k}": v for k, v in g.state_dict().items()}
+    ema = {f"generator_ema.{k}": v * 0.5 if v.is_floating_point() else v for k, v in g.state_dict().items()}
+    torch.save({"hyper_parameters": {"generator": network_spec(g)}, "state_dict": state | ema}, tmp_path / "c.ckpt")
+    return g.eval(), tmp_path / "c.ckpt"
+
+
+def test_conditional_strips_keep_one_class_and_no_ema_takes_the_trained_weights(capsys, tmp_path):
+    """Strips of a conditional model changed class at every frame (image i had class i mod classes)."""
+    g, ckpt = _conditional_checkpoint(tmp_path)
+    run("generate", "--ckpt_path", str(ckpt), "--interpolate", "3", "--num_samples", "4", "--no_ema",
+        "--output", str(tmp_path / "s.npz"))  # fmt: skip
+    assert "wrote 12 images" in capsys.readouterr().out.splitlines()[-1]
+    z = interpolation_latents(4, 3, 8, seed=0)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 0, 0, 0])
+    np.testing.assert_array_equal(npz(tmp_path / "s.npz"), to_uint8(generate(g, 12, z=z, labels=labels)))
+    run("generate", "--ckpt_path", str(ckpt), "--num_samples", "4", "--output", str(tmp_path / "e.npz"))
+    assert capsys.readouterr().out.strip().endswith("(EMA generator)")
+    ema = load_generator(ckpt)
+    assert torch.equal(ema.net[0].weight, g.net[0].weight * 0.5)
+    np.testing.assert_array_equal(npz(tmp_path / "e.npz"), to_uint8(generate(ema, 4)))
+
+
+def test_python_generate_refuses_what_it_cannot_honour():
+    torch.manual_seed(0)
+    g = DCGANGenerator(latent_dim=8, resolution=16, channels=1, base_channels=8)
+    cond = DCGANGenerator(latent_dim=8, resolution=16, channels=1, base_channels=8, num_classes=3)
+    for call, needle in [
+        (lambda: generate(g, 10, z=torch.randn(5, 8)), "z holds 5 latents for num_samples 10"),
+        (lambda: generate(g, 10, batch_size=0), "batch_size 0 must be > 0"),
+        (lambda: generate(g, 4, labels=torch.zeros(4, dtype=torch.long)), "unconditional generator"),
+        (lambda: generate(cond, 4, labels=torch.zeros(2, dtype=torch.long)), "labels holds 2 classes"),
+    ]:
+        with pytest.raises(ConfigError, match=needle):
+            call()
+    images = generate(g.to(torch.bfloat16), 4)  # z follows the generator's dtype
+    assert images.dtype == torch.float32 and images.shape == (4, 1, 16, 16)
+
+
+def test_a_text_file_is_not_a_torch_file(capsys, tmp_path):
+    (tmp_path / "config.yaml").write_text("model:\n  loss: hinge\n")
+    line = fails(capsys, "generate", "--ckpt_path", str(tmp_path / "config.yaml"), "--output", str(tmp_path / "g.png"))
+    assert "could not be loaded (not a torch file" in line and "pickled code" not in line
