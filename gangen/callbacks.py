@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from gangen.errors import ConfigError
-from gangen.sampling import generate, grid_image, latents, save_grid
+from gangen.sampling import generate, grid_image, latents, save_grid, to_uint8
 
 
 def logging_step(trainer: L.Trainer) -> int:
@@ -34,13 +34,16 @@ def eval_generator(pl_module: L.LightningModule) -> torch.nn.Module:
 
 
 def log_image(trainer: L.Trainer, key: str, image: torch.Tensor) -> None:
-    """Send one (C, H, W) image in [-1, 1] to every logger that takes images, at the scalars' step."""
+    """Send one (C, H, W) image in [-1, 1] to every logger that takes images, at the scalars' step: the
+    pixels of the PNG grid (uint8, rounded the same way)."""
     step = logging_step(trainer)
+    pixels = to_uint8(image[None])[0]  # (H, W, C) uint8
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_image(key, (image + 1) / 2, global_step=step)
-        elif hasattr(logger, "log_image"):  # WandbLogger and others with the same method
-            logger.log_image(key=key, images=[((image + 1) / 2).clamp(0, 1)], step=step)
+            logger.experiment.add_image(key, pixels, global_step=step, dataformats="HWC")
+        elif hasattr(logger, "log_image"):  # WandbLogger and others with the same method; wandb.Image casts a
+            logger.log_image(key=key, images=[pixels[..., 0] if pixels.shape[-1] == 1 else pixels], step=step)
+            # float array to uint8 without scaling (a [0, 1] grid became black), so it gets uint8 pixels
 
 
 class _SyncFreeBar:
@@ -90,20 +93,30 @@ class SampleGrid(L.Callback):
     """Every `every_kimg` thousand images seen, a grid of the module's fixed latents (`grid_z`), drawn by the
     EMA generator when the module has one.
 
-    Grids go to <run folder>/samples/kimg<NNNNNN>.png and to the loggers under "samples"; at the end of
-    training a final grid is written as samples/final.png. Rank 0 only.
+    Grids go to <run folder>/samples/kimg<NNNNNN>.png (images seen // 1000; with an every_kimg that is not
+    a whole number, kimg<NNNNNN>_<III>.png with the images beyond the thousands) and to the loggers under
+    "samples"; at the end of training a final grid is written as samples/final.png. Rank 0 only. The
+    schedule counts whole images (every round(every_kimg * 1000)), so it does not drift.
     """
 
     def __init__(self, every_kimg: float = 10.0, nrow: int = 8) -> None:
-        if every_kimg <= 0:
-            raise ConfigError(f"SampleGrid every_kimg {every_kimg!r} must be > 0")
+        if every_kimg <= 0 or round(every_kimg * 1000) < 1:
+            raise ConfigError(f"SampleGrid every_kimg {every_kimg!r} must be at least 0.001 (one image)")
+        if nrow < 1:
+            raise ConfigError(f"SampleGrid nrow {nrow!r} must be >= 1")
         self.every_kimg = every_kimg
+        self.every_images = round(every_kimg * 1000)
         self.nrow = nrow
-        self._next_kimg: float | None = None
+        self._next_images: int | None = None
 
     @staticmethod
     def folder(trainer: L.Trainer) -> Path:
         return Path(trainer.log_dir or trainer.default_root_dir) / "samples"
+
+    def grid_name(self, images_seen: int) -> str:
+        """kimg<NNNNNN>, or kimg<NNNNNN>_<III> when the schedule is not in whole kimg (names stay unique)."""
+        whole, rest = divmod(images_seen, 1000)
+        return f"kimg{whole:06d}" if self.every_images % 1000 == 0 else f"kimg{whole:06d}_{rest:03d}"
 
     def write(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> Path | None:
         folder = self.folder(trainer)  # on every rank: trainer.log_dir is a collective call under DDP
@@ -116,17 +129,19 @@ class SampleGrid(L.Callback):
         log_image(trainer, "samples", grid_image(images, self.nrow))
         return path
 
+    def _schedule_after(self, images_seen: int) -> None:
+        self._next_images = (images_seen // self.every_images + 1) * self.every_images
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        kimg = pl_module.images_seen / 1000
-        self._next_kimg = (kimg // self.every_kimg + 1) * self.every_kimg
+        self._schedule_after(pl_module.images_seen)
         if pl_module.images_seen == 0:
-            self.write(trainer, pl_module, "kimg000000")
+            self.write(trainer, pl_module, self.grid_name(0))
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        kimg = pl_module.images_seen / 1000  # host-side counter: no device sync
-        if self._next_kimg is not None and kimg >= self._next_kimg:
-            self.write(trainer, pl_module, f"kimg{pl_module.images_seen // 1000:06d}")
-            self._next_kimg = (kimg // self.every_kimg + 1) * self.every_kimg
+        seen = pl_module.images_seen  # host-side counter: no device sync
+        if self._next_images is not None and seen >= self._next_images:
+            self.write(trainer, pl_module, self.grid_name(seen))
+            self._schedule_after(seen)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.write(trainer, pl_module, "final")
@@ -245,12 +260,18 @@ class GANMetrics(L.Callback):
                 f"share them: use --metrics.num_samples {trainer.world_size} or more (10000+ is usual)"
             )
 
+    def due(self, images_seen: int) -> bool:
+        """Whether a fit's validation at `images_seen` evaluates: every_kimg after the last evaluation, compared
+        in whole images (in float kimg, 9.6 - 6.4 < 3.2 skipped an evaluation)."""
+        if self._last_kimg is None:
+            return True
+        return images_seen - round(self._last_kimg * 1000) >= round(self.every_kimg * 1000)
+
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled or trainer.sanity_checking:
             return
         kimg = pl_module.images_seen / 1000
-        fitting = trainer.state.fn == "fit"
-        if fitting and self._last_kimg is not None and kimg - self._last_kimg < self.every_kimg:
+        if trainer.state.fn == "fit" and not self.due(pl_module.images_seen):
             return
         self._last_kimg = kimg
         results = self.evaluate(trainer, pl_module)
@@ -265,7 +286,8 @@ class GANMetrics(L.Callback):
         if trainer.is_global_zero:
             folder.mkdir(parents=True, exist_ok=True)
             with open(folder / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"kimg": kimg, "global_step": trainer.global_step, **results}) + "\n")
+                row = {"kimg": kimg, "step": logging_step(trainer), "global_step": trainer.global_step}
+                f.write(json.dumps(row | results) + "\n")  # step: the loggers' step (batches trained)
 
 
 _LOGGED_EXTRAS = (("kid_mean", "kid"), ("kid_std", "kid_std"), ("is_mean", "is"), ("is_std", "is_std"))  # result, log

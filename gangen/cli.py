@@ -151,6 +151,7 @@ class GANCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._check_shapes()
+        self._check_run_folders()
         self._check_monitors()
         self._check_resume()
         self.model.check_run(self.trainer)
@@ -165,7 +166,27 @@ class GANCLI(LightningCLI):
 
     def before_validate(self) -> None:
         self._check_shapes()
+        self._check_run_folders()
         self._check_resume()  # `last` found as fit finds it (Lightning alone validated fresh weights), networks
+
+    def _check_run_folders(self) -> None:
+        """One line for a run folder that cannot be created (a file in its path, no write permission) and for
+        a CSV logger that would divide by zero, before anything is written: the loggers and ModelCheckpoint
+        create their folders later, mid-setup, with a traceback."""
+        from lightning.pytorch.loggers import CSVLogger
+
+        trainer = self.trainer
+        places = [("--trainer.default_root_dir", trainer.default_root_dir)]
+        for logger in trainer.loggers:
+            if getattr(logger, "save_dir", None):
+                places.append(("--trainer.logger.init_args.save_dir", logger.save_dir))
+            every = getattr(logger, "_flush_logs_every_n_steps", 1) if isinstance(logger, CSVLogger) else 1
+            if every < 1:
+                raise ConfigError(f"--trainer.logger.init_args.flush_logs_every_n_steps {every} must be >= 1")
+        dirpaths = [getattr(cb, "dirpath", None) for cb in trainer.checkpoint_callbacks]  # Preemption has none
+        places += [("a ModelCheckpoint dirpath", folder) for folder in dirpaths if folder]
+        for option, folder in places:
+            check_creatable(option, str(folder))
 
     def _check_monitors(self) -> None:
         """A ModelCheckpoint / EarlyStopping monitoring a metric/* key the metrics never log would stop the
@@ -280,13 +301,35 @@ def _check_network(ckpt_path: str, name: str, saved: dict, module: Any) -> None:
             )
 
 
+def check_creatable(option: str, folder: str) -> None:
+    """ConfigError unless `folder` exists or can be created and written: its nearest existing ancestor must be a
+    folder a file can be created in (tried, since root ignores permissions and a read-only mount does not)."""
+    import tempfile
+
+    if "://" in folder:  # a remote (fsspec) location: Lightning's to check
+        return
+    existing = Path(folder).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{option} {folder}: {existing} is a file, so the folder cannot be made; choose another")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ConfigError(f"{option} {folder}: {existing} is not writable ({err.strerror}); choose another") from None
+
+
 def _check_wandb(logger: Any) -> None:
-    """W&B asked online with no API key fails here, as one line (inside the logger jsonargparse would wrap it)."""
-    from gangen.tracking import wandb_mode
+    """W&B asked online with no API key, or a project name W&B refuses, fails here, as one line (inside the
+    logger jsonargparse would wrap it)."""
+    from gangen.tracking import check_project, wandb_mode
 
     for spec in logger if isinstance(logger, list) else [logger]:
         if str(getattr(spec, "class_path", "") or "").endswith("WandbLogger"):
-            wandb_mode((getattr(spec, "init_args", None) or {}).get("offline"))
+            init_args = getattr(spec, "init_args", None) or {}
+            check_project(init_args.get("project", "gangen"))
+            wandb_mode(init_args.get("offline"))
 
 
 def native_bf16_cpu() -> bool:

@@ -66,6 +66,15 @@ def wandb_mode(offline: bool | None) -> Literal["online", "offline", "disabled"]
     return "offline"
 
 
+def check_project(project: Any) -> None:
+    """ConfigError for a project name W&B refuses (it is also a folder under save_dir)."""
+    if not isinstance(project, str) or not 0 < len(project) <= 128 or set(project) & set("/\\#?%:"):
+        raise ConfigError(
+            f"W&B project {project!r}: W&B takes 1-128 characters without / \\ # ? % :, "
+            "choose another --trainer.logger.init_args.project"
+        )
+
+
 class WandbLogger(_LightningWandbLogger):
     """Lightning's WandbLogger with the mode decided up front, a short init timeout and one folder per run.
 
@@ -89,6 +98,7 @@ class WandbLogger(_LightningWandbLogger):
         import wandb
         from wandb.sdk.lib.runid import generate_id
 
+        check_project(project)
         mode = wandb_mode(offline)
         launched = "LOCAL_RANK" in os.environ  # a process started by a DDP launcher: reuse the parent's id
         run_id = id or (os.environ.get("GANGEN_WANDB_RUN_ID") if launched else None) or generate_id()
@@ -138,6 +148,8 @@ class WandbLogger(_LightningWandbLogger):
             return super().experiment
         except (wandb.errors.Error, TimeoutError) as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if self._wandb_init.get("mode") == "offline":  # no server involved: the setting W&B names is wrong
+                raise ConfigError(f"W&B refused the run's settings ({reason}): fix the W&B option it names") from err
             raise ConfigError(
                 f"W&B run did not start within {self.init_timeout:g} s at {wandb_host()} ({reason}): check the "
                 "network or the key, or log offline with --trainer.logger.init_args.offline true"

@@ -87,6 +87,29 @@ def test_generate_folder_refuses_to_mix_runs(capsys, trained_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize(
+    "option",
+    ["--trainer.logger.init_args.save_dir", "--trainer.default_root_dir", "flush_logs_every_n_steps"],
+)
+def test_run_folders_that_cannot_be_made_are_one_line(capsys, tmp_path, option):
+    """A file where a run folder should be (or a CSV logger flushing every 0 steps) was a traceback, exit 1,
+    after the run had started (the flush one after metrics.csv, config.yaml and a grid were written)."""
+    (tmp_path / "afile").write_text("x")
+    extra = {
+        "--trainer.logger.init_args.save_dir": [option, str(tmp_path / "afile" / "runs")],
+        "--trainer.default_root_dir": ["--trainer.logger", "false", option, str(tmp_path / "afile" / "x")],
+        "flush_logs_every_n_steps": ["--trainer.logger.init_args.flush_logs_every_n_steps", "0"],
+    }[option]
+    line = fails(capsys, "fit", "--config", str(DEMO_CONFIG), "--trainer.logger.init_args.save_dir",
+                 str(tmp_path / "runs"), *extra)  # fmt: skip
+    if option == "flush_logs_every_n_steps":
+        assert line == "gangen: error: --trainer.logger.init_args.flush_logs_every_n_steps 0 must be >= 1"
+    else:
+        assert line.startswith(f"gangen: error: {option} {tmp_path / 'afile'}/")
+        assert line.endswith(f"{tmp_path / 'afile'} is a file, so the folder cannot be made; choose another")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+@pytest.mark.parametrize(
     "args, named",
     [
         (["--model.generator.widht", "3"], "'widht' is not accepted"),  # unknown key

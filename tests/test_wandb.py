@@ -6,8 +6,10 @@ import json
 import struct
 import time
 
+import numpy as np
 import pytest
 from conftest import DEMO_CONFIG, ROOT, fails, run_cli, tiny_fit_args
+from PIL import Image
 
 from gangen.classifier import save_classifier, train_classifier
 from gangen.data import ImageDataModule
@@ -70,12 +72,17 @@ def test_offline_fit_logs_losses_fd_grids_and_config(tmp_path, wandb_env, classi
     scalar_steps = [row["trainer/global_step"] for row in logged.history if "loss/d" in row]
     assert grids[-1]["trainer/global_step"] == max(steps) == 10  # the final grid sits on the scalars' last step
     assert scalar_steps == sorted(scalar_steps) and max(scalar_steps) <= 10  # 2 epochs x 5 batches
-    for name in grids[0]["samples/filenames"] + grids[1]["samples/filenames"]:
-        assert (offline / "files" / name).is_file()
+    for grid, png in zip(grids, ["kimg000000.png", "final.png"], strict=True):  # the PNGs' pixels: a float grid
+        [name] = grid["samples/filenames"]  # in [0, 1] was cast to uint8 by wandb, all black
+        pixels = np.asarray(Image.open(offline / "files" / name))
+        np.testing.assert_array_equal(pixels, np.asarray(Image.open(run / "samples" / png)))
+        assert pixels.max() > 0
     losses = logged.values("loss/g")
     assert len(losses) == 2 and all(isinstance(x, float) for x in losses)  # every 5 of 10 batches
     jsonl = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert logged.values("metric/fd_clf") == pytest.approx([row["fd_clf"] for row in jsonl]) and len(jsonl) == 2
+    metric_steps = [row["trainer/global_step"] for row in logged.history if "metric/fd_clf" in row]
+    assert [row["step"] for row in jsonl] == metric_steps  # metrics.jsonl names the loggers' step
     assert logged.values("metric/num_samples") == [16, 16]
     # the resolved CLI config, nested as in config.yaml
     assert logged.config["trainer"]["max_epochs"] == 2 and logged.config["data"]["limit"] == 320
@@ -113,6 +120,18 @@ def test_online_without_key_fails_at_once(capsys, tmp_path, wandb_env, monkeypat
     assert time.monotonic() - start < 20
     assert line.startswith("gangen: error: W&B online was asked for") and "wandb login" in line
     assert "offline true" in line and ("offline: false" in line or "WANDB_MODE=online" in line)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_project_name_wandb_refuses_is_one_line(capsys, tmp_path, wandb_env):
+    """It was reported as a server that did not start within 15 s (offline: no server), after making folders."""
+    line = fails(capsys, "fit", "--config", str(DEMO_CONFIG), "--config", WANDB_CONFIG,
+                 "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+                 "--trainer.logger.init_args.project", "a/b")  # fmt: skip
+    assert line == (
+        "gangen: error: W&B project 'a/b': W&B takes 1-128 characters without / \\ # ? % :, choose another "
+        "--trainer.logger.init_args.project"
+    )
     assert not (tmp_path / "runs").exists()
 
 
