@@ -46,7 +46,8 @@ DESCRIPTION = (
 
 
 class SaveFitConfig(SaveConfigCallback):
-    """Writes the resolved config.yaml into the run folder for `fit` only (validate leaves no files)."""
+    """Writes the resolved config.yaml into the run folder for `fit` only (validate's loggers still write
+    their own files, e.g. a CSV logger's version_N/metrics.csv)."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:  # type: ignore[no-untyped-def]
         if stage == "fit":
@@ -321,14 +322,14 @@ def check_creatable(option: str, folder: str) -> None:
 
 
 def _check_wandb(logger: Any) -> None:
-    """W&B asked online with no API key, or a project name W&B refuses, fails here, as one line (inside the
-    logger jsonargparse would wrap it)."""
-    from gangen.tracking import check_project, wandb_mode
+    """W&B asked online with no API key, a project name W&B refuses or a timeout <= 0 fails here, as one line
+    (inside the logger jsonargparse would wrap it)."""
+    from gangen.tracking import check_settings, wandb_mode
 
     for spec in logger if isinstance(logger, list) else [logger]:
         if str(getattr(spec, "class_path", "") or "").endswith("WandbLogger"):
             init_args = getattr(spec, "init_args", None) or {}
-            check_project(init_args.get("project", "gangen"))
+            check_settings(init_args.get("project", "gangen"), init_args.get("init_timeout", 15.0))
             wandb_mode(init_args.get("offline"))
 
 

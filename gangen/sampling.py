@@ -29,6 +29,8 @@ def latents(num_samples: int, latent_dim: int, seed: int = 0) -> torch.Tensor:
     Latent i does not depend on N: rows are drawn in blocks of 16 (torch's CPU sampler draws the last values
     of a tensor whose size is not a multiple of 16 differently, so randn(10, D)[9] != randn(50, D)[9])."""
     rows = -(-num_samples // 16) * 16
+    if not 0 <= seed < 2**64:
+        raise ConfigError(f"seed {seed} is out of range: use 0 to 2**64 - 1")
     return torch.randn(rows, latent_dim, generator=torch.Generator().manual_seed(seed))[:num_samples]
 
 

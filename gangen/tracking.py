@@ -66,13 +66,15 @@ def wandb_mode(offline: bool | None) -> Literal["online", "offline", "disabled"]
     return "offline"
 
 
-def check_project(project: Any) -> None:
-    """ConfigError for a project name W&B refuses (it is also a folder under save_dir)."""
+def check_settings(project: Any, init_timeout: Any = 15.0) -> None:
+    """ConfigError for a project name W&B refuses (it is also a folder under save_dir) or a timeout <= 0."""
     if not isinstance(project, str) or not 0 < len(project) <= 128 or set(project) & set("/\\#?%:"):
         raise ConfigError(
             f"W&B project {project!r}: W&B takes 1-128 characters without / \\ # ? % :, "
             "choose another --trainer.logger.init_args.project"
         )
+    if not isinstance(init_timeout, (int, float)) or init_timeout <= 0:
+        raise ConfigError(f"--trainer.logger.init_args.init_timeout {init_timeout!r} must be > 0 (seconds)")
 
 
 class WandbLogger(_LightningWandbLogger):
@@ -98,7 +100,7 @@ class WandbLogger(_LightningWandbLogger):
         import wandb
         from wandb.sdk.lib.runid import generate_id
 
-        check_project(project)
+        check_settings(project, init_timeout)
         mode = wandb_mode(offline)
         launched = "LOCAL_RANK" in os.environ  # a process started by a DDP launcher: reuse the parent's id
         run_id = id or (os.environ.get("GANGEN_WANDB_RUN_ID") if launched else None) or generate_id()

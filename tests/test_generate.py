@@ -76,6 +76,7 @@ def test_png_folder_has_the_mode_mkdir_gives(trained_ckpt, tmp_path):
         (["--device", "foo"], "--device 'foo' is not a device name"),
         (["--nrow", "0"], "--nrow 0 must be > 0"),
         (["--nrow", "-3"], "--nrow -3 must be > 0"),
+        (["--seed", str(2**64)], f"seed {2**64} is out of range: use 0 to 2**64 - 1"),
     ],
 )
 def test_bad_generate_options_are_one_line(capsys, trained_ckpt, tmp_path, args, needle):

@@ -123,15 +123,21 @@ def test_online_without_key_fails_at_once(capsys, tmp_path, wandb_env, monkeypat
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_project_name_wandb_refuses_is_one_line(capsys, tmp_path, wandb_env):
-    """It was reported as a server that did not start within 15 s (offline: no server), after making folders."""
+@pytest.mark.parametrize(
+    "option, value, expected",
+    [
+        ("project", "a/b", "W&B project 'a/b': W&B takes 1-128 characters without / \\ # ? % :, choose another "
+                           "--trainer.logger.init_args.project"),
+        ("init_timeout", "-1", "--trainer.logger.init_args.init_timeout -1.0 must be > 0 (seconds)"),
+    ],
+)  # fmt: skip
+def test_wandb_settings_it_refuses_are_one_line(capsys, tmp_path, wandb_env, option, value, expected):
+    """A bad project name was reported as a server that did not start within 15 s (offline: no server), after
+    making folders; a negative timeout was accepted."""
     line = fails(capsys, "fit", "--config", str(DEMO_CONFIG), "--config", WANDB_CONFIG,
                  "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
-                 "--trainer.logger.init_args.project", "a/b")  # fmt: skip
-    assert line == (
-        "gangen: error: W&B project 'a/b': W&B takes 1-128 characters without / \\ # ? % :, choose another "
-        "--trainer.logger.init_args.project"
-    )
+                 f"--trainer.logger.init_args.{option}", value)  # fmt: skip
+    assert line == f"gangen: error: {expected}"
     assert not (tmp_path / "runs").exists()
 
 
