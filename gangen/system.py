@@ -286,8 +286,8 @@ class GAN(L.LightningModule):
         return hp.reg != "none" and hp.reg_weight != 0 and self.batches_seen % hp.reg_every == 0
 
     def _loss_scaler(self) -> torch.amp.GradScaler | None:
-        """The run's fp16 loss scaler (precision 16-mixed), or None."""
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        """The run's fp16 loss scaler (precision 16-mixed), or None (also outside a Trainer)."""
+        scaler = getattr(self._trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
         return scaler if scaler is not None and scaler.is_enabled() else None
 
     def _regularize(self, real: torch.Tensor, fake: torch.Tensor, labels: torch.Tensor | None) -> dict:
