@@ -155,6 +155,8 @@ class GANCLI(LightningCLI):
         self._check_run_folders()
         self._check_monitors()
         self._check_resume()
+        if self.model.init_from and not self.config_init[self.subcommand].get("ckpt_path"):
+            self.model.read_init_from()  # a missing file or another network: one line before anything is written
         self.model.check_run(self.trainer)
         if self.datamodule.num_classes is not None:  # known before any file is read (Fashion-MNIST, CIFAR-10)
             self.model.check_classes(self.datamodule)
@@ -277,29 +279,10 @@ def _refuse_export(ckpt_path: str) -> None:
 
 
 def _check_network(ckpt_path: str, name: str, saved: dict, module: Any) -> None:
-    """The configured network must be the checkpoint's (its weights are loaded as they are): class and every
-    constructor argument, those left out of a spec (num_classes 0, dropout 0) at their defaults."""
-    import inspect
+    """The configured network must be the checkpoint's (its weights are loaded as they are)."""
+    from gangen.networks import check_same_network
 
-    from gangen.networks import network_spec
-
-    try:
-        current = network_spec(module)
-    except ConfigError:  # a network without a config: Lightning's state_dict check is all there is
-        return
-    if saved.get("class_path") and saved["class_path"] != current["class_path"]:
-        raise ConfigError(
-            f"checkpoint {ckpt_path} was trained with {name} {saved['class_path']}, the config has "
-            f"{current['class_path']}: use the checkpoint's (--model.{name} {saved['class_path']})"
-        )
-    defaults = {k: p.default for k, p in inspect.signature(type(module)).parameters.items() if p.default is not p.empty}
-    was, now = {**defaults, **(saved.get("init_args") or {})}, {**defaults, **current["init_args"]}
-    for key in sorted(was.keys() | now.keys()):
-        if was.get(key) != now.get(key):
-            raise ConfigError(
-                f"checkpoint {ckpt_path} was trained with {name} {key}={was.get(key)!r}, the config has "
-                f"{now.get(key)!r}: use the checkpoint's settings (--model.{name}.{key} {was.get(key)})"
-            )
+    check_same_network(f"checkpoint {ckpt_path}", name, saved, module, "use the checkpoint's settings")
 
 
 def check_creatable(option: str, folder: str) -> None:

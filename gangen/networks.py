@@ -211,3 +211,28 @@ def build_network(spec: dict[str, Any] | nn.Module) -> nn.Module:
             "import the module that defines it before loading"
         )
     return cls(**spec.get("init_args", {}))
+
+
+def check_same_network(source: str, name: str, saved: dict[str, Any], module: nn.Module, fix: str) -> None:
+    """ConfigError unless `module` is the network `saved` describes (its weights load as they are): class and
+    every constructor argument, those left out of a spec (num_classes 0, dropout 0) at their defaults.
+    `source` names the file ("checkpoint X", "init_from X"); `fix` ends the message."""
+    import inspect
+
+    try:
+        current = network_spec(module)
+    except ConfigError:  # a network without a config: load_state_dict's own check is all there is
+        return
+    if saved.get("class_path") and saved["class_path"] != current["class_path"]:
+        raise ConfigError(
+            f"{source} was trained with {name} {saved['class_path']}, the config has {current['class_path']}: "
+            f"{fix} (--model.{name} {saved['class_path']})"
+        )
+    defaults = {k: p.default for k, p in inspect.signature(type(module)).parameters.items() if p.default is not p.empty}
+    was, now = {**defaults, **(saved.get("init_args") or {})}, {**defaults, **current["init_args"]}
+    for key in sorted(was.keys() | now.keys()):
+        if was.get(key) != now.get(key):
+            raise ConfigError(
+                f"{source} was trained with {name} {key}={was.get(key)!r}, the config has {now.get(key)!r}: "
+                f"{fix} (--model.{name}.{key} {was.get(key)})"
+            )

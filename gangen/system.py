@@ -67,6 +67,8 @@ class GAN(L.LightningModule):
         compile: bool | str = False,  # torch.compile both networks in place; a string: its mode ("reduce-overhead")
         cuda_graph: bool | None = None,  # the whole training step as CUDA graphs; None: when the run allows it
         # (one CUDA GPU, bf16 or fp32, no augment / GP / compile / gradient hooks; README Speed)
+        init_from: str | None = None,  # a checkpoint (or generator export) whose network weights start this
+        # model's first fit (fine-tuning); optimizers, counters, random streams and data order start fresh
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -120,8 +122,11 @@ class GAN(L.LightningModule):
                 "seed": seed,
                 "num_grid_samples": num_grid_samples,
                 "check_finite_every": check_finite_every,
+                "init_from": init_from,
             }
         )
+        self.init_from = init_from
+        self._weights_set = False  # weights came from init_from or a checkpoint: init_from is not (re)applied
         self.latent_dim: int = self.generator.latent_dim
         grid_rng = torch.Generator().manual_seed(seed)
         self.register_buffer("grid_z", torch.randn(num_grid_samples, self.latent_dim, generator=grid_rng))
@@ -199,7 +204,42 @@ class GAN(L.LightningModule):
             )  # fmt: skip
         return blocker is None
 
+    # ---- init_from: fine-tuning from another run's weights ---------------------------------------------
+    def read_init_from(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The state_dicts init_from gives this model: {"generator", "discriminator" (a checkpoint from fit; an
+        export holds the generator only), "generator_ema"}, checked against the configured networks."""
+        from gangen.networks import check_same_network
+        from gangen.sampling import generator_state, read_checkpoint
+
+        path = str(self.init_from)
+        ckpt = read_checkpoint(path)  # one-line errors for missing, damaged, unsafe or foreign files
+        hparams, weights = ckpt["hyper_parameters"], ckpt["state_dict"]
+        fix = "init_from needs the same networks (its weights load as they are): configure them like it"
+        states = {"generator": generator_state(ckpt, ema=False)[0]}
+        check_same_network(f"init_from {path}", "generator", hparams["generator"], self.generator, fix)
+        d_state = {k[len("discriminator.") :]: v for k, v in weights.items() if k.startswith("discriminator.")}
+        if d_state:
+            check_same_network(f"init_from {path}", "discriminator", hparams["discriminator"], self.discriminator, fix)
+            states["discriminator"] = d_state
+        if self.generator_ema is not None:  # the file's EMA generator, else its generator
+            states["generator_ema"] = generator_state(ckpt)[0]
+        return states
+
+    def _apply_init_from(self) -> None:
+        """Load init_from's weights into the networks, in place (every rank, after DDP wrapped the module)."""
+        states = self.read_init_from()
+        for name, state in states.items():
+            getattr(self, name).load_state_dict(state)
+        fresh = "" if "discriminator" in states else "; the discriminator starts fresh (the file is an export)"
+        rank_zero_info(
+            f"gangen: {', '.join(states)} start from {self.init_from} (init_from){fresh}; optimizers, counters "
+            "and data order start fresh"
+        )
+
     def on_fit_start(self) -> None:
+        if self.init_from and not self._weights_set:  # a resumed fit takes its weights from the checkpoint
+            self._apply_init_from()
+        self._weights_set = True  # later fits of this object continue from its weights
         if self._graphed:
             self._step_graphs = StepGraphs()
             self._ema_weight = torch.zeros((), device=self.device)
@@ -510,6 +550,7 @@ class GAN(L.LightningModule):
         return [s.cpu().clone() for s in self.all_gather(rng_state.to(self.device))]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._weights_set = True  # the checkpoint's weights, not init_from's
         self._fit_state_dict(checkpoint.get("state_dict", {}))
         state = checkpoint.get("gangen", {})
         self.images_seen = int(state.get("images_seen", 0))
