@@ -90,14 +90,7 @@ class GANCLI(LightningCLI):
 
     def _check_shapes(self) -> None:
         """The data must have the resolution and channels the networks were built for."""
-        g = getattr(self.model.generator, "config", {})
-        d = self.datamodule.hparams
-        for key in ("resolution", "channels"):
-            if key in g and g[key] != d[key]:
-                raise ConfigError(
-                    f"data.{key}={d[key]} but model.generator {key}={g[key]}: set both to the same value "
-                    f"(e.g. --data.{key} {g[key]})"
-                )
+        self.model.check_data_shape(self.datamodule)
 
     def parse_arguments(self, parser, args) -> None:  # type: ignore[no-untyped-def]
         self._args = args  # parsed again by _parse_ckpt_path, over the checkpoint's settings

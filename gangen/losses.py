@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from gangen.errors import ConfigError
 from gangen.layers import check_choice
 
 Critic = Callable[[torch.Tensor], torch.Tensor]  # images (B, C, H, W) -> logits (B,)
@@ -90,6 +91,16 @@ LOSSES: dict[str, type[GANLoss]] = {
     "least_squares": LeastSquaresLoss,
 }
 REGULARIZERS = ("none", "r1", "gp")
+
+
+def loss_name(loss: str | GANLoss) -> str:
+    """The name of a loss given by name or as one of LOSSES' objects (e.g. HingeLoss())."""
+    if isinstance(loss, GANLoss):
+        names = [name for name, cls in LOSSES.items() if type(loss) is cls]
+        if not names:
+            raise ConfigError(f"loss {type(loss).__name__}: GAN takes the losses {', '.join(map(repr, LOSSES))}")
+        return names[0]
+    return loss
 
 
 def make_loss(name: str) -> GANLoss:

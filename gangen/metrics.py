@@ -46,7 +46,7 @@ import itertools
 import json
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -312,14 +312,18 @@ class Evaluator:
     def num_fake(self) -> int:
         return self._moments.count if self._moments is not None else 0
 
-    def update(self, images: Tensor) -> None:
-        """Add generated uint8 images (N, C, R, R) at the real images' channels and resolution."""
-        shape, key = tuple(check_uint8(images).shape[1:]), self.real.key
-        if shape != (key["channels"], key["resolution"], key["resolution"]):
+    def check_shape(self, shape: tuple[int, ...]) -> None:
+        """ConfigError unless generated images of `shape` (C, H, W) have the real images' channels and size."""
+        key = self.real.key
+        if tuple(shape) != (key["channels"], key["resolution"], key["resolution"]):
             raise ConfigError(
-                f"generated images {shape} do not match the real statistics' "
+                f"generated images {tuple(shape)} do not match the real statistics' "
                 f"({key['channels']}, {key['resolution']}, {key['resolution']}): use the data's resolution/channels"
             )
+
+    def update(self, images: Tensor) -> None:
+        """Add generated uint8 images (N, C, R, R) at the real images' channels and resolution."""
+        self.check_shape(check_uint8(images).shape[1:])
         for chunk in images.split(self.batch_size):
             self.update_features(self.extractor.features(chunk))
 
@@ -400,23 +404,32 @@ def evaluate_generator(
         raise ConfigError(f"num_samples {num_samples!r} must be an integer >= 1")
     evaluator = Evaluator(extractor, real, batch_size=batch_size, **evaluator_options)
     z = latents(num_samples, generator.latent_dim, seed)  # (N, latent_dim)
-    evaluator.update_features(generated_features(generator, z, extractor, batch_size))
+    features = generated_features(generator, z, extractor, batch_size, check_shape=evaluator.check_shape)
+    evaluator.update_features(features)
     return evaluator.compute()
 
 
 def generated_features(
-    generator: nn.Module, z: Tensor, extractor: FeatureExtractor, batch_size: int = 64, label_offset: int = 0
+    generator: nn.Module,
+    z: Tensor,
+    extractor: FeatureExtractor,
+    batch_size: int = 64,
+    label_offset: int = 0,
+    check_shape: Callable[[tuple[int, ...]], None] | None = None,
 ) -> dict[str, Tensor]:
     """Extractor features of generator(z), one batch at a time: {"pool": (N, D), ...} on the extractor's device.
 
     Each batch is generated (sampling.generate, eval mode) and converted to uint8 by clamping and rounding
     (sampling.to_uint8), so only features are held, never the images. A conditional generator's image i gets
     class (label_offset + i) % num_classes (label_offset: the index of z[0] in the whole evaluated set).
+    `check_shape`: called with the first batch's (C, H, W) (Evaluator.check_shape: another size scored silently).
     """
     chunks: dict[str, list[Tensor]] = {}
     for start in range(0, len(z), batch_size):
         zb = z[start : start + batch_size]  # (B, latent_dim)
         images = generate(generator, len(zb), z=zb, batch_size=batch_size, label_offset=label_offset + start)
+        if start == 0 and check_shape is not None:
+            check_shape(tuple(images.shape[1:]))
         features = extractor.features(_from_float(images))
         for key, value in features.items():
             chunks.setdefault(key, []).append(value)

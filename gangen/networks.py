@@ -7,6 +7,7 @@ values ({"class_path": ..., "init_args": ...}, see `network_spec`) and rebuild i
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 from typing import Any
 
@@ -184,7 +185,29 @@ def network_spec(module: nn.Module) -> dict[str, Any]:
             "checkpoints can rebuild the network"
         )
     cls = type(module)
+    for key, value in config.items():
+        if not _plain(value):
+            raise ConfigError(
+                f"{cls.__name__}.config[{key!r}] is a {type(value).__name__}: a checkpoint holds plain values only "
+                "(numbers, strings, lists, dicts); store a name (e.g. 'relu') and build the object in __init__"
+            )
+    try:
+        inspect.signature(cls).bind_partial(**config)
+    except TypeError as err:
+        raise ConfigError(
+            f"{cls.__name__}.config does not fit {cls.__name__}.__init__ ({err}): the config must hold the constructor "
+            "arguments, so that a checkpoint can rebuild the network"
+        ) from None
     return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(config)}
+
+
+def _plain(value: Any) -> bool:
+    """A value a weights_only checkpoint (and a YAML config) holds as it is."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return isinstance(value, dict) and all(isinstance(k, str) and _plain(v) for k, v in value.items())
 
 
 def build_network(spec: dict[str, Any] | nn.Module) -> nn.Module:
@@ -195,6 +218,13 @@ def build_network(spec: dict[str, Any] | nn.Module) -> nn.Module:
     """
     if isinstance(spec, nn.Module):
         return spec
+    if isinstance(spec, type):
+        raise ConfigError(f"the network {spec.__name__} is a class: pass an instance, e.g. {spec.__name__}(...)")
+    if not isinstance(spec, dict):
+        raise ConfigError(
+            f"a network must be an nn.Module instance (e.g. DCGANGenerator(...)) or a class_path/init_args dict, "
+            f"got {spec!r}"
+        )
     class_path = spec.get("class_path", "") if isinstance(spec, dict) else ""
     module_name, _, class_name = class_path.rpartition(".")
     cls = None
@@ -217,8 +247,6 @@ def check_same_network(source: str, name: str, saved: dict[str, Any], module: nn
     """ConfigError unless `module` is the network `saved` describes (its weights load as they are): class and
     every constructor argument, those left out of a spec (num_classes 0, dropout 0) at their defaults.
     `source` names the file ("checkpoint X", "init_from X"); `fix` ends the message."""
-    import inspect
-
     try:
         current = network_spec(module)
     except ConfigError:  # a network without a config: load_state_dict's own check is all there is

@@ -22,7 +22,7 @@ from gangen.ema import ema_beta, make_ema, recalibrate_batchnorm_, update_ema_
 from gangen.errors import ConfigError
 from gangen.graphs import StepGraphs, gradient_hook_owners
 from gangen.layers import check_choice, nhwc_strides
-from gangen.losses import REGULARIZERS, gradient_penalty, make_loss, r1_penalty
+from gangen.losses import REGULARIZERS, gradient_penalty, loss_name, make_loss, r1_penalty
 from gangen.networks import build_network, network_spec
 from gangen.optim import default_adam, keep_configured_settings, make_capturable, use_fused
 from gangen.reliability import keep_epoch_unfinished
@@ -74,6 +74,18 @@ class GAN(L.LightningModule):
         self.automatic_optimization = False
         self.generator = build_network(generator)
         self.discriminator = build_network(discriminator)
+        if not isinstance(getattr(self.generator, "latent_dim", None), int):
+            raise ConfigError(
+                f"generator {type(self.generator).__name__} has no integer `latent_dim` (the size of z): set "
+                "self.latent_dim in its __init__"
+            )
+        for name, opt in (("g_optimizer", g_optimizer), ("d_optimizer", d_optimizer)):
+            if opt is not None and (isinstance(opt, torch.optim.Optimizer) or not callable(opt)):
+                raise ConfigError(
+                    f"{name} must be a callable params -> optimizer, e.g. functools.partial(torch.optim.Adam, "
+                    f"lr=2e-4), not {type(opt).__name__} {opt!r:.60}"
+                )
+        loss = loss_name(loss)
         g_cfg, d_cfg = getattr(self.generator, "config", {}), getattr(self.discriminator, "config", {})
         for key in ("resolution", "channels"):
             if key in g_cfg and key in d_cfg and g_cfg[key] != d_cfg[key]:
@@ -127,6 +139,7 @@ class GAN(L.LightningModule):
         )
         self.init_from = init_from
         self._weights_set = False  # weights came from init_from or a checkpoint: init_from is not (re)applied
+        self._batch_checked = False  # the first batch's shape is checked against the generator's
         self.latent_dim: int = self.generator.latent_dim
         grid_rng = torch.Generator().manual_seed(seed)
         self.register_buffer("grid_z", torch.randn(num_grid_samples, self.latent_dim, generator=grid_rng))
@@ -184,6 +197,7 @@ class GAN(L.LightningModule):
             self._cudagraph_trees = device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
         if self._trainer is not None:
             self.check_run(self.trainer)
+            self.check_data_shape(self.trainer.datamodule)
             self.check_classes(self.trainer.datamodule)
         self._graphed = training and self._use_cuda_graph(self.trainer)
         self.augment.seed = augment_seed(self.hparams.seed, self.global_rank)  # every rank its own, not z's
@@ -257,6 +271,39 @@ class GAN(L.LightningModule):
                 f"--trainer.precision {precision} keeps the EMA generator in half precision, where its small updates "
                 "round away (and sampling it crashed): use bf16-mixed, or --model.ema_kimg 0"
             )
+
+    def check_data_shape(self, data: Any) -> None:
+        """The data must have the resolution and channels the generator was built for (a datamodule with
+        hyperparameters; a plain loader's first batch is checked in training_step)."""
+        g, d = getattr(self.generator, "config", {}), getattr(data, "hparams", None) or {}
+        for key in ("resolution", "channels"):
+            if key in g and key in d and g[key] != d[key]:
+                raise ConfigError(
+                    f"data.{key}={d[key]} but model.generator {key}={g[key]}: set both to the same value "
+                    f"(e.g. --data.{key} {g[key]})"
+                )
+
+    def _split_batch(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(images (B, C, H, W), labels (B,) for a conditional model, else None) of a batch: a tensor, or a
+        tuple/list (images, labels, ...) or (images,). The first batch's shape is checked (plain loaders)."""
+        real = batch[0] if isinstance(batch, (tuple, list)) else batch
+        labels = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+        if self.num_classes and labels is None:
+            raise ConfigError(
+                f"the model is conditional on {self.num_classes} classes but the batches have no labels: give "
+                "(images, labels) batches, or use an unconditional model (num_classes 0)"
+            )
+        if not self._batch_checked:
+            g = getattr(self.generator, "config", {})
+            if "resolution" in g and "channels" in g:
+                want = (g["channels"], g["resolution"], g["resolution"])
+                if real.ndim != 4 or tuple(real.shape[1:]) != want:
+                    raise ConfigError(
+                        f"training images {tuple(real.shape)} do not match the generator's (B, {want[0]}, "
+                        f"{want[1]}, {want[2]}): give batches of that size, or build the networks for the data"
+                    )
+            self._batch_checked = True
+        return real, labels if self.num_classes else None
 
     def check_classes(self, data: Any) -> None:
         """A conditional model needs the data's labels, one per class it was built for: an out-of-range label
@@ -383,8 +430,7 @@ class GAN(L.LightningModule):
         return logs
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
-        real, labels = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)  # (B, C, H, W)
-        labels = labels if self.num_classes else None  # (B,) int64 class labels for a conditional model
+        real, labels = self._split_batch(batch)  # (B, C, H, W); (B,) int64 labels for a conditional model
         real = real.contiguous(memory_format=self._memory_format)  # no copy unless channels_last
         if self._cudagraph_trees:
             torch.compiler.cudagraph_mark_step_begin()  # torch.compile(mode="reduce-overhead"): a new step
@@ -444,8 +490,7 @@ class GAN(L.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         """Discriminator outputs and loss on held-out real images against fresh samples."""
-        real, labels = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
-        labels = labels if self.num_classes else None
+        real, labels = self._split_batch(batch)  # (B, C, H, W), (B,) or None
         rng = torch.Generator(device=self.device).manual_seed(self.hparams.seed + 10_000 + batch_idx)
         z = torch.randn(real.shape[0], self.latent_dim, device=self.device, generator=rng)
         fake = self.generator(z) if labels is None else self.generator(z, labels)

@@ -1,0 +1,113 @@
+"""gangen from Python: what GAN, the networks, generate and the metrics refuse up front, and plain loaders."""
+
+from __future__ import annotations
+
+import functools
+
+import lightning.pytorch as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from gangen import GAN, DCGANDiscriminator, DCGANGenerator, ImageDataModule
+from gangen.errors import ConfigError
+from gangen.losses import HingeLoss
+
+
+def nets(resolution: int = 16, channels: int = 1, num_classes: int = 0):
+    torch.manual_seed(0)
+    shape = {"resolution": resolution, "channels": channels, "base_channels": 8, "num_classes": num_classes}
+    return DCGANGenerator(latent_dim=8, **shape), DCGANDiscriminator(**shape)
+
+
+def trainer(**kwargs) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu", max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, **kwargs,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "data, needle",
+    [
+        ({"resolution": 32}, "data.resolution=32 but model.generator resolution=16"),
+        ({"channels": 3}, "data.channels=3 but model.generator channels=1"),
+    ],
+)
+def test_a_datamodule_of_another_shape_is_one_line(data, needle):
+    """The CLI checked this; a Python fit crashed deep in a conv ('padded input size', 'expected 3 channels')."""
+    with pytest.raises(ConfigError, match=needle):
+        trainer().fit(GAN(*nets()), ImageDataModule(**{"resolution": 16, "channels": 1, "limit": 64} | data))
+
+
+def test_plain_loaders_of_images_alone_train_and_are_checked():
+    """A TensorDataset of images yields one-item batches: an IndexError in training_step. Their shape is
+    checked at the first batch, and a conditional model without labels is one line."""
+    images = torch.rand(64, 1, 16, 16) * 2 - 1
+    model = GAN(*nets())
+    trainer().fit(model, DataLoader(TensorDataset(images), batch_size=32))
+    assert model.batches_seen == 1
+    with pytest.raises(ConfigError, match=r"training images \(32, 1, 32, 32\) do not match the generator's"):
+        trainer().fit(GAN(*nets()), DataLoader(TensorDataset(torch.rand(64, 1, 32, 32)), batch_size=32))
+    with pytest.raises(ConfigError, match="conditional on 3 classes but the batches have no labels"):
+        trainer().fit(GAN(*nets(num_classes=3)), DataLoader(TensorDataset(images), batch_size=32))
+
+
+class Custom(nn.Module):
+    def __init__(self, latent_dim: int = 8, act: str = "relu") -> None:
+        super().__init__()
+        self.latent_dim, self.config = latent_dim, {"latent_dim": latent_dim, "act": act}
+        self.net = nn.Sequential(nn.Linear(latent_dim, 256), nn.Tanh())
+
+    def forward(self, z):
+        return self.net(z).view(-1, 1, 16, 16)
+
+
+def test_custom_networks_are_checked_when_the_gan_is_built():
+    """An object in `config` trained and saved, then failed to load (as 'pickled code'); config keys the
+    constructor does not take failed at load; a generator without latent_dim was a bare AttributeError."""
+    d = nets()[1]
+    model = GAN(Custom(), d)  # plain config, latent_dim: fine
+    assert model.hparams["generator"]["init_args"] == {"latent_dim": 8, "act": "relu"}
+    bad_value = Custom()
+    bad_value.config["act"] = nn.ReLU()
+    with pytest.raises(ConfigError, match=r"Custom.config\['act'\] is a ReLU: a checkpoint holds plain values"):
+        GAN(bad_value, d)
+    bad_key = Custom()
+    bad_key.config["width"] = 3
+    with pytest.raises(ConfigError, match=r"Custom.config does not fit Custom.__init__ .*'width'"):
+        GAN(bad_key, d)
+    no_latent = Custom()
+    del no_latent.latent_dim
+    with pytest.raises(ConfigError, match="has no integer `latent_dim`"):
+        GAN(no_latent, d)
+
+
+def test_wrong_kinds_of_arguments_are_one_line_at_construction():
+    g, d = nets()
+    with pytest.raises(ConfigError, match=r"the network DCGANGenerator is a class: pass an instance"):
+        GAN(DCGANGenerator, d)
+    with pytest.raises(ConfigError, match="a network must be an nn.Module instance"):
+        GAN(None, d)
+    adam = torch.optim.Adam(g.parameters())
+    with pytest.raises(ConfigError, match=r"g_optimizer must be a callable params -> optimizer.*not Adam"):
+        GAN(g, d, g_optimizer=adam)
+    with pytest.raises(ConfigError, match=r"d_optimizer must be a callable .*not str 'adam'"):
+        GAN(g, d, d_optimizer="adam")
+    model = GAN(g, d, loss=HingeLoss(), g_optimizer=functools.partial(torch.optim.SGD, lr=0.1))  # objects it exports
+    assert model.hparams["loss"] == "hinge"
+
+
+def test_evaluate_generator_refuses_another_image_size(tmp_path):
+    """A 16 px generator scored against 32 px statistics returned a number (FID 74) instead of refusing."""
+    from gangen.classifier import save_classifier, train_classifier
+    from gangen.inception import make_feature_extractor
+    from gangen.metrics import evaluate_generator, real_statistics
+
+    data = ImageDataModule(resolution=32, limit=256, batch_size=64)
+    classifier, accuracy = train_classifier(data, epochs=1, enable_progress_bar=False, accelerator="cpu")
+    extractor = make_feature_extractor(str(save_classifier(classifier, tmp_path / "clf.pt", accuracy=accuracy)))
+    real = real_statistics(torch.randint(0, 256, (64, 1, 32, 32), dtype=torch.uint8), extractor)
+    with pytest.raises(ConfigError, match=r"generated images \(1, 16, 16\) do not match the real statistics' "):
+        evaluate_generator(nets()[0], 16, real, extractor)
