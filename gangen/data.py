@@ -154,6 +154,13 @@ class ImageDataModule(pl.LightningDataModule):
                     f"on_device true needs {name} decoded once: drop --data.cache false, or set --data.on_device false"
                 )
             cache = True  # on the device means one uint8 tensor: decode once, whatever its size
+        if not isinstance(hflip, bool) or not isinstance(download, bool):
+            bad = ("hflip", hflip) if not isinstance(hflip, bool) else ("download", download)
+            raise ConfigError(f"{bad[0]} {bad[1]!r} is invalid: use true or false")
+        if not _is_int(seed, 0):
+            raise ConfigError(f"seed {seed!r} is invalid: use an integer >= 0")
+        if isinstance(lsun_classes, str) or not all(isinstance(c, str) for c in lsun_classes or []):
+            raise ConfigError(f"lsun_classes {lsun_classes!r} is invalid: use a list of names, e.g. ['bedroom']")
         self.on_device, self.hflip, self.seed = on_device, hflip, seed
         self.cache, self.cache_dir = cache, cache_dir
         self.lsun_classes = list(lsun_classes or ["bedroom"])

@@ -92,12 +92,20 @@ class GAN(L.LightningModule):
                 raise ConfigError(
                     f"generator {key}={g_cfg[key]} but discriminator {key}={d_cfg[key]}: set both to the same value"
                 )
-        if d_steps_per_g_step < 1:
-            raise ConfigError(f"d_steps_per_g_step {d_steps_per_g_step!r} must be >= 1")
-        if num_grid_samples < 1:
-            raise ConfigError(f"num_grid_samples {num_grid_samples!r} must be >= 1")
-        if check_finite_every < 1:
-            raise ConfigError(f"check_finite_every {check_finite_every!r} must be >= 1")
+        counts = {"d_steps_per_g_step": d_steps_per_g_step, "num_grid_samples": num_grid_samples,
+                  "check_finite_every": check_finite_every, "reg_every": reg_every}  # fmt: skip
+        for key, value in counts.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{key} {value!r} must be an integer >= 1")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ConfigError(f"seed {seed!r} must be an integer >= 0")
+        for key, value in (("reg_weight", reg_weight), ("ema_kimg", ema_kimg)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{key} {value!r} must be a number")
+        if not isinstance(augment, str):
+            raise ConfigError(
+                f"augment {augment!r} must be a string of comma-separated policies, e.g. 'color,translation'"
+            )
         check_choice("reg", reg, REGULARIZERS)
         if reg_every < 1 or reg_weight < 0:
             raise ConfigError(f"reg_every {reg_every!r} must be >= 1 and reg_weight {reg_weight!r} >= 0")

@@ -111,3 +111,33 @@ def test_evaluate_generator_refuses_another_image_size(tmp_path):
     real = real_statistics(torch.randint(0, 256, (64, 1, 32, 32), dtype=torch.uint8), extractor)
     with pytest.raises(ConfigError, match=r"generated images \(1, 16, 16\) do not match the real statistics' "):
         evaluate_generator(nets()[0], 16, real, extractor)
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"d_steps_per_g_step": 1.5}, "d_steps_per_g_step 1.5 must be an integer >= 1"),
+        ({"reg_every": 2.5}, "reg_every 2.5 must be an integer >= 1"),
+        ({"seed": "x"}, "seed 'x' must be an integer >= 0"),
+        ({"ema_kimg": "10"}, "ema_kimg '10' must be a number"),
+        ({"augment": ["color"]}, r"augment \['color'\] must be a string of comma-separated policies"),
+    ],
+)
+def test_gan_arguments_of_the_wrong_type_are_one_line(kwargs, needle):
+    """1.5 and 2.5 trained (as floats in the step schedule); the others were TypeError / AttributeError deep."""
+    with pytest.raises(ConfigError, match=needle):
+        GAN(*nets(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"lsun_classes": "bedroom"}, "lsun_classes 'bedroom' is invalid: use a list of names"),
+        ({"hflip": "yes"}, "hflip 'yes' is invalid: use true or false"),
+        ({"seed": "a"}, "seed 'a' is invalid: use an integer >= 0"),
+    ],
+)
+def test_data_arguments_of_the_wrong_type_are_one_line(kwargs, needle):
+    """'bedroom' was split into letters, 'yes' accepted, 'a' a TypeError when the first batch was built."""
+    with pytest.raises(ConfigError, match=needle):
+        ImageDataModule(**kwargs)
