@@ -141,3 +141,25 @@ def test_data_arguments_of_the_wrong_type_are_one_line(kwargs, needle):
     """'bedroom' was split into letters, 'yes' accepted, 'a' a TypeError when the first batch was built."""
     with pytest.raises(ConfigError, match=needle):
         ImageDataModule(**kwargs)
+
+
+def test_a_mid_epoch_resume_does_not_warn_of_unreliable_results(tmp_path):
+    """Lightning warned "your dataloader is not resumable ... unreliable results" at every mid-epoch resume;
+    the datamodule's batches resume exactly (tests/test_resume.py), so the warning is dropped for them."""
+    import warnings
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(max_steps: int, ckpt_path=None) -> list[str]:
+        model = GAN(*nets())
+        trainer = L.Trainer(
+            accelerator="cpu", max_steps=max_steps, limit_val_batches=0, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+        )  # fmt: skip
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(model, ImageDataModule(resolution=16, limit=256, batch_size=32), ckpt_path=ckpt_path)
+        return [str(w.message) for w in caught]
+
+    run(6)  # 3 of the epoch's 8 batches
+    assert not [m for m in run(12, ckpt_path=tmp_path / "last.ckpt") if "not resumable" in m]
