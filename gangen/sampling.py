@@ -255,6 +255,11 @@ def generator_state(ckpt: dict[str, Any], ema: bool = True) -> tuple[dict[str, t
         state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
         if state:
             return state, prefix == "generator_ema."
+    if any(k.startswith("generator_ema.") for k in ckpt["state_dict"]):
+        raise ConfigError(
+            "the file holds the EMA generator only (an export of it): drop --no_ema, or export the trained one "
+            "with `gangen export --no_ema`"
+        )
     raise ConfigError("the checkpoint holds no generator weights: pass a checkpoint from `gangen fit`")
 
 
@@ -297,15 +302,22 @@ def read_safetensors(path: Path) -> dict[str, Any]:
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-            state = {f"generator.{k}": f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+            prefix = "generator_ema." if json.loads(metadata.get("ema", "false")) else "generator."  # as exported
+            state = {prefix + k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
         spec = json.loads(metadata["generator"])
         data = json.loads(metadata.get("data", "{}"))
+        images_seen = int(json.loads(metadata.get("images_seen", "0")))
     except (SafetensorError, OSError, KeyError, ValueError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ConfigError(
             f"{str(path)!r} is not a generator file from `gangen export` ({first[:200]}): export one again"
         ) from None
-    return {"hyper_parameters": {"generator": spec}, "state_dict": state, "datamodule_hyper_parameters": data}
+    return {
+        "hyper_parameters": {"generator": spec},
+        "state_dict": state,
+        "datamodule_hyper_parameters": data,
+        "gangen": {"images_seen": images_seen},  # a re-export keeps it, and the EMA flag (the weights' prefix)
+    }
 
 
 def load_generator(

@@ -237,7 +237,8 @@ class GAN(L.LightningModule):
         ckpt = read_checkpoint(path)  # one-line errors for missing, damaged, unsafe or foreign files
         hparams, weights = ckpt["hyper_parameters"], ckpt["state_dict"]
         fix = "init_from needs the same networks (its weights load as they are): configure them like it"
-        states = {"generator": generator_state(ckpt, ema=False)[0]}
+        ema_only = not any(k.startswith("generator.") for k in weights)  # an export of an EMA generator
+        states = {"generator": generator_state(ckpt, ema=ema_only)[0]}
         check_same_network(f"init_from {path}", "generator", hparams["generator"], self.generator, fix)
         d_state = {k[len("discriminator.") :]: v for k, v in weights.items() if k.startswith("discriminator.")}
         if d_state:

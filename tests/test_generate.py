@@ -180,3 +180,28 @@ def test_a_text_file_is_not_a_torch_file(capsys, tmp_path):
     (tmp_path / "config.yaml").write_text("model:\n  loss: hinge\n")
     line = fails(capsys, "generate", "--ckpt_path", str(tmp_path / "config.yaml"), "--output", str(tmp_path / "g.png"))
     assert "could not be loaded (not a torch file" in line and "pickled code" not in line
+
+
+def test_an_ema_export_stays_one_when_generated_from_or_exported_again(capsys, tmp_path):
+    """Re-exporting an export wrote ema false and images_seen 0; generating from it did not say EMA."""
+    import json
+
+    from safetensors import safe_open
+
+    _, ckpt = _conditional_checkpoint(tmp_path)
+    saved = torch.load(ckpt, weights_only=True)
+    torch.save(saved | {"gangen": {"images_seen": 1234}}, ckpt)
+    run("export", "--ckpt_path", str(ckpt), "--output", str(tmp_path / "a.safetensors"))
+    run("export", "--ckpt_path", str(tmp_path / "a.safetensors"), "--output", str(tmp_path / "b.safetensors"))
+    with safe_open(str(tmp_path / "b.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+        assert json.loads(meta["ema"]) is True and json.loads(meta["images_seen"]) == 1234
+        weight = f.get_tensor("net.0.weight")
+    assert torch.equal(weight, saved["state_dict"]["generator_ema.net.0.weight"])
+    capsys.readouterr()
+    run("generate", "--ckpt_path", str(tmp_path / "b.safetensors"), "--num_samples", "2", "--output",
+        str(tmp_path / "g.png"))  # fmt: skip
+    assert capsys.readouterr().out.strip().endswith("(EMA generator)")
+    line = fails(capsys, "generate", "--ckpt_path", str(tmp_path / "b.safetensors"), "--no_ema", "--output",
+                 str(tmp_path / "h.png"))  # fmt: skip
+    assert "holds the EMA generator only" in line and "gangen export --no_ema" in line
