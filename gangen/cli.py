@@ -164,6 +164,8 @@ class GANCLI(LightningCLI):
         self._check_shapes()
         self._check_run_folders()
         self._check_resume()  # `last` found as fit finds it (Lightning alone validated fresh weights), networks
+        if self.model.init_from and not self.config_init[self.subcommand].get("ckpt_path"):
+            self.model.read_init_from()  # validated instead of fresh weights: checked before anything is written
 
     def _check_run_folders(self) -> None:
         """One line for a run folder that cannot be created (a file in its path, no write permission) and for
@@ -172,7 +174,7 @@ class GANCLI(LightningCLI):
         from lightning.pytorch.loggers import CSVLogger
 
         trainer = self.trainer
-        places = [("--trainer.default_root_dir", trainer.default_root_dir)]
+        places = [] if trainer.loggers else [("--trainer.default_root_dir", trainer.default_root_dir)]  # else unused
         for logger in trainer.loggers:
             if getattr(logger, "save_dir", None):
                 places.append(("--trainer.logger.init_args.save_dir", logger.save_dir))
@@ -258,7 +260,10 @@ class GANCLI(LightningCLI):
             return
         for section, saved, now in (("model", hparams, self.model.hparams), ("data", data_saved, data_now)):
             for key, value in saved.items():  # other changes train as configured: said, never silent
-                if key not in ("generator", "discriminator", "_instantiator") and now.get(key, value) != value:
+                if (
+                    key not in ("generator", "discriminator", "_instantiator", "init_from")
+                    and now.get(key, value) != value
+                ):
                     print(f"gangen: resuming with {section}.{key} {now[key]!r} as configured (checkpoint: {value!r})")
         sys.stdout.flush()
 
@@ -280,21 +285,22 @@ def _check_network(ckpt_path: str, name: str, saved: dict, module: Any) -> None:
 
 def check_creatable(option: str, folder: str) -> None:
     """ConfigError unless `folder` exists or can be created and written: its nearest existing ancestor must be a
-    folder a file can be created in (tried, since root ignores permissions and a read-only mount does not)."""
-    import tempfile
+    folder a file can be created in."""
+    from gangen.sampling import write_problem
 
     if "://" in folder:  # a remote (fsspec) location: Lightning's to check
         return
     existing = Path(folder).absolute()
-    while not existing.exists():
-        existing = existing.parent
+    try:
+        while not existing.exists():
+            existing = existing.parent
+    except OSError as err:  # a folder on the way that cannot be searched
+        raise ConfigError(f"{option} {folder}: {existing} cannot be read ({err.strerror}); choose another") from None
     if not existing.is_dir():
         raise ConfigError(f"{option} {folder}: {existing} is a file, so the folder cannot be made; choose another")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as err:
-        raise ConfigError(f"{option} {folder}: {existing} is not writable ({err.strerror}); choose another") from None
+    problem = write_problem(existing)
+    if problem:
+        raise ConfigError(f"{option} {folder}: {existing} is not writable ({problem}); choose another")
 
 
 def _check_wandb(logger: Any) -> None:
@@ -305,7 +311,8 @@ def _check_wandb(logger: Any) -> None:
     for spec in logger if isinstance(logger, list) else [logger]:
         if str(getattr(spec, "class_path", "") or "").endswith("WandbLogger"):
             init_args = getattr(spec, "init_args", None) or {}
-            check_settings(init_args.get("project", "gangen"), init_args.get("init_timeout", 15.0))
+            if str(spec.class_path) == "gangen.tracking.WandbLogger":  # Lightning's own takes project None
+                check_settings(init_args.get("project", "gangen"), init_args.get("init_timeout", 15.0))
             wandb_mode(init_args.get("offline"))
 
 

@@ -119,6 +119,9 @@ def _terminate_as_exit() -> Iterator[None]:
     def stop(signum: int, frame: object) -> None:
         raise SystemExit(128 + signum)
 
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:  # ignored, or the program's own: keep it
+        yield
+        return
     try:
         previous = signal.signal(signal.SIGTERM, stop)
     except ValueError:  # not the main thread: leave signals alone

@@ -29,7 +29,7 @@ def latents(num_samples: int, latent_dim: int, seed: int = 0) -> torch.Tensor:
     Latent i does not depend on N: rows are drawn in blocks of 16 (torch's CPU sampler draws the last values
     of a tensor whose size is not a multiple of 16 differently, so randn(10, D)[9] != randn(50, D)[9])."""
     rows = -(-num_samples // 16) * 16
-    if not 0 <= seed < 2**64:
+    if not -(2**63) <= seed < 2**64:
         raise ConfigError(f"seed {seed} is out of range: use 0 to 2**64 - 1")
     return torch.randn(rows, latent_dim, generator=torch.Generator().manual_seed(seed))[:num_samples]
 
@@ -156,17 +156,21 @@ def save_png_folder(images: torch.Tensor, folder: str | Path) -> Path:
     folder = Path(folder)
     check_png_folder(folder)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    moved: list[Path] = []
     try:
         tmp.chmod(creation_mode(0o777))  # a folder as mkdir makes it, not mkdtemp's 0700
         for i, array in enumerate(to_uint8(images)):
             _pil(array).save(tmp / f"{i:06d}.png")
-        if folder.exists():  # an existing empty folder: move the files in
+        if folder.exists():  # an existing empty folder: move the files in (taken out again on failure)
             for f in sorted(tmp.iterdir()):
-                os.replace(f, folder / f.name)
+                moved.append(folder / f.name)
+                os.replace(f, moved[-1])
             tmp.rmdir()
         else:
             os.replace(tmp, folder)
     except BaseException:
+        for f in moved:
+            f.unlink(missing_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
@@ -220,17 +224,23 @@ def check_png_folder(folder: Path) -> None:
 
 
 def check_output_folder(output: str, parent: Path) -> None:
-    """ConfigError unless `parent` exists and a file can really be created in it (root ignores permissions,
-    a read-only filesystem does not: so try, instead of asking os.access)."""
+    """ConfigError unless `parent` exists and a file can really be created in it."""
     if not parent.is_dir():
         raise ConfigError(f"--output {output!r}: folder {parent} does not exist; create it first")
+    problem = write_problem(parent)
+    if problem:
+        raise ConfigError(f"--output {output!r}: folder {parent} is not writable ({problem}); choose another location")
+
+
+def write_problem(folder: Path) -> str | None:
+    """Why no file can be created in the existing `folder` (the OS's reason), or None. Tried, not asked of
+    os.access: root ignores permissions, a read-only filesystem does not."""
     try:
-        with tempfile.TemporaryFile(dir=parent):
+        with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as err:
-        raise ConfigError(
-            f"--output {output!r}: folder {parent} is not writable ({err.strerror}); choose another location"
-        ) from None
+        return err.strerror or str(err)
+    return None
 
 
 def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:

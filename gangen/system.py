@@ -97,8 +97,8 @@ class GAN(L.LightningModule):
         for key, value in counts.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{key} {value!r} must be an integer >= 1")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ConfigError(f"seed {seed!r} must be an integer >= 0")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"seed {seed!r} must be an integer")
         for key, value in (("reg_weight", reg_weight), ("ema_kimg", ema_kimg)):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"{key} {value!r} must be a number")
@@ -107,8 +107,8 @@ class GAN(L.LightningModule):
                 f"augment {augment!r} must be a string of comma-separated policies, e.g. 'color,translation'"
             )
         check_choice("reg", reg, REGULARIZERS)
-        if reg_every < 1 or reg_weight < 0:
-            raise ConfigError(f"reg_every {reg_every!r} must be >= 1 and reg_weight {reg_weight!r} >= 0")
+        if reg_weight < 0:
+            raise ConfigError(f"reg_weight {reg_weight!r} must be >= 0")
         if ema_kimg < 0 or (ema_rampup is not None and ema_rampup <= 0):
             raise ConfigError(f"ema_kimg {ema_kimg!r} must be >= 0 and ema_rampup {ema_rampup!r} > 0 or null")
         self.loss = make_loss(loss)
@@ -254,15 +254,19 @@ class GAN(L.LightningModule):
         for name, state in states.items():
             getattr(self, name).load_state_dict(state)
         fresh = "" if "discriminator" in states else "; the discriminator starts fresh (the file is an export)"
-        rank_zero_info(
-            f"gangen: {', '.join(states)} start from {self.init_from} (init_from){fresh}; optimizers, counters "
-            "and data order start fresh"
-        )
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            fresh += "; optimizers, counters and data order start fresh"
+        rank_zero_info(f"gangen: {', '.join(states)} start from {self.init_from} (init_from){fresh}")
 
     def on_fit_start(self) -> None:
         if self.init_from and not self._weights_set:  # a resumed fit takes its weights from the checkpoint
             self._apply_init_from()
         self._weights_set = True  # later fits of this object continue from its weights
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn == "validate" and self.init_from and not self._weights_set:
+            self._apply_init_from()  # `validate` without a checkpoint validates init_from's weights
+            self._weights_set = True
         if self._graphed:
             self._step_graphs = StepGraphs()
             self._ema_weight = torch.zeros((), device=self.device)

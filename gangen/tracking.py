@@ -150,8 +150,10 @@ class WandbLogger(_LightningWandbLogger):
             return super().experiment
         except (wandb.errors.Error, TimeoutError) as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            if self._wandb_init.get("mode") == "offline":  # no server involved: the setting W&B names is wrong
-                raise ConfigError(f"W&B refused the run's settings ({reason}): fix the W&B option it names") from err
+            slow = isinstance(err, TimeoutError) or "timed out" in reason.lower()
+            if self._wandb_init.get("mode") == "offline":  # no server: a slow local start, or a setting W&B refused
+                fix = "raise --trainer.logger.init_args.init_timeout" if slow else "fix the W&B option it names"
+                raise ConfigError(f"W&B's offline run did not start ({reason}): {fix}") from err
             raise ConfigError(
                 f"W&B run did not start within {self.init_timeout:g} s at {wandb_host()} ({reason}): check the "
                 "network or the key, or log offline with --trainer.logger.init_args.offline true"

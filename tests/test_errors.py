@@ -109,6 +109,16 @@ def test_run_folders_that_cannot_be_made_are_one_line(capsys, tmp_path, option):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
+def test_an_unwritable_default_root_dir_is_fine_when_a_logger_has_the_run(tmp_path):
+    """default_root_dir (the working directory unless set) holds nothing when a logger has the run folder:
+    a read-only one (here /proc) must not stop the run."""
+    from conftest import tiny_fit_args
+
+    r = run_cli(*tiny_fit_args(tmp_path, "--trainer.default_root_dir", "/proc/gangen_x", "--trainer.max_steps", "2"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "dcgan_fashion_mnist" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+
+
 @pytest.mark.parametrize(
     "args, named",
     [

@@ -205,3 +205,44 @@ def test_an_ema_export_stays_one_when_generated_from_or_exported_again(capsys, t
     line = fails(capsys, "generate", "--ckpt_path", str(tmp_path / "b.safetensors"), "--no_ema", "--output",
                  str(tmp_path / "h.png"))  # fmt: skip
     assert "holds the EMA generator only" in line and "gangen export --no_ema" in line
+
+
+def test_a_failure_while_filling_an_existing_empty_folder_takes_the_files_out_again(monkeypatch, tmp_path):
+    """Files were moved into an existing empty folder one by one: a failure (Ctrl-C, SIGTERM) part-way left
+    the first ones there, and a rerun was refused ("already holds PNG files")."""
+    import gangen.sampling
+
+    (tmp_path / "pngs").mkdir()
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):  # the 4th move fails, as an interrupt there would
+        calls.append(dst)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(gangen.sampling.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        gangen.sampling.save_png_folder(torch.zeros(6, 1, 8, 8), tmp_path / "pngs")
+    assert len(calls) == 4 and list((tmp_path / "pngs").iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["pngs"]  # no hidden temporary folder either
+
+
+def test_sigterm_handler_only_replaces_the_default():
+    """Under a parent that ignores SIGTERM (nohup-like), generate used to run on; the handler took that away."""
+    from gangen.commands import _terminate_as_exit
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with _terminate_as_exit():
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with _terminate_as_exit():
+            assert callable(signal.getsignal(signal.SIGTERM))
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_negative_seeds_still_draw_latents():
+    assert latents(3, 4, seed=-1).shape == (3, 4) and not torch.equal(latents(3, 4, seed=-1), latents(3, 4, seed=1))

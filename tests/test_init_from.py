@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import lightning.pytorch as L
 import numpy as np
 import pytest
@@ -31,10 +33,11 @@ def test_cli_run_starts_from_the_weights_with_fresh_counters(trained_run, tmp_pa
     steps = [s["step"].item() for s in ckpt["optimizer_states"][0]["state"].values()]
     assert set(steps) == {10.0}  # Adam's moments from this run's 10 G steps, not the trained run's 20 more
 
-    r = run_cli(*tiny_fit_args(tmp_path, "--model.init_from", str(trained), "--trainer.max_epochs", "2",
-                               "--ckpt_path", str(run / "checkpoints" / "last.ckpt")))  # fmt: skip
+    r = run_cli(
+        *tiny_fit_args(tmp_path, "--trainer.max_epochs", "2", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"))
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "(init_from)" not in r.stdout
+    assert "init_from" not in r.stdout  # neither applied nor listed as a changed setting (unused on resume)
     resumed = torch.load(tmp_path / "dcgan_fashion_mnist/version_1/checkpoints/last.ckpt", weights_only=True)
     assert resumed["gangen"]["images_seen"] == 1280
 
@@ -119,3 +122,18 @@ def test_python_init_from_a_checkpoint_an_ema_and_an_export(tmp_path):
     )  # fmt: skip
     with pytest.raises(ConfigError, match=r"generator base_channels=8, the config has 16"):
         other.read_init_from()
+
+
+def test_validate_without_a_checkpoint_validates_the_init_from_weights(trained_ckpt, tmp_path):
+    """validate --model.init_from X validated freshly initialised weights without a word (val/loss_d ~2 ln 2)."""
+    from conftest import DEMO_CONFIG
+
+    common = ["validate", "--config", str(DEMO_CONFIG), "--trainer.logger", "false", "--trainer.limit_val_batches",
+              "2", "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
+    results = []
+    for extra in (["--model.init_from", str(trained_ckpt)], ["--ckpt_path", str(trained_ckpt)]):
+        r = run_cli(*common, *extra)
+        assert r.returncode == 0, r.stderr[-2000:]
+        results.append(float(re.search(r"val/loss_d\D+([0-9.]+)", r.stdout).group(1)))
+    assert "start from" in r.stdout if extra[0] == "--model.init_from" else True
+    assert results[0] == pytest.approx(results[1], rel=1e-6)

@@ -163,3 +163,7 @@ def test_a_mid_epoch_resume_does_not_warn_of_unreliable_results(tmp_path):
 
     run(6)  # 3 of the epoch's 8 batches
     assert not [m for m in run(12, ckpt_path=tmp_path / "last.ckpt") if "not resumable" in m]
+
+
+def test_a_negative_model_seed_is_still_accepted():
+    assert GAN(*nets(), seed=-1).hparams["seed"] == -1  # older runs may have one

@@ -141,6 +141,15 @@ def test_wandb_settings_it_refuses_are_one_line(capsys, tmp_path, wandb_env, opt
     assert not (tmp_path / "runs").exists()
 
 
+def test_lightnings_own_wandb_logger_without_a_project_still_runs(tmp_path, wandb_env):
+    """The project check is gangen's logger's: Lightning's WandbLogger (project None) was refused."""
+    args = tiny_fit_args(tmp_path, "--trainer.logger", "lightning.pytorch.loggers.WandbLogger",
+                         "--trainer.logger.init_args.offline", "true", "--trainer.logger.init_args.save_dir",
+                         str(tmp_path), "--trainer.max_steps", "2")  # fmt: skip
+    r = run_cli(*args, env=wandb_env)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def test_unreachable_server_fails_within_init_timeout(tmp_path, wandb_env):
     env = {**wandb_env, "WANDB_API_KEY": "a" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"}  # nothing listens on 9
     args = tiny_fit_args(tmp_path / "runs", "--config", WANDB_CONFIG, "--trainer.logger.init_args.save_dir",
