@@ -223,14 +223,18 @@ def test_graphed_fit_in_bf16_trains_and_keeps_finite_losses():
 
 
 @gpu
-def test_fp16_fit_with_r1_takes_the_penalty_through_the_loss_scale():
+def test_fp16_fit_with_r1_takes_the_penalty_through_the_loss_scale(monkeypatch):
     """16-mixed on a GPU: the R1 penalty's input gradients go through the run's loss scaler, its overflows
     (the scaler's first scale) are skipped steps rather than a divergence, and D and G train."""
+    import gangen.system
+
+    given, r1 = [], gangen.system.r1_penalty
+    monkeypatch.setattr(gangen.system, "r1_penalty", lambda *a, **kw: given.append(kw["scaler"]) or r1(*a, **kw))
     model = tiny_gan(reg="r1", reg_weight=1.0, reg_every=2, check_finite_every=1)
     start = copy.deepcopy(model.discriminator.state_dict())
     trainer = fit(model, "gpu", precision="16-mixed", steps=12)
     scaler = trainer.precision_plugin.scaler
-    assert model._loss_scaler() is scaler and scaler.get_scale() < 2.0**16 and model.batches_seen == 12
+    assert given == [scaler] * 6 and scaler.get_scale() < 2.0**16 and model.batches_seen == 12
     assert torch.isfinite(trainer.callback_metrics["loss/d"]) and torch.isfinite(trainer.callback_metrics["loss/g"])
     assert any(not torch.equal(v, model.discriminator.state_dict()[k]) for k, v in start.items())
 
