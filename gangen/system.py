@@ -262,14 +262,14 @@ class GAN(L.LightningModule):
         if self.init_from and not self._weights_set:  # a resumed fit takes its weights from the checkpoint
             self._apply_init_from()
         self._weights_set = True  # later fits of this object continue from its weights
+        if self._graphed:
+            self._step_graphs = StepGraphs()
+            self._ema_weight = torch.zeros((), device=self.device)
 
     def on_validation_start(self) -> None:
         if self.trainer.state.fn == "validate" and self.init_from and not self._weights_set:
             self._apply_init_from()  # `validate` without a checkpoint validates init_from's weights
             self._weights_set = True
-        if self._graphed:
-            self._step_graphs = StepGraphs()
-            self._ema_weight = torch.zeros((), device=self.device)
 
     def on_fit_end(self) -> None:
         if self._step_graphs is not None:  # Lightning has moved the model off the GPU: the graphs point at

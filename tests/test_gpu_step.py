@@ -143,6 +143,19 @@ def test_auto_cuda_graph_on_cpu_trains_eagerly():
     assert not any(opt.optimizer.defaults.get("capturable") for opt in model.optimizers())
 
 
+def test_graphed_fit_sets_up_its_step_graphs_at_fit_start_not_at_validation():
+    """A hook edit once moved this into on_validation_start: a graphed fit without validation trained
+    eagerly, and every validation dropped the captured graphs."""
+    model = tiny_gan()
+    model._graphed = True
+    model.on_fit_start()
+    graphs = model._step_graphs
+    assert isinstance(graphs, StepGraphs) and model._ema_weight is not None
+    model._trainer = L.Trainer(accelerator="cpu", logger=False)
+    model.on_validation_start()
+    assert model._step_graphs is graphs
+
+
 def test_step_graphs_needs_a_warmup_run():
     with pytest.raises(ValueError, match="warmup 0 must be >= 1"):
         StepGraphs(warmup=0)
