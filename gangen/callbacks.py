@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from gangen.errors import ConfigError
-from gangen.sampling import generate, grid_image, latents, save_grid, to_uint8
+from gangen.sampling import generate, grid_pixels, latents, save_pixels
 
 
 def logging_step(trainer: L.Trainer) -> int:
@@ -33,11 +34,10 @@ def eval_generator(pl_module: L.LightningModule) -> torch.nn.Module:
     return pick() if callable(pick) else pl_module.generator
 
 
-def log_image(trainer: L.Trainer, key: str, image: torch.Tensor) -> None:
-    """Send one (C, H, W) image in [-1, 1] to every logger that takes images, at the scalars' step: the
-    pixels of the PNG grid (uint8, rounded the same way)."""
+def log_image(trainer: L.Trainer, key: str, pixels: np.ndarray) -> None:
+    """Send one (H, W, C) uint8 image (the PNG grid's pixels) to every logger that takes images, at the
+    scalars' step."""
     step = logging_step(trainer)
-    pixels = to_uint8(image[None])[0]  # (H, W, C) uint8
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.experiment.add_image(key, pixels, global_step=step, dataformats="HWC")
@@ -125,8 +125,9 @@ class SampleGrid(L.Callback):
             return None
         images = generate(generator, len(pl_module.grid_z), z=pl_module.grid_z)  # (N, C, H, W)
         folder.mkdir(parents=True, exist_ok=True)
-        path = save_grid(images, folder / f"{name}.png", nrow=self.nrow)
-        log_image(trainer, "samples", grid_image(images, self.nrow))
+        pixels = grid_pixels(images, self.nrow)  # (H, W, C) uint8: the file and the loggers get the same
+        path = save_pixels(pixels, folder / f"{name}.png")
+        log_image(trainer, "samples", pixels)
         return path
 
     def _schedule_after(self, images_seen: int) -> None:

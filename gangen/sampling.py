@@ -144,11 +144,20 @@ def atomic_file(path: Path, write: Any) -> None:
         raise
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
+def grid_pixels(images: torch.Tensor, nrow: int = 8) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] (or uint8) -> the grid image as (H', W', C) uint8, as save_grid writes it."""
+    return to_uint8(grid_image(images, nrow)[None])[0]
+
+
+def save_pixels(array: np.ndarray, path: str | Path) -> Path:
+    """Write one (H, W, C) uint8 image atomically, in the format its suffix names."""
     path = Path(path)
-    array = to_uint8(grid_image(images, nrow)[None])[0]  # (H, W, C)
     atomic_file(path, lambda tmp: _pil(array).save(tmp, format=_image_format(path)))
     return path
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
+    return save_pixels(grid_pixels(images, nrow), path)
 
 
 def save_png_folder(images: torch.Tensor, folder: str | Path) -> Path:
