@@ -45,13 +45,29 @@ DESCRIPTION = (
 )
 
 
+def keep_previous_config(path: Path) -> None:
+    """A run resumed into its own folder (a W&B run id, a fixed logger version) writes its config.yaml again;
+    the earlier one is kept as config.1.yaml, config.2.yaml, ... in the order the segments ran."""
+    if not path.is_file():
+        return
+    n = 1
+    while (kept := path.with_name(f"{path.stem}.{n}{path.suffix}")).exists():
+        n += 1
+    path.rename(kept)
+
+
 class SaveFitConfig(SaveConfigCallback):
     """Writes the resolved config.yaml into the run folder for `fit` only (validate's loggers still write
     their own files, e.g. a CSV logger's version_N/metrics.csv)."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:  # type: ignore[no-untyped-def]
-        if stage == "fit":
-            super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        if not self.already_saved and self.save_to_log_dir:
+            log_dir = trainer.log_dir  # every rank: it broadcasts
+            if trainer.is_global_zero and log_dir is not None:
+                keep_previous_config(Path(log_dir) / self.config_filename)
+        super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer, pl_module, stage: str) -> None:  # type: ignore[no-untyped-def]
         """The resolved config also goes to W&B (rank 0), where it shows as the run's config."""

@@ -76,6 +76,8 @@ def generate_command(argv: Sequence[str]) -> None:
                 + (f"has classes 0..{classes - 1}" if classes else "is unconditional; drop --class_label")
             )
         labels = torch.full((num,), args.class_label, dtype=torch.long)
+    if classes and labels is None:
+        labels = torch.arange(num) % classes  # generate()'s own default, kept for the npz
     with _terminate_as_exit():  # SIGTERM cleans up a half-written output like Ctrl-C does
         images = generate(  # (N, C, H, W), uint8 for the large outputs
             generator, num, seed=args.seed, batch_size=args.batch_size, z=z, labels=labels, uint8=kind != "grid"
@@ -84,7 +86,7 @@ def generate_command(argv: Sequence[str]) -> None:
             if kind == "grid":
                 path = save_grid(images, args.output, nrow=args.nrow or (args.interpolate or 8))
             elif kind == "npz":
-                path = save_npz(images, args.output)
+                path = save_npz(images, args.output, labels=labels)  # a conditional model's classes as arr_1
             else:
                 path = save_png_folder(images, args.output)
         except (OSError, ValueError) as err:  # disk full, file size limit, a grid too large for the format
@@ -173,7 +175,7 @@ def load_samples(path: str) -> torch.Tensor:
     from gangen.readers import IMAGE_EXTENSIONS
 
     source = Path(path)
-    if source.suffix == ".npz" and source.is_file():
+    if source.suffix.lower() == ".npz" and source.is_file():
         with np.load(source) as npz:
             array = npz[npz.files[0]]
         if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] not in (1, 3):

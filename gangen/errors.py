@@ -15,3 +15,9 @@ class ConfigError(GanGenError, ValueError):
 
 class DataNotFoundError(GanGenError, FileNotFoundError):
     """A dataset, checkpoint or other input file is missing."""
+
+
+class DivergenceError(GanGenError):
+    """Training produced a non-finite loss, or a generator non-finite images; the CLI exits with status 3."""
+
+    exit_code = 3

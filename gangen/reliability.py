@@ -9,7 +9,7 @@
 - keep_epoch_unfinished: a last.ckpt written when max_steps cut an epoch short resumes inside that epoch.
 - Preemption: SIGTERM (cluster preemption) and SIGINT (Ctrl-C) stop training at the next batch boundary and
   write checkpoints/last.ckpt before the process exits with status 128 + signal.
-- DivergenceError: raised by the GAN module when a loss turned non-finite (see GAN.check_finite).
+- Divergence: GAN.check_finite raises gangen.errors.DivergenceError when a loss turned non-finite.
 """
 
 from __future__ import annotations
@@ -33,13 +33,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DistributedSampler
 
 from gangen.cache_dir import creation_mode
-from gangen.errors import ConfigError, DataNotFoundError, GanGenError
-
-
-class DivergenceError(GanGenError):
-    """Training produced a non-finite loss; the CLI exits with status 3."""
-
-    exit_code = 3
+from gangen.errors import ConfigError, DataNotFoundError
 
 
 # ---- checkpoint files -------------------------------------------------------------------------------------

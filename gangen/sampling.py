@@ -19,7 +19,7 @@ from torch import nn
 from torchvision.utils import make_grid
 
 from gangen.cache_dir import creation_mode
-from gangen.errors import ConfigError, DataNotFoundError
+from gangen.errors import ConfigError, DataNotFoundError, DivergenceError
 from gangen.networks import build_network
 
 
@@ -72,20 +72,28 @@ def generate(
     param = next(generator.parameters())
     convert = _uint8_nchw if uint8 else (lambda x: x.float().cpu())  # noqa: E731
     out = None  # (N, C, H, W), filled batch by batch: no list of batches to concatenate
+    nonfinite = torch.zeros((), dtype=torch.long, device=param.device)  # images with a NaN or inf, on the device
     was_training = generator.training
     generator.eval()
     try:
         for start in range(0, num_samples, batch_size):
             zb = z[start : start + batch_size].to(param.device, param.dtype)
             if labels is None:
-                images = convert(generator(zb))
+                raw = generator(zb)
             else:
-                images = convert(generator(zb, labels[start : start + batch_size].to(param.device)))
+                raw = generator(zb, labels[start : start + batch_size].to(param.device))
+            nonfinite += (~torch.isfinite(raw)).flatten(1).any(1).sum()
+            images = convert(raw)
             if out is None:
                 out = torch.empty((num_samples, *images.shape[1:]), dtype=images.dtype)
             out[start : start + len(images)] = images
     finally:
         generator.train(was_training)
+    if nonfinite.item():  # uint8 would turn NaN into black pixels and FID would score them: refuse instead
+        raise DivergenceError(
+            f"the generator produced NaN or inf in {nonfinite.item()} of {num_samples} images: its weights have "
+            "diverged; use an earlier checkpoint"
+        )
     return out
 
 
@@ -185,17 +193,20 @@ def save_png_folder(images: torch.Tensor, folder: str | Path) -> Path:
     return folder
 
 
-def save_npz(images: torch.Tensor, path: str | Path) -> Path:
-    """uint8 array (N, H, W, C) under the key arr_0, the layout FID tools read."""
+def save_npz(images: torch.Tensor, path: str | Path, labels: torch.Tensor | None = None) -> Path:
+    """uint8 array (N, H, W, C) under the key arr_0, the layout FID tools read; a conditional model's classes
+    (N,) int64 under arr_1, as guided-diffusion's sample files hold them."""
     path = Path(path)
-    array = to_uint8(images)
-    atomic_file(path, lambda tmp: _savez(tmp, array))
+    arrays = [to_uint8(images)]
+    if labels is not None:
+        arrays.append(labels.to(torch.int64).numpy())
+    atomic_file(path, lambda tmp: _savez(tmp, arrays))
     return path
 
 
-def _savez(tmp: str, array: np.ndarray) -> None:
+def _savez(tmp: str, arrays: list[np.ndarray]) -> None:
     with open(tmp, "wb") as f:  # a file object: np.savez appends .npz to any name not ending in lower-case .npz
-        np.savez(f, array)
+        np.savez(f, *arrays)
 
 
 _IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}

@@ -525,7 +525,7 @@ class GAN(L.LightningModule):
 
     def check_finite(self, params: bool = False) -> None:
         """Raise DivergenceError if a loss since the last check (or, with params, a weight) is nan or inf."""
-        from gangen.reliability import DivergenceError
+        from gangen.errors import DivergenceError
 
         bad = self._finite is not None and not bool(self._finite)  # the one host sync
         if params and not bad:

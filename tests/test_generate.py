@@ -54,6 +54,36 @@ def test_upper_case_npz_suffix_holds_the_array(trained_ckpt, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["x.NPZ"]
 
 
+def test_an_upper_case_npz_is_read_back_by_evaluate(trained_ckpt, tmp_path):
+    """`evaluate --samples x.NPZ` looked for a folder and said the samples were not found."""
+    from gangen.commands import load_samples
+
+    run("generate", "--ckpt_path", str(trained_ckpt), "--num_samples", "3", "--output", str(tmp_path / "x.NPZ"))
+    expected = torch.from_numpy(npz(tmp_path / "x.NPZ")).permute(0, 3, 1, 2)
+    assert torch.equal(load_samples(str(tmp_path / "x.NPZ")), expected)
+
+
+def test_a_diverged_generator_is_refused_not_written_black(capsys, tmp_path):
+    """NaN weights gave NaN images, written as black pixels (and scored by FID) without a word."""
+    from gangen.errors import DivergenceError
+
+    g, ckpt = _conditional_checkpoint(tmp_path)
+    saved = torch.load(ckpt, weights_only=True)
+    saved["state_dict"]["generator_ema.net.0.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(saved, ckpt)
+    from gangen.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--ckpt_path", str(ckpt), "--num_samples", "10", "--output", str(tmp_path / "s.npz")])
+    assert exit_info.value.code == 3
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "NaN or inf in 10 of 10 images" in line and "use an earlier checkpoint" in line
+    assert not (tmp_path / "s.npz").exists()
+    with pytest.raises(DivergenceError, match="in 10 of 10 images"):
+        generate(load_generator(ckpt), 10, batch_size=3, uint8=True)
+    assert generate(load_generator(ckpt, ema=False), 10).isfinite().all()  # the trained G is fine
+
+
 def test_uint8_batches_equal_the_float_path(trained_ckpt, tmp_path):
     g = load_generator(trained_ckpt)
     images = generate(g, 37, seed=3, batch_size=8)
@@ -158,6 +188,13 @@ def test_conditional_strips_keep_one_class_and_no_ema_takes_the_trained_weights(
     ema = load_generator(ckpt)
     assert torch.equal(ema.net[0].weight, g.net[0].weight * 0.5)
     np.testing.assert_array_equal(npz(tmp_path / "e.npz"), to_uint8(generate(ema, 4)))
+    with np.load(tmp_path / "s.npz") as f, np.load(tmp_path / "e.npz") as e:  # the classes ride along as arr_1
+        assert f.files == ["arr_0", "arr_1"] and f["arr_1"].tolist() == labels.tolist()
+        assert e["arr_1"].dtype == np.int64 and e["arr_1"].tolist() == [0, 1, 2, 0]
+    run("generate", "--ckpt_path", str(ckpt), "--num_samples", "3", "--class_label", "2",
+        "--output", str(tmp_path / "k.npz"))  # fmt: skip
+    with np.load(tmp_path / "k.npz") as f:
+        assert f["arr_1"].tolist() == [2, 2, 2]
 
 
 def test_python_generate_refuses_what_it_cannot_honour():

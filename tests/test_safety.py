@@ -186,7 +186,7 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 def test_nonfinite_check_runs_every_n_batches_only():
     from gangen import GAN, DCGANDiscriminator, DCGANGenerator
-    from gangen.reliability import DivergenceError
+    from gangen.errors import DivergenceError
 
     gan = GAN(DCGANGenerator(resolution=16, channels=1, base_channels=8),
               DCGANDiscriminator(resolution=16, channels=1, base_channels=8), check_finite_every=3)  # fmt: skip

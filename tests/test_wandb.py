@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+import yaml
 from conftest import DEMO_CONFIG, ROOT, fails, run_cli, tiny_fit_args
 from PIL import Image
 
@@ -99,6 +100,10 @@ def test_offline_fit_logs_losses_fd_grids_and_config(tmp_path, wandb_env, classi
     assert f"gangen: resuming from {run / 'checkpoints' / 'last.ckpt'}" in r.stdout
     assert [p.name for p in (runs / "gangen").iterdir()] == [run.name]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch=2-step=30.ckpt", "last.ckpt"]
+    # each segment's config is kept: the resume used to overwrite the first one's config.yaml
+    first, latest = (yaml.safe_load((run / name).read_text()) for name in ("config.1.yaml", "config.yaml"))
+    assert (first["trainer"]["max_epochs"], first["ckpt_path"]) == (2, None)
+    assert (latest["trainer"]["max_epochs"], latest["ckpt_path"]) == (3, "last")
     # each process wrote its own offline-run-*-<id> folder; the README's pattern reads both, in order (it read
     # the newest only: the history before the resume was silently dropped)
     segments = sorted((run / "wandb").glob(f"offline-run-*-{run.name}"))
