@@ -235,10 +235,10 @@ class GANCLI(LightningCLI):
         if ckpt_path is None:
             return
         if ckpt_path == "last":
-            logger = self.trainer.logger
-            folders = [Path(self.trainer.default_root_dir)]
-            if logger is not None and getattr(logger, "root_dir", None):
-                folders.insert(0, Path(logger.root_dir))
+            logger = self.trainer.logger  # default_root_dir holds the checkpoints only when no logger has a folder
+            # (searched anyway, a stray checkpoints/last.ckpt in the working directory could win over the run's)
+            root = getattr(logger, "root_dir", None) if logger is not None else None
+            folders = [Path(root or self.trainer.default_root_dir)]
             folders[:0] = [Path(cb.dirpath) for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
             found = find_last_checkpoint(folders)
             where = ", ".join(map(str, folders))

@@ -116,8 +116,12 @@ def test_sigterm_saves_checkpoint_and_resumes_exactly(uninterrupted, tmp_path):
     ckpt = torch.load(last, weights_only=True)
     assert ckpt["gangen"]["batches_seen"] == 9  # the batch running when the signal came was finished
     assert not (tmp_path / "params_rank0.pt").exists()
-    r = fit(tmp_path, "--ckpt_path", "last")
+    stray = tmp_path / "cwd" / "checkpoints" / "last.ckpt"  # newer, in default_root_dir: not the run's folder
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(last.read_bytes())
+    r = fit(tmp_path, "--ckpt_path", "last", "--trainer.default_root_dir", str(tmp_path / "cwd"))
     assert r.returncode == 0, r.stderr[-3000:]
+    assert f"gangen: resuming from {last}\n" in r.stdout
     assert_same_state(uninterrupted, torch.load(tmp_path / "params_rank0.pt"))
 
 
