@@ -282,6 +282,47 @@ def test_resumed_optimizer_keeps_its_configured_settings_and_flags():
     assert plain.param_groups[0]["capturable"] is True and plain.param_groups[0]["lr"] == 2e-4  # what it fixes
 
 
+@pytest.mark.parametrize(
+    ("cls", "before", "after", "buffer"),
+    [
+        (torch.optim.Adam, {}, {"amsgrad": True}, "max_exp_avg_sq"),
+        (torch.optim.AdamW, {}, {"amsgrad": True}, "max_exp_avg_sq"),
+        (torch.optim.RMSprop, {}, {"momentum": 0.9}, "momentum_buffer"),
+        (torch.optim.RMSprop, {}, {"centered": True}, "grad_avg"),
+    ],
+)
+def test_a_setting_switched_on_at_resume_gets_its_buffer(cls, before, after, buffer):
+    """A resume with amsgrad (or RMSprop momentum / centered) switched on crashed its first step with
+    KeyError: the checkpoint's state lacks the buffer the setting needs. It starts at zero, as torch's does,
+    and the other buffers carry on."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    trained = cls(net.parameters(), lr=1e-3, **before)
+    for _ in range(2):
+        trained.zero_grad()
+        net(torch.ones(2, 4)).square().sum().backward()
+        trained.step()
+    saved = trained.state_dict()
+    opt = cls(net.parameters(), lr=1e-3, **after)
+    lines: list[str] = []
+    keep_configured_settings(opt, "g_optimizer", report=lines.append)
+    opt.load_state_dict(saved)
+    [key] = after
+    assert lines == [f"gangen: resumed g_optimizer {key} {after[key]} as configured (checkpoint: {_off(cls, key)})"]
+    state = opt.state[net.weight]
+    assert torch.equal(state[buffer], torch.zeros_like(net.weight))
+    kept = next(k for k in saved["state"][0] if k != "step")
+    assert torch.equal(state[kept], saved["state"][0][kept])
+    opt.zero_grad()
+    net(torch.ones(2, 4)).square().sum().backward()
+    opt.step()
+    assert state[buffer].abs().sum() > 0 and net.weight.isfinite().all()
+
+
+def _off(cls, key):
+    return cls([torch.zeros(1, requires_grad=True)]).defaults[key]
+
+
 def test_compile_option_compiles_in_place_and_keeps_keys():
     model = tiny_gan(compile=True)
     keys = list(model.state_dict())
