@@ -409,6 +409,7 @@ class ImageDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = self._split(split)
         sampler = None
+        seed = 0
         if shuffle:  # an order fixed by (seed, epoch) that a resumed run can enter mid-epoch (reliability.py)
             rank, world_size = self._rank_world()
             self._check_batches(split, len(dataset), world_size)
@@ -432,6 +433,9 @@ class ImageDataModule(pl.LightningDataModule):
             collate_fn=collate,  # batches come pre-gathered or as items
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
+            # the workers' base seed from an own generator: without one each new iterator (every epoch, every
+            # validation) draws it from torch's global stream, which dropout uses, so a resume would not be exact
+            generator=torch.Generator().manual_seed(seed),
         )
 
     def state_dict(self) -> dict:

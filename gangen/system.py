@@ -169,6 +169,7 @@ class GAN(L.LightningModule):
         self._memory_format = torch.contiguous_format  # set in configure_model
         self._latent_rng: torch.Generator | None = None
         self._latent_rng_state: tuple[str, torch.Tensor] | None = None  # (device type, state) from a checkpoint
+        self._global_rng_state: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (CPU, CUDA) to restore
 
     # ---- latents -------------------------------------------------------------------------------------
     def sample_latents(self, n: int) -> torch.Tensor:
@@ -443,6 +444,8 @@ class GAN(L.LightningModule):
         return logs
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
+        if self._global_rng_state is not None:  # the first step after a resume: torch's streams as saved
+            self._restore_global_rng()
         real, labels = self._split_batch(batch)  # (B, C, H, W); (B,) int64 labels for a conditional model
         real = real.contiguous(memory_format=self._memory_format)  # no copy unless channels_last
         if self._cudagraph_trees:
@@ -574,6 +577,10 @@ class GAN(L.LightningModule):
         if self._latent_rng is not None:
             state["latent_rng_device"] = self._latent_rng.device.type
             state["latent_rng_states"] = self._every_rank(self._latent_rng.get_state())
+        # torch's global streams: what dropout (and a custom network's own noise) draws from
+        state["torch_rng_states"] = self._every_rank(torch.get_rng_state())
+        if self.device.type == "cuda":
+            state["cuda_rng_states"] = self._every_rank(torch.cuda.get_rng_state(self.device))
         checkpoint["gangen"] = state
         if self._trainer is not None:
             keep_epoch_unfinished(checkpoint, self.trainer)  # a max_steps stop resumes mid-epoch
@@ -599,6 +606,13 @@ class GAN(L.LightningModule):
         for line in said:
             rank_zero_info(f"gangen: {line}")
 
+    def _restore_global_rng(self) -> None:
+        cpu_state, cuda_state = self._global_rng_state
+        self._global_rng_state = None
+        torch.set_rng_state(cpu_state.clone())  # own copies: a row view of a gathered tensor is misread
+        if cuda_state is not None and self.device.type == "cuda":  # a CPU run's file resumed on a GPU: unseeded
+            torch.cuda.set_rng_state(cuda_state.clone(), self.device)
+
     def _every_rank(self, rng_state: torch.Tensor) -> list[torch.Tensor]:
         """A generator state (S,) uint8 (on the CPU, also for a CUDA generator) of every rank, in rank order."""
         if self._trainer is None or self.trainer.world_size == 1:
@@ -622,6 +636,10 @@ class GAN(L.LightningModule):
         if augment_state is not None and "augment_rng_device" not in state and augment_state.numel() == 16:
             device = "cuda"
         self.augment.pending_state = None if augment_state is None else (device, augment_state)
+        cpu_states, cuda_states = state.get("torch_rng_states") or [], state.get("cuda_rng_states") or []
+        if self.global_rank < len(cpu_states):  # restored at the next training step: loaders and validation
+            cuda_state = cuda_states[self.global_rank] if self.global_rank < len(cuda_states) else None
+            self._global_rng_state = (cpu_states[self.global_rank], cuda_state)  # may draw from it before then
         self.augment._rng = None  # created again on first use, from the pending state
         self._ema_stats_at = None  # loaded EMA statistics are re-estimated before use (older files copied them)
         self._latent_rng = None

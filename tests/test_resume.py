@@ -39,9 +39,10 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 
 # Every piece of state that changes the trajectory: EMA generator, DiffAugment's random stream, the lazy R1
-# schedule (batches seen), the DataLoader's flips.
+# schedule (batches seen), the DataLoader's flips, D's dropout (torch's global stream).
 FULL_STATE = ["--model.ema_kimg", "0.5", "--model.augment", "color,translation,cutout",
-              "--model.reg", "r1", "--model.reg_every", "4", "--data.hflip", "true"]  # fmt: skip
+              "--model.reg", "r1", "--model.reg_every", "4", "--data.hflip", "true",
+              "--model.discriminator.dropout", "0.3"]  # fmt: skip
 VARIANTS = {
     "dcgan": [],
     "ema_augment_r1": FULL_STATE,
@@ -94,7 +95,7 @@ def test_sigkill_mid_epoch_then_resume_last_is_exact(uninterrupted, variant, tmp
 def test_sigkill_after_mid_epoch_validation_save_resumes_exactly(tmp_path):
     """With validation every 2 batches ModelCheckpoint saves last.ckpt in fit's validation, mid-epoch: killed
     after the one at batch 8 (epoch 1, 2 batches in), the resumed run ends as the run that never stopped."""
-    every_2 = ["--trainer.val_check_interval", "2"]
+    every_2 = ["--trainer.val_check_interval", "2", "--model.discriminator.dropout", "0.3"]  # validation loaders
     r = fit(tmp_path / "straight", *every_2)
     assert r.returncode == 0, r.stderr[-3000:]
     r = fit(tmp_path, *signal_at(9, signal.SIGKILL), *every_2)
@@ -192,6 +193,8 @@ def test_two_process_mid_epoch_resume_is_exact(loader, tmp_path):
         "translation,cutout",
         "--data.hflip",
         "true",
+        "--model.discriminator.dropout",
+        "0.3",
     ]  # per-rank streams resume too
     straight = tmp_path / "straight"
     r = fit(straight, *ddp)  # 384 images: 3 batches of 64 per rank and epoch, 2 epochs
