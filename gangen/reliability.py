@@ -225,39 +225,47 @@ def received_signal() -> int | None:
 class Preemption(Checkpoint):
     """On SIGTERM or SIGINT during fit: finish the current batch, write checkpoints/last.ckpt, exit 128 + signal.
 
-    Lightning already turns SIGTERM into a stop at the next batch boundary (SIGTERMException, broadcast to all
-    ranks under DDP); SIGINT is routed the same way, and this callback writes the checkpoint on that stop. A
-    second SIGINT interrupts at once (no checkpoint).
+    The signal handler only notes the signal. At the end of every training batch the ranks agree on it (one
+    all-reduce under DDP) and then all stop at that same batch boundary through Lightning's SIGTERM path,
+    where this callback writes the checkpoint. Lightning's own handler broadcasts inside the handler: with
+    the signal on some ranks only (one node of several preempted, or ranks signalled at different moments)
+    that broadcast met the others' gradient all-reduce and the job hung without a checkpoint. A signal during
+    validation lets it finish (its metrics are logged) and stops after the next batch. A second SIGINT
+    interrupts at once (no checkpoint).
     """
 
     def __init__(self) -> None:
-        self._previous_sigint: Any = None
+        self._previous: dict[int, Any] = {}
         self.saved: Path | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         _received.clear()
         if not _in_main_thread():
             return
-        lightning_sigterm = signal.getsignal(signal.SIGTERM)
-        previous_term = lightning_sigterm
 
         def on_term(signum: int, frame: Any) -> None:
-            _received["signum"] = signum
-            if callable(previous_term):
-                previous_term(signum, frame)
+            _received["signum"] = signum  # no collective here: the other ranks are somewhere else
 
         def on_int(signum: int, frame: Any) -> None:
             if "signum" in _received:  # a second Ctrl-C: stop now
                 raise KeyboardInterrupt
             on_term(signum, frame)
 
-        signal.signal(signal.SIGTERM, on_term)
-        self._previous_sigint = signal.signal(signal.SIGINT, on_int)
+        for signum, handler in ((signal.SIGTERM, on_term), (signal.SIGINT, on_int)):
+            self._previous[signum] = signal.signal(signum, handler)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        stop = "signum" in _received
+        if trainer.world_size > 1:  # any rank's signal stops every rank, here
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
+            trainer._signal_connector.received_sigterm = True  # Lightning raises SIGTERMException on every rank
 
     def _restore(self) -> None:
-        if self._previous_sigint is not None and _in_main_thread():
-            signal.signal(signal.SIGINT, self._previous_sigint)
-            self._previous_sigint = None
+        if _in_main_thread():
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
+        self._previous = {}
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore()

@@ -12,15 +12,29 @@ import torch
 
 
 class SignalAt(L.Callback):
-    """At the start of the first batch with global_step >= step, send `signum` to this process."""
+    """At the start of the first batch with global_step >= step, send `signum` to this process (to rank
+    `rank`'s only, when given)."""
 
-    def __init__(self, step: int, signum: int = int(signal.SIGKILL)) -> None:
-        self.step, self.signum = step, signum
+    def __init__(self, step: int, signum: int = int(signal.SIGKILL), rank: int | None = None) -> None:
+        self.step, self.signum, self.rank = step, signum, rank
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
-        if trainer.global_step >= self.step:
+        if trainer.global_step >= self.step and self.rank in (None, trainer.global_rank):
             os.kill(os.getpid(), self.signum)
             time.sleep(0.5)  # let a handled signal arrive before the step runs
+
+
+class SignalInValidation(L.Callback):
+    """At the first validation batch of fit, send `signum` to this process."""
+
+    def __init__(self, signum: int = int(signal.SIGTERM)) -> None:
+        self.signum, self.sent = signum, False
+
+    def on_validation_batch_start(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+            time.sleep(0.5)
 
 
 class PoisonAt(L.Callback):

@@ -217,6 +217,33 @@ def test_two_process_mid_epoch_resume_is_exact(loader, tmp_path):
         assert_same_state(want, got)  # bitwise: every weight on every rank, and all of rank 0's state
 
 
+def test_sigterm_on_one_rank_stops_every_rank_with_a_checkpoint(tmp_path):
+    """One node of a multi-node job preempted: SIGTERM reached rank 1 only. Lightning's handler broadcast
+    inside the signal handler, against rank 0's gradient all-reduce, and the job hung without a checkpoint."""
+    ddp = ["--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    r = fit(tmp_path, *ddp, *signal_at(4, signal.SIGTERM), "--trainer.callbacks.rank", "1")
+    assert r.returncode == 128 + signal.SIGTERM, (r.returncode, r.stderr[-3000:])
+    last = tmp_path / "dcgan_fashion_mnist" / "version_0" / "checkpoints" / "last.ckpt"
+    assert f"SIGTERM received: saved {last}" in r.stdout
+    assert torch.load(last, weights_only=True)["gangen"]["batches_seen"] == 5  # batch 4, of the signal, finished
+    assert not (tmp_path / "params_rank0.pt").exists()
+
+
+def test_sigterm_during_validation_lets_it_finish_then_stops_after_the_next_batch(tmp_path):
+    """Lightning stopped between validation batches and the checkpoint, taken mid-validation, resumed as if
+    that validation had run: its logged values (and metric evaluation) were lost."""
+    probe = ["--trainer.callbacks+=fault_probe.SignalInValidation", "--trainer.limit_val_batches", "2"]
+    r = fit(tmp_path, *probe)
+    assert r.returncode == 128 + signal.SIGTERM, (r.returncode, r.stderr[-3000:])
+    run = tmp_path / "dcgan_fashion_mnist" / "version_0"
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["gangen"]["batches_seen"] == 7  # epoch 0's 6 batches, its validation, then one more batch
+    rows = (run / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    logged = [dict(zip(header, row.split(","), strict=False)) for row in rows[1:]]
+    assert any(row.get("val/loss_d") for row in logged)  # the validation's values were logged
+
+
 def test_latent_rng_state_restores_from_a_row_view():
     """A checkpoint's per-rank RNG states can be row views of one gathered (world, S) tensor (files written
     before the fix are); Generator.set_state misread those, so rank 1 could not resume."""
