@@ -227,7 +227,7 @@ class GANCLI(LightningCLI):
         ModelCheckpoint folder; any checkpoint is read safely and checked against the model before a run
         folder is written. fit: a changed network is refused, a changed seed too (the checkpoint's random
         streams and data order continue), every other changed model or data setting is said."""
-        from gangen.reliability import find_last_checkpoint
+        from gangen.reliability import check_same_world, find_last_checkpoint
 
         fit = self.subcommand == "fit"
         config = self.config_init[self.subcommand]
@@ -260,7 +260,9 @@ class GANCLI(LightningCLI):
         data_saved = dict(ckpt.get("datamodule_hyper_parameters") or {})
         data_now = dict(self.datamodule.hparams)
         if fit:  # the data's seed is not a hyperparameter: its training order's is in the checkpoint
-            order_seed = (ckpt.get(type(self.datamodule).__name__) or {}).get("seed")
+            order = ckpt.get(type(self.datamodule).__name__) or {}
+            order_seed = order.get("seed")
+            check_same_world(order, self.trainer.world_size, f"checkpoint {ckpt_path}")
             seeds = (
                 ("model", hparams.get("seed"), self.model.hparams.get("seed")),
                 ("data", order_seed, getattr(self.datamodule, "seed", None)),  # None: unseeded, or the run's seed

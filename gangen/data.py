@@ -50,7 +50,7 @@ from gangen.readers import (
     resize_images,
     scan_images,
 )
-from gangen.reliability import ResumableRandomSampler, sampler_state
+from gangen.reliability import ResumableRandomSampler, check_same_world, sampler_state
 
 _NOT_RESUMABLE = "You're resuming from a checkpoint that ended before the epoch ended"
 
@@ -454,6 +454,8 @@ class ImageDataModule(pl.LightningDataModule):
         # methods; these batches resume exactly from the checkpoint's sampler state (README Reliability)
         warnings.filterwarnings("ignore", message=_NOT_RESUMABLE, category=PossibleUserWarning)
         trainer = self.trainer
+        if self._resume is not None and trainer is not None:
+            check_same_world(self._resume, trainer.world_size)
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         on_device = self.use_on_device(device)
         if self.on_device == "auto" and trainer is not None and trainer.world_size > 1:  # free memory is per GPU:

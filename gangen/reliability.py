@@ -184,6 +184,8 @@ def _fit_running(trainer: L.Trainer) -> bool:
 def sampler_state(trainer: L.Trainer | None, sampler: ResumableRandomSampler, batch_size: int) -> dict[str, int]:
     """What a checkpoint needs to restart `sampler` where training is now: seed, epoch, items trained on."""
     state = {"seed": sampler.seed, "epoch": sampler.epoch, "position": 0}
+    if trainer is not None:
+        state["world_size"] = trainer.world_size  # the position is per rank, in shards of this many
     if trainer is not None and _fit_running(trainer):  # also in fit's validation (val_check_interval)
         # processed: batches whose training step ran this epoch (counted before on_train_batch_end, where
         # ModelCheckpoint(every_n_train_steps) saves, and equal to completed at a SIGTERM stop)
@@ -193,6 +195,18 @@ def sampler_state(trainer: L.Trainer | None, sampler: ResumableRandomSampler, ba
             done = 0  # end): current_epoch is the next one, the batch counts are still the finished one's
         state.update(epoch=trainer.current_epoch, position=done * batch_size)
     return state
+
+
+def check_same_world(state: dict[str, int], world_size: int, source: str = "the checkpoint") -> None:
+    """ConfigError if `state` (sampler_state's) stopped mid-epoch with another number of processes: each rank
+    skips its own shard's first `position` items, and other shards would train some images twice, others not."""
+    saved, position = state.get("world_size"), state.get("position")
+    if position and saved is not None and saved != world_size:
+        raise ConfigError(
+            f"{source} was taken {position} images into epoch {state.get('epoch')} on each of {saved} processes, "
+            f"this run has {world_size}: resume it with {saved} (--trainer.devices x --trainer.num_nodes), or from "
+            "a checkpoint taken at an epoch end"
+        )
 
 
 def keep_epoch_unfinished(checkpoint: dict[str, Any], trainer: L.Trainer) -> None:

@@ -206,6 +206,14 @@ def test_two_process_mid_epoch_resume_is_exact(loader, tmp_path):
     step_ckpt = stopped / "dcgan_fashion_mnist" / "version_0" / "checkpoints" / f"stepstep={4 * STEPS_PER_BATCH}.ckpt"
     ckpt = torch.load(step_ckpt, weights_only=True)
     assert ckpt["gangen"]["batches_seen"] == 4 and ckpt["ImageDataModule"]["position"] == 64  # 1 batch into epoch 1
+    if loader == "dataloader":  # on one process its shard is not the two ranks' shards: refused, nothing written
+        r = fit(tmp_path / "one", *ddp[2:], "--ckpt_path", str(step_ckpt))
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+            f"gangen: error: checkpoint {step_ckpt} was taken 64 images into epoch 1 on each of 2 processes, this run "
+            "has 1: resume it with 2 (--trainer.devices x --trainer.num_nodes), or from a checkpoint taken at an "
+            "epoch end"
+        ], r.stderr[-3000:]
+        assert not (tmp_path / "one").exists()
     r = fit(stopped, *ddp, "--ckpt_path", str(step_ckpt))
     assert r.returncode == 0, r.stderr[-3000:]
     for rank in (0, 1):
