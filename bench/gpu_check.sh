@@ -13,7 +13,8 @@
 # Writes each part's output to $OUT (or ./gpu_check_out) and to stdout. Needs a Python with gangen's
 # dependencies ($PYTHON, default python). Every part runs under its own time limit, so a slow or failing
 # part cannot eat the rest, and a failing variant leaves its row out of the table instead of stopping it.
-# The tests read the default data root too: link the .gz folder to /usr/share/datasets/fashion-mnist.
+# The tests read the default data root too: the .gz folder is linked to /usr/share/datasets/fashion-mnist
+# when nothing is there (as root; otherwise link it yourself).
 # The FID-time and torch.compile rows were measured once (README Speed) and are not repeated here:
 #   bench/throughput.py ... --variants gangen_compile_ro --eval_samples 10000
 set -u
@@ -26,6 +27,10 @@ DEST=${OUT:-gpu_check_out}
 mkdir -p "$DEST"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 ls "$FMNIST"/train-images-idx3-ubyte.gz "$FMNIST"/t10k-images-idx3-ubyte.gz >/dev/null || exit 2
+if [ ! -e /usr/share/datasets/fashion-mnist ]; then
+    mkdir -p /usr/share/datasets && ln -sfn "$(cd "$FMNIST" && pwd)" /usr/share/datasets/fashion-mnist \
+        || echo "could not link $FMNIST to /usr/share/datasets/fashion-mnist: tests reading the default root fail"
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$DEST/gpu.txt"
 $PY -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)" | tee -a "$DEST/gpu.txt"
 T0=$(date +%s)

@@ -134,7 +134,8 @@ MEMORY: PeakMemory | None = None  # started by a --child process (CPU)
 def peak_memory_mib(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    assert MEMORY is not None
+    if MEMORY is None:  # imported by another script (profile_step.py): the process's own peak RSS
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return MEMORY.stop()
 
 
