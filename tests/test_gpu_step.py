@@ -247,7 +247,9 @@ def test_fp16_fit_with_r1_takes_the_penalty_through_the_loss_scale(monkeypatch):
     start = copy.deepcopy(model.discriminator.state_dict())
     trainer = fit(model, "gpu", precision="16-mixed", steps=12)
     scaler = trainer.precision_plugin.scaler
-    assert given == [scaler] * 6 and scaler.get_scale() < 2.0**16 and model.batches_seen == 12
+    # the scale only falls (an overflow is a skipped step, not a divergence); that one comes within 12 steps
+    # of this net was seen on the CPU's fp16 (65536 -> 1024), not yet on a GPU, so it is not asserted
+    assert given == [scaler] * 6 and scaler.get_scale() <= 2.0**16 and model.batches_seen == 12
     assert torch.isfinite(trainer.callback_metrics["loss/d"]) and torch.isfinite(trainer.callback_metrics["loss/g"])
     assert any(not torch.equal(v, model.discriminator.state_dict()[k]) for k, v in start.items())
 
