@@ -244,12 +244,15 @@ class GANCLI(LightningCLI):
             where = ", ".join(map(str, folders))
             if found is None and not fit:
                 raise ConfigError(f"--ckpt_path last: no last.ckpt under {where}: pass --ckpt_path PATH")
+            said = self.trainer.global_rank == 0  # every DDP process runs this: one line, not one per rank
             if found is None:  # Lightning's meaning too: set and forget, the first run starts from scratch
-                print(f"gangen: no last.ckpt under {where}: training from scratch", flush=True)
+                if said:
+                    print(f"gangen: no last.ckpt under {where}: training from scratch", flush=True)
                 config["ckpt_path"] = None
                 return
             ckpt_path = config["ckpt_path"] = str(found)
-            print(f"gangen: {'resuming from' if fit else 'validating'} {found}", flush=True)
+            if said:
+                print(f"gangen: {'resuming from' if fit else 'validating'} {found}", flush=True)
         _refuse_export(ckpt_path)
         cached_path, ckpt = getattr(self, "_read_ckpt", (None, None))
         self._read_ckpt = (None, None)  # not kept alive during training
@@ -443,7 +446,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     except GanGenError as err:
         if os.environ.get("GANGEN_DEBUG"):
             raise
-        print(f"gangen: error: {err}", file=sys.stderr)
+        from lightning.pytorch.utilities import rank_zero_only
+
+        if rank_zero_only.rank == 0 or not getattr(err, "on_every_rank", False):  # the same error on every
+            print(f"gangen: error: {err}", file=sys.stderr)  # DDP process: rank 0 says it
         sys.exit(getattr(err, "exit_code", 2))
     except SIGTERMException:  # SIGTERM / SIGINT during fit: Preemption saved a checkpoint
         from gangen.reliability import received_signal

@@ -534,12 +534,17 @@ class GAN(L.LightningModule):
         if params and not bad:
             bad = not bool(torch.stack([p.detach().isfinite().all() for p in self.parameters()]).all())
         self._finite = None
+        distributed = self._trainer is not None and self.trainer.world_size > 1
+        if distributed:  # every rank checks here: a loss that went nan on one rank only stops them all (alone,
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)  # it left the others waiting)
         if bad:
-            raise DivergenceError(
+            err = DivergenceError(
                 f"training diverged: a loss became nan/inf before kimg {self.images_seen / 1000:g} (batch "
                 f"{self.batches_seen}); stopped without saving, so the last checkpoint is the last good state: "
                 "resume it (--ckpt_path last) with a lower learning rate or another loss (e.g. --model.loss hinge)"
             )
+            err.on_every_rank = distributed  # the CLI prints it once (rank 0)
+            raise err
 
     def eval_generator(self) -> nn.Module:
         """The generator to sample and evaluate: the EMA one (its batchnorm statistics re-estimated for the

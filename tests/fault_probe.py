@@ -38,13 +38,14 @@ class SignalInValidation(L.Callback):
 
 
 class PoisonAt(L.Callback):
-    """At the start of the first batch with global_step >= step, set the discriminator's weights to nan."""
+    """At the start of the first batch with global_step >= step, set the discriminator's weights to nan (on
+    rank `rank` only, when given)."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, step: int, rank: int | None = None) -> None:
+        self.step, self.rank = step, rank
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
-        if trainer.global_step >= self.step:
+        if trainer.global_step >= self.step and self.rank in (None, trainer.global_rank):
             with torch.no_grad():
                 for p in pl_module.discriminator.parameters():
                     p.fill_(float("nan"))

@@ -184,6 +184,24 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(v.isfinite().all() for v in last["state_dict"].values() if v.is_floating_point())
 
 
+def test_a_loss_gone_nan_on_one_rank_stops_every_rank_with_one_line(tmp_path):
+    """DDP: the batch's losses went nan on rank 1 only (its weights, not yet the all-reduced gradients). Rank 1
+    alone raised and left rank 0 in its next collective; when all ranks stopped, each printed the line."""
+    ddp = ["--trainer.devices", "2", "--trainer.accelerator", "cpu", "--model.check_finite_every", "1"]
+    poison = [
+        "--trainer.callbacks+=fault_probe.PoisonAt",
+        "--trainer.callbacks.step",
+        "10",
+        "--trainer.callbacks.rank",
+        "1",
+    ]
+    r = run_cli(*tiny_fit_args(tmp_path, *ddp, *poison), env={"PYTHONPATH": str(ROOT / "tests")}, timeout=240)
+    assert r.returncode == 3, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("gangen: error: training diverged"), r.stderr[-3000:]
+    assert "(batch 6)" in errors[0]  # found at the batch it happened in, on every rank
+
+
 def test_nonfinite_check_runs_every_n_batches_only():
     from gangen import GAN, DCGANDiscriminator, DCGANGenerator
     from gangen.errors import DivergenceError
