@@ -238,6 +238,7 @@ def received_signal() -> int | None:
 
 class Preemption(Checkpoint):
     """On SIGTERM or SIGINT during fit: finish the current batch, write checkpoints/last.ckpt, exit 128 + signal.
+    SLURM's requeue signal (auto_requeue) runs Lightning's checkpoint-and-requeue at a batch end the same way.
 
     The signal handler only notes the signal. At the end of every training batch the ranks agree on it (one
     all-reduce under DDP) and then all stop at that same batch boundary through Lightning's SIGTERM path,
@@ -250,10 +251,12 @@ class Preemption(Checkpoint):
 
     def __init__(self) -> None:
         self._previous: dict[int, Any] = {}
+        self._requeued = False
         self.saved: Path | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         _received.clear()
+        self._requeued = False
         if not _in_main_thread():
             return
 
@@ -265,13 +268,26 @@ class Preemption(Checkpoint):
                 raise KeyboardInterrupt
             on_term(signum, frame)
 
-        for signum, handler in ((signal.SIGTERM, on_term), (signal.SIGINT, on_int)):
+        def on_requeue(signum: int, frame: Any) -> None:
+            _received["requeue"] = signum
+
+        handlers = [(signal.SIGTERM, on_term), (signal.SIGINT, on_int)]
+        requeue = _requeue_signal(trainer)
+        if requeue is not None:  # SLURM's auto_requeue: Lightning saves inside its handler, a collective too
+            handlers.append((requeue, on_requeue))
+        for signum, handler in handlers:
             self._previous[signum] = signal.signal(signum, handler)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        stop = "signum" in _received
-        if trainer.world_size > 1:  # any rank's signal stops every rank, here
-            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        flags = torch.tensor(["signum" in _received, "requeue" in _received], dtype=torch.int32)
+        if trainer.world_size > 1:  # any rank's signal acts on every rank, here: one all-reduce
+            flags = trainer.strategy.reduce(flags.to(pl_module.device), reduce_op="sum")
+        stop, requeue = (bool(v) for v in flags.tolist())
+        if requeue:
+            _received.pop("requeue", None)
+            if not self._requeued:  # SLURM signals each task once, not all at the same batch: act once
+                self._requeued = True  # Lightning's own requeue on every rank at this batch: its hpc
+                trainer._signal_connector._slurm_sigusr_handler_fn(_requeue_signal(trainer), None)  # checkpoint
         if stop:
             trainer._signal_connector.received_sigterm = True  # Lightning raises SIGTERMException on every rank
 
@@ -311,6 +327,16 @@ class Preemption(Checkpoint):
             if isinstance(callback, ModelCheckpoint) and callback.dirpath:
                 return Path(callback.dirpath) / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}.ckpt"
         return Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+
+
+def _requeue_signal(trainer: L.Trainer) -> int | None:
+    """The signal on which Lightning's SLURMEnvironment(auto_requeue=True) checkpoints and requeues, else None."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    environment = trainer._accelerator_connector.cluster_environment
+    if isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
+        return environment.requeue_signal
+    return None
 
 
 def _in_main_thread() -> bool:

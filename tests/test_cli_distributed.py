@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -52,6 +53,53 @@ def test_two_nodes_one_process_each(tmp_path):
     [run] = list((tmp_path / "dcgan_fashion_mnist").iterdir())  # one run folder for both nodes
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch=1-step=20.ckpt", "last.ckpt"]
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["final.png", "kimg000000.png"]
+
+
+def test_slurm_requeue_signal_on_one_task_checkpoints_once_and_trains_on(tmp_path):
+    """SLURM signals every task itself, not all at the same moment. Lightning checkpointed inside its signal
+    handler (collectives): a task signalled alone, or first, met the others' gradient all-reduce and the job
+    hung. The ranks now agree at a batch end and requeue there, once."""
+    probe = [
+        "--trainer.callbacks+=fault_probe.SignalAt",
+        "--trainer.callbacks.step",
+        "4",
+        "--trainer.callbacks.signum",
+        str(int(signal.SIGUSR1)),
+        "--trainer.callbacks.rank",
+        "1",
+    ]
+    args = tiny_fit_args(tmp_path, "--config", str(ROOT / "configs" / "cluster" / "slurm.yaml"),
+                         "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.num_nodes", "1",
+                         "--trainer.default_root_dir", str(tmp_path), *probe)  # fmt: skip
+    base = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT / "tests"), "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port()), "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "gangen", "SLURM_NTASKS": "2",
+            "SLURM_NTASKS_PER_NODE": "2", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}  # fmt: skip
+    for key in ("GANGEN_DEBUG", "LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK"):
+        base.pop(key, None)
+    tasks = [
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "cli.py"), *args],
+            cwd=ROOT,
+            text=True,
+            env={**base, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    try:
+        outputs = [task.communicate(timeout=240) for task in tasks]
+    finally:
+        for task in tasks:
+            task.kill()
+    for task, (_, err) in zip(tasks, outputs, strict=True):
+        assert task.returncode == 0, err[-3000:]
+    assert outputs[0][0].count("Handling auto-requeue signal") == 1  # rank 0 requeues, once
+    assert sorted(p.name for p in tmp_path.glob("hpc_ckpt_*.ckpt")) == ["hpc_ckpt_1.ckpt"]
+    saved = torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=True)
+    assert saved["gangen"]["batches_seen"] == 3  # batch 2, in which rank 1 got the signal, finished
+    run = tmp_path / "dcgan_fashion_mnist" / "version_0"
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["gangen"]["batches_seen"] == 10
 
 
 BAD_TRAINER = [
