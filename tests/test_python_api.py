@@ -22,10 +22,10 @@ def nets(resolution: int = 16, channels: int = 1, num_classes: int = 0):
 
 
 def trainer(**kwargs) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu", max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, **kwargs,
-    )  # fmt: skip
+    return L.Trainer(**{
+        "accelerator": "cpu", "max_steps": 2, "limit_val_batches": 0, "logger": False, "enable_checkpointing": False,
+        "enable_progress_bar": False, "enable_model_summary": False, **kwargs,
+    })  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -167,3 +167,35 @@ def test_a_mid_epoch_resume_does_not_warn_of_unreliable_results(tmp_path):
 
 def test_a_negative_model_seed_is_still_accepted():
     assert GAN(*nets(), seed=-1).hparams["seed"] == -1  # older runs may have one
+
+
+class _GlobalStream(L.Callback):
+    """torch's global RNG state around each training batch."""
+
+    def __init__(self) -> None:
+        self.states: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def on_train_batch_start(self, *args) -> None:
+        self.before = torch.get_rng_state()
+
+    def on_train_batch_end(self, *args) -> None:
+        self.states.append((self.before, torch.get_rng_state()))
+
+
+def test_torch_streams_are_restored_by_a_resume_only(tmp_path):
+    """A checkpoint's global RNG state (for dropout) is restored at a resumed fit's first step; a new fit of a
+    module from load_from_checkpoint keeps its own seed's stream."""
+    images = torch.rand(128, 1, 16, 16) * 2 - 1
+    loader = DataLoader(TensorDataset(images), batch_size=32)
+    model = GAN(*nets())
+    fit = trainer(default_root_dir=tmp_path)
+    fit.fit(model, loader)
+    fit.save_checkpoint(tmp_path / "a.ckpt")
+    saved = torch.load(tmp_path / "a.ckpt", weights_only=True)["gangen"]["torch_rng_states"][0]
+    torch.manual_seed(7)  # another stream than the checkpoint's
+    probe = _GlobalStream()
+    trainer(callbacks=[probe]).fit(GAN.load_from_checkpoint(tmp_path / "a.ckpt"), loader)
+    assert all(torch.equal(a, b) for a, b in probe.states)  # nothing set the stream (no dropout draws either)
+    probe = _GlobalStream()
+    trainer(callbacks=[probe], max_steps=4).fit(GAN(*nets()), loader, ckpt_path=tmp_path / "a.ckpt")
+    assert torch.equal(probe.states[0][1], saved) and all(torch.equal(a, b) for a, b in probe.states[1:])
