@@ -123,7 +123,8 @@ class SampleGrid(L.Callback):
         generator = eval_generator(pl_module)  # on every rank too: its batchnorm re-estimate runs forward passes
         if not trainer.is_global_zero:
             return None
-        images = generate(generator, len(pl_module.grid_z), z=pl_module.grid_z)  # (N, C, H, W)
+        # (N, C, H, W); rank 0 only: a NaN refusal here would leave the other ranks waiting (check_finite does it)
+        images = generate(generator, len(pl_module.grid_z), z=pl_module.grid_z, check_finite=False)
         folder.mkdir(parents=True, exist_ok=True)
         pixels = grid_pixels(images, self.nrow)  # (H, W, C) uint8: the file and the loggers get the same
         path = save_pixels(pixels, folder / f"{name}.png")

@@ -60,7 +60,7 @@ def generate_command(argv: Sequence[str]) -> None:
     device = _usable_device(args.device)
     kind = output_kind(args.output)
     ckpt = read_checkpoint(args.ckpt_path)
-    generator = load_generator(ckpt, device, ema=not args.no_ema)
+    generator = load_generator(ckpt, device, ema=not args.no_ema, source=args.ckpt_path)
     is_ema = generator_state(ckpt, ema=not args.no_ema)[1]
     classes = int(getattr(generator, "num_classes", 0) or 0)
     z = labels = None
@@ -241,6 +241,7 @@ def evaluate_command(argv: Sequence[str]) -> None:
         raise ConfigError(f"--num_samples {args.num_samples} must be >= 2 (FID needs 2; 10000+ is usual)")
     source = Path(args.ckpt_path or args.samples)
     samples = load_samples(args.samples) if args.samples else None  # (N, C, H, W) uint8
+    generator = load_generator(ckpt, args.device, source=args.ckpt_path) if ckpt is not None else None  # checked early
     datamodule = p.instantiate_classes(args).data
     extractor = make_feature_extractor(
         args.feature_extractor, args.inception_weights, device=args.device, option="--inception_weights PATH"
@@ -258,7 +259,6 @@ def evaluate_command(argv: Sequence[str]) -> None:
         evaluator.update(samples)
         results = evaluator.compute()
     else:
-        generator = load_generator(ckpt, args.device)
         results = evaluate_generator(generator, args.num_samples, real, extractor, args.batch_size, args.seed)
     results = {"source": str(source), "real_split": args.split, "real_from_cache": real.from_cache, **results}
     text = json.dumps(results, indent=2)

@@ -44,6 +44,7 @@ def generate(
     labels: torch.Tensor | None = None,
     label_offset: int = 0,
     uint8: bool = False,
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """Images (N, C, H, W) in [-1, 1] on the CPU, from `z` or from latents drawn with `seed`.
 
@@ -52,7 +53,9 @@ def generate(
     default: image i gets class (label_offset + i) % num_classes, over the whole set, so every class comes
     equally often and an image's class does not depend on batch_size (or, with each rank's offset, on how
     many processes share the set). `uint8`: each batch is converted as `to_uint8` does (clamped, rounded)
-    as it comes, so a large set takes 1 byte per value instead of 4.
+    as it comes, so a large set takes 1 byte per value instead of 4. `check_finite`: a NaN or inf image is
+    a DivergenceError (uint8 would write it black); training's grids and metrics leave that to its own
+    divergence check, which stops every DDP rank at once.
     """
     if num_samples <= 0:
         raise ConfigError(f"num_samples {num_samples!r} must be > 0")
@@ -82,14 +85,15 @@ def generate(
                 raw = generator(zb)
             else:
                 raw = generator(zb, labels[start : start + batch_size].to(param.device))
-            nonfinite += (~torch.isfinite(raw)).flatten(1).any(1).sum()
+            if check_finite:
+                nonfinite += (~torch.isfinite(raw)).flatten(1).any(1).sum()
             images = convert(raw)
             if out is None:
                 out = torch.empty((num_samples, *images.shape[1:]), dtype=images.dtype)
             out[start : start + len(images)] = images
     finally:
         generator.train(was_training)
-    if nonfinite.item():  # uint8 would turn NaN into black pixels and FID would score them: refuse instead
+    if check_finite and nonfinite.item():  # uint8 would turn NaN into black pixels, FID would score them
         raise DivergenceError(
             f"the generator produced NaN or inf in {nonfinite.item()} of {num_samples} images: its weights have "
             "diverged; use an earlier checkpoint"
@@ -351,13 +355,23 @@ def read_safetensors(path: Path) -> dict[str, Any]:
 
 
 def load_generator(
-    ckpt: str | Path | dict[str, Any], device: str | torch.device = "cpu", ema: bool = True
+    ckpt: str | Path | dict[str, Any], device: str | torch.device = "cpu", ema: bool = True, source: str | None = None
 ) -> nn.Module:
     """The generator of a gangen checkpoint (a path, or a dict from read_checkpoint), in eval mode, on `device`.
 
     The EMA generator's weights (`generator_ema.*`) are used when the checkpoint has them, unless ema=False.
+    Non-finite weights are a DivergenceError naming the file (`source`: its path when `ckpt` is a dict).
     """
+    source = f"checkpoint {str(source or ckpt)!r}" if source or not isinstance(ckpt, dict) else "the checkpoint"
     ckpt = ckpt if isinstance(ckpt, dict) else read_checkpoint(ckpt)
     generator = build_network(ckpt["hyper_parameters"]["generator"])
-    generator.load_state_dict(generator_state(ckpt, ema)[0])
+    state, is_ema = generator_state(ckpt, ema)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise DivergenceError(
+            f"{source}: its {'EMA ' if is_ema else ''}generator holds nan/inf in {bad[0]}{more} (the run diverged): "
+            "use an earlier checkpoint"
+        )
+    generator.load_state_dict(state)
     return generator.to(device).eval()

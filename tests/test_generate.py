@@ -77,11 +77,14 @@ def test_a_diverged_generator_is_refused_not_written_black(capsys, tmp_path):
         main(["generate", "--ckpt_path", str(ckpt), "--num_samples", "10", "--output", str(tmp_path / "s.npz")])
     assert exit_info.value.code == 3
     [line] = capsys.readouterr().err.strip().splitlines()
-    assert "NaN or inf in 10 of 10 images" in line and "use an earlier checkpoint" in line
-    assert not (tmp_path / "s.npz").exists()
-    with pytest.raises(DivergenceError, match="in 10 of 10 images"):
-        generate(load_generator(ckpt), 10, batch_size=3, uint8=True)
+    assert f"checkpoint {str(ckpt)!r}: its EMA generator holds nan/inf in net.0.weight" in line
+    assert line.endswith("use an earlier checkpoint") and not (tmp_path / "s.npz").exists()
     assert generate(load_generator(ckpt, ema=False), 10).isfinite().all()  # the trained G is fine
+    with torch.no_grad():  # finite weights, non-finite images (an inf batchnorm statistic): generate refuses
+        g.net[1].running_var.fill_(float("-inf"))
+    with pytest.raises(DivergenceError, match="NaN or inf in 10 of 10 images"):
+        generate(g, 10, batch_size=3, uint8=True)
+    assert generate(g, 4, check_finite=False).shape == (4, 1, 16, 16)  # training's grids and metrics
 
 
 def test_uint8_batches_equal_the_float_path(trained_ckpt, tmp_path):
