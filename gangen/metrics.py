@@ -184,7 +184,10 @@ def _batches(
     dataset = source._split(split)  # the images themselves: not the training loader (flips, sampler, collectives)
     keep = evenly_spaced(len(dataset), num_samples)  # spread: a class-sorted folder keeps every class
     subset = dataset if keep is None else Subset(dataset, keep)
-    loader = DataLoader(subset, batch_size=batch_size, collate_fn=collate, num_workers=source.num_workers)
+    loader = DataLoader(  # an own generator: an iterator draws its worker seed from it, not torch's global stream
+        subset, batch_size=batch_size, collate_fn=collate, num_workers=source.num_workers,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
     name = source.dataset
     if name == "image_folder":
         name = f"image_folder:{Path(source.root).resolve()}"
