@@ -240,23 +240,34 @@ class Preemption(Checkpoint):
     """On SIGTERM or SIGINT during fit: finish the current batch, write checkpoints/last.ckpt, exit 128 + signal.
     SLURM's requeue signal (auto_requeue) runs Lightning's checkpoint-and-requeue at a batch end the same way.
 
-    The signal handler only notes the signal. At the end of every training batch the ranks agree on it (one
-    all-reduce under DDP) and then all stop at that same batch boundary through Lightning's SIGTERM path,
-    where this callback writes the checkpoint. Lightning's own handler broadcasts inside the handler: with
-    the signal on some ranks only (one node of several preempted, or ranks signalled at different moments)
-    that broadcast met the others' gradient all-reduce and the job hung without a checkpoint. A signal during
-    validation lets it finish (its metrics are logged) and stops after the next batch. A second SIGINT
-    interrupts at once (no checkpoint).
+    The signal handlers (from the sanity check on; Lightning's teardown puts the earlier ones back) only note
+    the signal. At the end of every training batch the ranks agree on it (one all-reduce under DDP), and all
+    stop at the start of the next batch, where this callback writes the checkpoint: whatever runs in between
+    (a validation, with its metrics; an epoch end) finishes first. Lightning's own handler broadcasts inside
+    the handler: with the signal on some ranks only (one node of several preempted, or ranks signalled at
+    different moments) that broadcast met the others' gradient all-reduce and the job hung without a
+    checkpoint, and a signal during validation cut it short and lost its values. A signal after the last
+    batch lets the run finish. A second SIGINT interrupts at once (no checkpoint).
     """
 
     def __init__(self) -> None:
-        self._previous: dict[int, Any] = {}
-        self._requeued = False
+        self._requeued = False  # SLURM requeue done in this fit
+        self._stop = False  # the ranks agreed to stop: at the next batch start
         self.saved: Path | None = None
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         _received.clear()
-        self._requeued = False
+        self._requeued = self._stop = False
+
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._install(trainer)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._install(trainer)
+
+    @staticmethod
+    def _install(trainer: L.Trainer) -> None:
+        """Over Lightning's handlers (registered just before the sanity check): note the signal, nothing else."""
         if not _in_main_thread():
             return
 
@@ -271,12 +282,11 @@ class Preemption(Checkpoint):
         def on_requeue(signum: int, frame: Any) -> None:
             _received["requeue"] = signum
 
-        handlers = [(signal.SIGTERM, on_term), (signal.SIGINT, on_int)]
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_int)
         requeue = _requeue_signal(trainer)
         if requeue is not None:  # SLURM's auto_requeue: Lightning saves inside its handler, a collective too
-            handlers.append((requeue, on_requeue))
-        for signum, handler in handlers:
-            self._previous[signum] = signal.signal(signum, handler)
+            signal.signal(requeue, on_requeue)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         flags = torch.tensor(["signum" in _received, "requeue" in _received], dtype=torch.int32)
@@ -288,17 +298,13 @@ class Preemption(Checkpoint):
             if not self._requeued:  # SLURM signals each task once, not all at the same batch: act once
                 self._requeued = True  # Lightning's own requeue on every rank at this batch: its hpc
                 trainer._signal_connector._slurm_sigusr_handler_fn(_requeue_signal(trainer), None)  # checkpoint
-        if stop:
-            trainer._signal_connector.received_sigterm = True  # Lightning raises SIGTERMException on every rank
+        self._stop = self._stop or stop
 
-    def _restore(self) -> None:
-        if _in_main_thread():
-            for signum, handler in self._previous.items():
-                signal.signal(signum, handler)
-        self._previous = {}
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self._stop:  # every rank at the same batch; on_exception saves
+            raise SIGTERMException
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._restore()
         # A ModelCheckpoint that saves after validation (check_val_every_n_epoch > 1) left the epochs after
         # the last validation out of last.ckpt (Lightning saves at the end only when it never saved)
         for callback in trainer.checkpoint_callbacks:
@@ -309,7 +315,6 @@ class Preemption(Checkpoint):
                 callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._restore()
         if not isinstance(exception, SIGTERMException) or trainer.global_step == 0:
             return
         path = self.checkpoint_path(trainer)

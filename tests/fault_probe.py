@@ -13,25 +13,30 @@ import torch
 
 class SignalAt(L.Callback):
     """At the start of the first batch with global_step >= step, send `signum` to this process (to rank
-    `rank`'s only, when given)."""
+    `rank`'s only, when given), once."""
 
     def __init__(self, step: int, signum: int = int(signal.SIGKILL), rank: int | None = None) -> None:
-        self.step, self.signum, self.rank = step, signum, rank
+        self.step, self.signum, self.rank, self.sent = step, signum, rank, False
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
-        if trainer.global_step >= self.step and self.rank in (None, trainer.global_rank):
+        if trainer.global_step >= self.step and self.rank in (None, trainer.global_rank) and not self.sent:
+            self.sent = True
             os.kill(os.getpid(), self.signum)
             time.sleep(0.5)  # let a handled signal arrive before the step runs
 
 
 class SignalInValidation(L.Callback):
-    """At the first validation batch of fit, send `signum` to this process."""
+    """At the first validation batch of fit (of its sanity check, with sanity), send `signum` to this process
+    (to rank `rank`'s only, when given)."""
 
-    def __init__(self, signum: int = int(signal.SIGTERM)) -> None:
-        self.signum, self.sent = signum, False
+    def __init__(self, signum: int = int(signal.SIGTERM), sanity: bool = False, rank: int | None = None) -> None:
+        self.signum, self.sanity, self.rank, self.sent = signum, sanity, rank, False
 
     def on_validation_batch_start(self, trainer: L.Trainer, *args: object) -> None:
-        if trainer.state.fn == "fit" and not trainer.sanity_checking and not self.sent:
+        if (
+            trainer.state.fn == "fit" and trainer.sanity_checking == self.sanity and not self.sent
+            and self.rank in (None, trainer.global_rank)
+        ):  # fmt: skip
             self.sent = True
             os.kill(os.getpid(), self.signum)
             time.sleep(0.5)

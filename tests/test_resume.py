@@ -101,7 +101,8 @@ def test_sigkill_after_mid_epoch_validation_save_resumes_exactly(tmp_path):
     r = fit(tmp_path, *signal_at(9, signal.SIGKILL), *every_2)
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     ckpt = torch.load(tmp_path / "dcgan_fashion_mnist" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["gangen"]["batches_seen"] == 8 and ckpt["ImageDataModule"] == {"seed": 0, "epoch": 1, "position": 128}
+    order = {"seed": 0, "epoch": 1, "world_size": 1}
+    assert ckpt["gangen"]["batches_seen"] == 8 and ckpt["ImageDataModule"] == dict(order, position=128)
     r = fit(tmp_path, "--ckpt_path", "last", *every_2)
     assert r.returncode == 0, r.stderr[-3000:]
     straight, resumed = (torch.load(d / "params_rank0.pt") for d in (tmp_path / "straight", tmp_path))
@@ -134,7 +135,8 @@ def test_sigterm_in_an_epochs_last_batch_resumes_with_the_whole_next_epoch(unint
     r = fit(tmp_path, *signal_at(5, signal.SIGTERM), *every_2)  # batch 5: the last of epoch 0's 6
     assert r.returncode == 128 + signal.SIGTERM, (r.returncode, r.stderr[-3000:])
     ckpt = torch.load(tmp_path / "dcgan_fashion_mnist" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["gangen"]["batches_seen"] == 6 and ckpt["ImageDataModule"] == {"seed": 0, "epoch": 1, "position": 0}
+    order = {"seed": 0, "epoch": 1, "world_size": 1}
+    assert ckpt["gangen"]["batches_seen"] == 6 and ckpt["ImageDataModule"] == dict(order, position=0)
     r = fit(tmp_path, "--ckpt_path", "last", *every_2)
     assert r.returncode == 0, r.stderr[-3000:]
     resumed = torch.load(tmp_path / "params_rank0.pt")
@@ -250,6 +252,34 @@ def test_sigterm_during_validation_lets_it_finish_then_stops_after_the_next_batc
     header = rows[0].split(",")
     logged = [dict(zip(header, row.split(","), strict=False)) for row in rows[1:]]
     assert any(row.get("val/loss_d") for row in logged)  # the validation's values were logged
+
+
+def test_sigterm_in_the_batch_before_validation_lets_it_run_whole_and_resumes_exactly(uninterrupted, tmp_path):
+    """Agreed at the end of epoch 0's last batch, the stop set Lightning's flag and its validation loop raised
+    after the first of its batches: those values were lost. It now comes at the next batch start."""
+    r = fit(tmp_path, *signal_at(5, signal.SIGTERM), "--trainer.limit_val_batches", "2")
+    assert r.returncode == 128 + signal.SIGTERM, (r.returncode, r.stderr[-3000:])
+    run = tmp_path / "dcgan_fashion_mnist" / "version_0"
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["gangen"]["batches_seen"] == 6 and ckpt["ImageDataModule"]["position"] == 0  # epoch 1 from the start
+    rows = (run / "metrics.csv").read_text().splitlines()
+    logged = [dict(zip(rows[0].split(","), row.split(","), strict=False)) for row in rows[1:]]
+    assert [row["epoch"] for row in logged if row.get("val/loss_d")] == ["0"]  # epoch 0's validation, whole
+    r = fit(tmp_path, "--ckpt_path", "last")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_state(uninterrupted, torch.load(tmp_path / "params_rank0.pt"))
+
+
+def test_sigterm_on_one_rank_in_the_sanity_check_stops_both_after_the_first_batch(tmp_path):
+    """Before training started Lightning's handler was still in place: it broadcast inside the signal handler
+    and the two ranks crashed on a collective mismatch (or hung)."""
+    ddp = ["--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.num_sanity_val_steps", "2"]
+    probe = ["--trainer.callbacks+=fault_probe.SignalInValidation", "--trainer.callbacks.sanity", "true",
+             "--trainer.callbacks.rank", "1", "--trainer.limit_val_batches", "2"]  # fmt: skip
+    r = fit(tmp_path, *ddp, *probe)
+    assert r.returncode == 128 + signal.SIGTERM, (r.returncode, r.stderr[-3000:])
+    last = tmp_path / "dcgan_fashion_mnist" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["gangen"]["batches_seen"] == 1
 
 
 def test_latent_rng_state_restores_from_a_row_view():
