@@ -78,14 +78,17 @@ def keep_configured_settings(optimizer: torch.optim.Optimizer, name: str, report
                     )
                 group[key] = value.clone() if isinstance(value, torch.Tensor) else value
             on_device = bool(group.get("capturable") or group.get("fused"))
-            needed = _state_keys(type(opt), settings)
+            needed: dict[int, set[str]] = {}  # per parameter rank (Adafactor keeps other buffers for matrices)
             for param in group["params"]:
                 state = opt.state.get(param)
                 step = state.get("step") if isinstance(state, dict) else None
                 if isinstance(step, torch.Tensor):
                     state["step"] = step.detach().to(param.device if on_device else "cpu", torch.float32)
                 if state:  # a setting switched on (amsgrad, RMSprop momentum or centered) needs a buffer the
-                    for key in needed - state.keys():  # checkpoint lacks: torch starts those at zero too
+                    if param.dim() not in needed:
+                        needed[param.dim()] = _state_keys(type(opt), settings, param.dim())
+                    keys = needed[param.dim()]
+                    for key in keys - state.keys():  # checkpoint lacks: torch starts those at zero too
                         state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
     def other_class(opt: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any] | None:
@@ -114,10 +117,10 @@ def _kind(groups: list[dict[str, Any]]) -> set[str]:
     return {k for group in groups for k in group if k not in _FLAGS}
 
 
-def _state_keys(cls: type[torch.optim.Optimizer], settings: dict[str, Any]) -> set[str]:
-    """The per-parameter buffers (shaped like the parameter) that `cls` with `settings` keeps: one step of it
-    on a probe parameter, on the CPU and without the implementation flags."""
-    probe = torch.zeros(2, requires_grad=True)
+def _state_keys(cls: type[torch.optim.Optimizer], settings: dict[str, Any], dim: int = 1) -> set[str]:
+    """The per-parameter buffers (shaped like the parameter) that `cls` with `settings` keeps for a parameter
+    of `dim` dimensions: one step of it on a probe parameter, on the CPU and without the implementation flags."""
+    probe = torch.zeros((2,) * dim, requires_grad=True)
     takes = inspect.signature(cls.__init__).parameters  # AdamW's groups hold decoupled_weight_decay, not its args
     try:
         opt = cls([probe], **{k: v for k, v in settings.items() if k in takes and k not in _IMPLEMENTATION})

@@ -319,6 +319,24 @@ def test_a_setting_switched_on_at_resume_gets_its_buffer(cls, before, after, buf
     assert state[buffer].abs().sum() > 0 and net.weight.isfinite().all()
 
 
+def test_a_resume_with_the_same_settings_adds_no_buffers():
+    """The buffers were probed on a 1-D parameter: Adafactor keeps `variance` there but row/column variances
+    for a matrix, so every resume added an unused full-size `variance` to each weight matrix."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(8, 4)
+    trained = torch.optim.Adafactor(net.parameters(), lr=1e-2)
+    net(torch.ones(2, 8)).square().sum().backward()
+    trained.step()
+    saved = trained.state_dict()
+    opt = torch.optim.Adafactor(net.parameters(), lr=1e-2)
+    keep_configured_settings(opt, "g_optimizer")
+    opt.load_state_dict(saved)
+    assert {k: sorted(v) for k, v in opt.state_dict()["state"].items()} == {
+        k: sorted(v) for k, v in saved["state"].items()
+    }
+    assert "variance" not in opt.state[net.weight] and "variance" in opt.state[net.bias]
+
+
 def _off(cls, key):
     return cls([torch.zeros(1, requires_grad=True)]).defaults[key]
 
