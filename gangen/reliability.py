@@ -289,10 +289,10 @@ class Preemption(Checkpoint):
             signal.signal(requeue, on_requeue)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        flags = torch.tensor(["signum" in _received, "requeue" in _received], dtype=torch.int32)
+        stop, requeue = "signum" in _received, "requeue" in _received
         if trainer.world_size > 1:  # any rank's signal acts on every rank, here: one all-reduce
-            flags = trainer.strategy.reduce(flags.to(pl_module.device), reduce_op="sum")
-        stop, requeue = (bool(v) for v in flags.tolist())
+            flags = torch.tensor([stop, requeue], dtype=torch.int32, device=pl_module.device)
+            stop, requeue = (bool(v) for v in trainer.strategy.reduce(flags, reduce_op="sum").tolist())
         if requeue:
             _received.pop("requeue", None)
             if not self._requeued:  # SLURM signals each task once, not all at the same batch: act once
