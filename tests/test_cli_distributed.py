@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -19,33 +20,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch_two(
+    args: list[str], env: dict[str, str], per_rank: Callable[[int], dict[str, str]], timeout: float = 400
+) -> list[tuple[int, str, str]]:
+    """`python cli.py ARGS` twice at once, as a launcher starts one process per node or task: the environment
+    plus `env` plus per_rank(0 or 1), one rendezvous address. [(returncode, stdout, stderr)] in rank order."""
+    base = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT / "tests"), "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port()), **env}  # fmt: skip
+    for key in ("GANGEN_DEBUG", "LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK"):
+        base.pop(key, None)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "cli.py"), *args],
+            cwd=ROOT,
+            text=True,
+            env={**base, **per_rank(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    try:
+        outputs = [proc.communicate(timeout=timeout) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    return [(proc.returncode, out, err) for proc, (out, err) in zip(procs, outputs, strict=True)]
+
+
 def test_two_nodes_one_process_each(tmp_path):
     """What `srun` / a launcher does per node: the same command, NODE_RANK 0 and 1, one rendezvous address."""
     probe = ["--trainer.callbacks+=ddp_probe.DumpParams", "--trainer.callbacks.folder", str(tmp_path)]
     args = tiny_fit_args(tmp_path, "--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.accelerator",
                          "cpu", *probe)  # fmt: skip
-    base = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT / "tests"), "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(free_port())}  # fmt: skip
-    for key in ("GANGEN_DEBUG", "LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK"):
-        base.pop(key, None)
-    nodes = [
-        subprocess.Popen(
-            [sys.executable, str(ROOT / "cli.py"), *args],
-            cwd=ROOT,
-            env={**base, "NODE_RANK": str(rank)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for rank in (0, 1)
-    ]
-    outputs = [node.communicate(timeout=400) for node in nodes]
-    for node, (_, err) in zip(nodes, outputs, strict=True):
-        assert node.returncode == 0, err[-3000:]
-    assert "MEMBER: 1/2" in outputs[0][1] + outputs[0][0] and "MEMBER: 2/2" in outputs[1][1] + outputs[1][0]
+    outputs = launch_two(args, {}, lambda rank: {"NODE_RANK": str(rank)})
+    for code, _, err in outputs:
+        assert code == 0, err[-3000:]
+    assert "MEMBER: 1/2" in outputs[0][2] + outputs[0][1] and "MEMBER: 2/2" in outputs[1][2] + outputs[1][1]
     # the global batch, stated once (rank 0): 64 per device x 1 device x 2 nodes
-    assert "gangen: global batch 128 = 64 per device x 1 device x 2 nodes" in outputs[0][0]
-    assert "global batch" not in outputs[1][0] + outputs[1][1]
+    assert "gangen: global batch 128 = 64 per device x 1 device x 2 nodes" in outputs[0][1]
+    assert "global batch" not in outputs[1][1] + outputs[1][2]
     ranks = [torch.load(tmp_path / f"params_rank{i}.pt") for i in (0, 1)]
     params = [k for k in ranks[0] if "running_" not in k and "num_batches" not in k and k != "images_seen"]
     assert params and all(torch.equal(ranks[0][k], ranks[1][k]) for k in params)
@@ -59,42 +73,17 @@ def test_slurm_requeue_signal_on_one_task_checkpoints_once_and_trains_on(tmp_pat
     """SLURM signals every task itself, not all at the same moment. Lightning checkpointed inside its signal
     handler (collectives): a task signalled alone, or first, met the others' gradient all-reduce and the job
     hung. The ranks now agree at a batch end and requeue there, once."""
-    probe = [
-        "--trainer.callbacks+=fault_probe.SignalAt",
-        "--trainer.callbacks.step",
-        "4",
-        "--trainer.callbacks.signum",
-        str(int(signal.SIGUSR1)),
-        "--trainer.callbacks.rank",
-        "1",
-    ]
+    probe = ["--trainer.callbacks+=fault_probe.SignalAt", "--trainer.callbacks.step", "4",
+             "--trainer.callbacks.signum", str(int(signal.SIGUSR1)), "--trainer.callbacks.rank", "1"]  # fmt: skip
     args = tiny_fit_args(tmp_path, "--config", str(ROOT / "configs" / "cluster" / "slurm.yaml"),
                          "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.num_nodes", "1",
                          "--trainer.default_root_dir", str(tmp_path), *probe)  # fmt: skip
-    base = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT / "tests"), "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(free_port()), "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "gangen", "SLURM_NTASKS": "2",
-            "SLURM_NTASKS_PER_NODE": "2", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}  # fmt: skip
-    for key in ("GANGEN_DEBUG", "LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK"):
-        base.pop(key, None)
-    tasks = [
-        subprocess.Popen(
-            [sys.executable, str(ROOT / "cli.py"), *args],
-            cwd=ROOT,
-            text=True,
-            env={**base, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )  # fmt: skip
-        for rank in (0, 1)
-    ]
-    try:
-        outputs = [task.communicate(timeout=240) for task in tasks]
-    finally:
-        for task in tasks:
-            task.kill()
-    for task, (_, err) in zip(tasks, outputs, strict=True):
-        assert task.returncode == 0, err[-3000:]
-    assert outputs[0][0].count("Handling auto-requeue signal") == 1  # rank 0 requeues, once
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "gangen", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2",
+             "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}  # fmt: skip
+    outputs = launch_two(args, slurm, lambda rank: {"SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)}, timeout=240)
+    for code, _, err in outputs:
+        assert code == 0, err[-3000:]
+    assert outputs[0][1].count("Handling auto-requeue signal") == 1  # rank 0 requeues, once
     assert sorted(p.name for p in tmp_path.glob("hpc_ckpt_*.ckpt")) == ["hpc_ckpt_1.ckpt"]
     saved = torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=True)
     assert saved["gangen"]["batches_seen"] == 3  # batch 2, in which rank 1 got the signal, finished
