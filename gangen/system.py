@@ -260,8 +260,8 @@ class GAN(L.LightningModule):
         rank_zero_info(f"gangen: {', '.join(states)} start from {self.init_from} (init_from){fresh}")
 
     def on_fit_start(self) -> None:
-        if self.trainer.ckpt_path is None:  # torch's streams as saved belong to a resumed fit only, not to a
-            self._global_rng_state = None  # new fit of a module from load_from_checkpoint (its own seed)
+        if self._trainer is None or self.trainer.ckpt_path is None:  # torch's saved streams are a resumed fit's,
+            self._global_rng_state = None  # not a new fit's of a module from load_from_checkpoint (its own seed)
         if self.init_from and not self._weights_set:  # a resumed fit takes its weights from the checkpoint
             self._apply_init_from()
         self._weights_set = True  # later fits of this object continue from its weights
