@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
 import lightning.pytorch as L
@@ -22,10 +21,7 @@ class SignalAt(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
         if trainer.global_step >= self.step and self.rank in (None, trainer.global_rank) and not self.sent:
             self.sent = True
-            # to the main thread: a process-directed SIGUSR1 that landed on another thread made a SLURM-mode
-            # process abort at exit now and then (gloo, "terminate called without an active exception"); SIGKILL
-            # kills the whole process either way
-            signal.pthread_kill(threading.main_thread().ident, self.signum)
+            os.kill(os.getpid(), self.signum)
             time.sleep(0.5)  # let a handled signal arrive before the step runs
 
 
