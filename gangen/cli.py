@@ -427,6 +427,19 @@ def _lightning_info_to_stdout() -> None:
                 logger.addHandler(new)
 
 
+def _close_process_group() -> None:
+    """Destroy the distributed process group, if a run made one, before the interpreter shuts down. Lightning
+    leaves it open; at exit a gloo worker thread could then drop the last reference to a finished
+    collective's tensors while Python was finalizing, and its attempt to take the GIL aborted the process
+    ("terminate called without an active exception", exit -6, after all the work was done; pytorch#190489).
+    Called where every rank ends together (done, stopped by a signal, a gangen error), not after a crash,
+    where a peer may be gone and the shutdown could wait on it."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     _lightning_info_to_stdout()
@@ -435,6 +448,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             COMMANDS[args[0]](args[1:])
         else:
             run_lightning_cli(argv)  # None: Lightning reads sys.argv itself
+        _close_process_group()
     except ArgumentError as err:  # jsonargparse: unknown keys, bad types; its usage dump becomes one line
         if os.environ.get("GANGEN_DEBUG"):
             raise
@@ -450,8 +464,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         if rank_zero_only.rank == 0 or not getattr(err, "on_every_rank", False):  # the same error on every
             print(f"gangen: error: {err}", file=sys.stderr)  # DDP process: rank 0 says it
+        _close_process_group()
         sys.exit(getattr(err, "exit_code", 2))
     except SIGTERMException:  # SIGTERM / SIGINT during fit: Preemption saved a checkpoint
         from gangen.reliability import received_signal
 
+        _close_process_group()
         sys.exit(128 + (received_signal() or 15))

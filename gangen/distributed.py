@@ -100,12 +100,38 @@ def check_trainer(trainer: Any) -> None:
                 f"--trainer.strategy {strategy}: plain DDP stops at gangen's first step (each backward uses only "
                 f"one of the two networks it wraps): use {unused} (what auto picks)"
             )
+    nodes = trainer.get("num_nodes") or 1
+    if isinstance(nodes, int) and nodes > 1 and not launched_per_node(trainer.get("plugins")):
+        raise ConfigError(
+            f"--trainer.num_nodes {nodes}: nothing starts this run on the other nodes, so it would wait for them "
+            "until the process group times out; run it under SLURM (configs/cluster/slurm.sbatch) or torchrun, "
+            "or the same command on every node with NODE_RANK, MASTER_ADDR and MASTER_PORT set"
+        )
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     if trainer.get("sync_batchnorm") and on_cpu and multi_process(trainer):
         raise ConfigError(
             "--trainer.sync_batchnorm true: PyTorch's SyncBatchNorm works on GPUs only; "
             "drop the flag on CPU (or train on GPUs with --trainer.accelerator gpu)"
         )
+
+
+def launched_per_node(plugins: Any = None) -> bool:
+    """Whether something starts this process on every node: a cluster Lightning detects (SLURM batch job,
+    torchrun, LSF, MPI), one named in `--trainer.plugins`, or the variables Lightning's own
+    environment reads (NODE_RANK or GROUP_RANK, MASTER_ADDR). Without any, num_nodes > 1 can only wait."""
+    import os
+
+    from lightning.fabric.plugins import environments as envs
+
+    if any(os.environ.get(key) for key in ("NODE_RANK", "GROUP_RANK", "MASTER_ADDR")):
+        return True
+    named = plugins if isinstance(plugins, (list, tuple)) else [plugins]
+    for plugin in named:
+        path = plugin.get("class_path", "") if isinstance(plugin, dict) else plugin
+        if isinstance(plugin, envs.ClusterEnvironment) or (isinstance(path, str) and "Environment" in path):
+            return True
+    clusters = (envs.SLURMEnvironment, envs.TorchElasticEnvironment, envs.LSFEnvironment, envs.MPIEnvironment)
+    return any(cluster.detect() for cluster in clusters)  # what Lightning looks for, in its order
 
 
 def global_batch(per_device: int, devices: int, nodes: int) -> str:

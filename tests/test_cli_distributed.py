@@ -81,12 +81,11 @@ def test_slurm_requeue_signal_on_one_task_checkpoints_once_and_trains_on(tmp_pat
     slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "gangen", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2",
              "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}  # fmt: skip
     outputs = launch_two(args, slurm, lambda rank: {"SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)}, timeout=240)
-    assert outputs[0][0] == 0, outputs[0][2][-3000:]
-    # Known, not fixed: about 1 run in 12 here (and in both CI runs so far) the signalled task 1 aborts while it
-    # exits, after all its work, with C++'s "terminate called without an active exception" (exit -6); without
-    # the signal, or with it on task 0, it did not happen in 35 runs. Everything before the exit is asserted.
-    code, _, err = outputs[1]
-    assert code == 0 or (code == -6 and err.strip().endswith("terminate called without an active exception")), err
+    # Before gangen closed the process group at exit, task 1 aborted here about 1 run in 20 after all its work
+    # ("terminate called without an active exception", exit -6): a gloo thread freed a finished broadcast's
+    # tensors while Python was shutting down.
+    for code, _, err in outputs:
+        assert code == 0, err[-3000:]
     assert outputs[0][1].count("Handling auto-requeue signal") == 1  # rank 0 requeues, once
     assert sorted(p.name for p in tmp_path.glob("hpc_ckpt_*.ckpt")) == ["hpc_ckpt_1.ckpt"]
     saved = torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=True)
@@ -119,6 +118,31 @@ BAD_TRAINER = [
 @pytest.mark.parametrize("extra,needles", BAD_TRAINER, ids=lambda v: "_".join(v) if isinstance(v, list) else None)
 def test_bad_trainer_settings(capsys, tmp_path, extra, needles):
     assert_fit_refused(capsys, tmp_path, extra, needles)  # one line, no run folder
+
+
+def test_several_nodes_with_nothing_to_start_the_others_are_refused(capsys, tmp_path, monkeypatch):
+    """`--trainer.num_nodes 2` typed on one machine used to wait silently for a second node, until the process
+    group's timeout (30 minutes)."""
+    for key in ("NODE_RANK", "GROUP_RANK", "MASTER_ADDR", "SLURM_NTASKS", "LSB_JOBID", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+    assert_fit_refused(capsys, tmp_path, ["--trainer.num_nodes", "2", "--trainer.accelerator", "cpu"],
+                       ["--trainer.num_nodes 2", "would wait", "slurm.sbatch", "torchrun", "NODE_RANK"])  # fmt: skip
+
+
+def test_what_starts_a_run_on_every_node(monkeypatch):
+    from gangen.distributed import launched_per_node
+
+    for key in ("NODE_RANK", "GROUP_RANK", "MASTER_ADDR", "SLURM_NTASKS", "LSB_JOBID", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+    assert not launched_per_node(None) and not launched_per_node([])
+    slurm = {"class_path": "lightning.pytorch.plugins.environments.SLURMEnvironment", "init_args": {}}
+    assert launched_per_node([slurm])  # a cluster environment named in the config: the user's launcher
+    monkeypatch.setenv("NODE_RANK", "1")  # Lightning's own environment, set by hand on each node
+    assert launched_per_node(None)
+    monkeypatch.delenv("NODE_RANK")
+    monkeypatch.setenv("SLURM_NTASKS", "8")  # a SLURM batch job
+    monkeypatch.setenv("SLURM_JOB_NAME", "gangen")
+    assert launched_per_node(None)
 
 
 def test_refused_run_prints_one_line_on_stderr_as_a_user_sees_it(tmp_path):
