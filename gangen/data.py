@@ -397,14 +397,28 @@ class ImageDataModule(pl.LightningDataModule):
                 "--data.root DIR or set --data.download true"
             ) from e
 
+    def check_train_size(self, world_size: int) -> None:
+        """Refuse, before anything is read or written, a training split too small for one batch per process,
+        where its size is known without loading it (the in-memory datasets, a scanned image folder); the
+        others are checked when their batches are built."""
+        if self.dataset in _IN_MEMORY_SIZES:
+            count = min(_IN_MEMORY_SIZES[self.dataset][0], self.limit or _IN_MEMORY_SIZES[self.dataset][0])
+        elif self.dataset == "image_folder":
+            count = len(self._files)  # cut to the limit at the scan
+        else:
+            return
+        self._check_batches("train", count, world_size)
+
     def _check_batches(self, split: str, count: int, world_size: int) -> None:
         """Each of `world_size` processes gets count // world_size items: at least one full batch each."""
         if count // world_size < self.batch_size:  # drop_last would leave no batch at all
             processes = f" x {world_size} processes" if world_size > 1 else ""
-            raise ConfigError(
+            err = ConfigError(
                 f"the {self.dataset} {split} split has {count} images, fewer than batch_size {self.batch_size}"
                 f"{processes}: lower --data.batch_size or add images"
             )
+            err.on_every_rank = world_size > 1  # every rank counts the same: the CLI prints it once
+            raise err
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = self._split(split)

@@ -3,12 +3,12 @@
 import gzip
 import struct
 from pathlib import Path
-from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from conftest import assert_fit_refused
 from PIL import Image
 from torchvision import datasets
 
@@ -394,17 +394,14 @@ def test_split_smaller_than_a_batch_is_refused() -> None:
         dm.train_dataloader()
 
 
-def test_split_too_small_for_every_process_is_refused() -> None:
-    """Under DDP each rank gets len // world_size images: 12 images, batch 8 and 2 processes leave no rank a
-    full batch, which Lightning only warns about (then trains on nothing); both data paths refuse it."""
-    for on_device in (False, True):
-        dm = ImageDataModule(limit=12, batch_size=8, on_device=on_device)
-        dm.trainer = SimpleNamespace(
-            global_rank=0, world_size=2, strategy=SimpleNamespace(root_device=torch.device("cpu"))
-        )
-        dm.setup("fit")
-        with pytest.raises(ConfigError, match="has 12 images, fewer than batch_size 8 x 2 processes: lower"):
-            dm.train_dataloader()
+@pytest.mark.parametrize("extra", [["--trainer.devices", "2", "--data.limit", "96"],
+                                   ["--data.limit", "100", "--data.batch_size", "128"]])  # fmt: skip
+def test_split_too_small_for_every_process_is_refused_before_anything_is_written(capsys, tmp_path, extra) -> None:
+    """Under DDP each rank gets len // world_size images: 96 images, batch 64 and 2 processes leave no rank a
+    full batch, which Lightning only warns about (then trains on nothing). It was refused only once training
+    began: once per rank, after the run folder, config.yaml and hparams.yaml were written."""
+    world = "x 2 processes" if "2" in extra else "batch_size 128:"
+    assert_fit_refused(capsys, tmp_path, ["--trainer.accelerator", "cpu", *extra], ["train split has", world])
 
 
 def test_16_bit_grey_images_are_scaled_not_clipped(tmp_path: Path) -> None:

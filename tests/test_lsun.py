@@ -156,3 +156,19 @@ def test_limit_spreads_over_the_classes_with_and_without_the_cache(lsun_root, tm
         images, labels = items(module(lsun_root, tmp_path / "c", cache=cache, limit=5)._split("train"))
         assert labels == [0, 0, 0, 1, 1] and torch.equal(images, full[0][keep])
     assert any("-n5-" in p.name for p in (tmp_path / "c").iterdir())
+
+
+@pytest.mark.parametrize("on_device", ["false", "true"])
+def test_split_too_small_for_every_process_is_one_line_from_two_processes(lsun_root, tmp_path, on_device):
+    """LSUN's size is known only once its databases are read: the refusal comes when the batches are built,
+    on every rank, and is printed once (it was printed by each process)."""
+    args = tiny_fit_args(tmp_path / "runs", "--trainer.max_epochs", "1", "--data.dataset", "lsun",
+                         "--data.root", str(lsun_root), "--data.lsun_classes", "[bedroom, tower]",
+                         "--data.batch_size", "8", "--data.limit", "15", "--data.on_device", on_device,
+                         "--data.cache_dir", str(tmp_path / "c"), "--trainer.devices", "2",
+                         "--trainer.accelerator", "cpu")  # fmt: skip
+    r = run_cli(*args)
+    assert r.returncode == 2, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("gangen: error:")]
+    assert errors == ["gangen: error: the lsun train split has 15 images, fewer than batch_size 8 x 2 processes: "
+                      "lower --data.batch_size or add images"]  # fmt: skip
