@@ -1,6 +1,8 @@
 """Loss objects on known logits."""
 
+import csv
 import math
+import os
 
 import pytest
 import torch
@@ -125,13 +127,15 @@ def test_unknown_loss():
         ("r1", "non_saturating", "16-mixed"),
     ],
 )
-def test_lazy_regularisation_in_training(monkeypatch, reg, loss, precision):
+def test_lazy_regularisation_in_training(monkeypatch, tmp_path, reg, loss, precision):
     """A real fit: the penalty runs on D steps 0, 4 (reg_every=4 of 8), scaled by 4, and trains D. Under bf16
     autocast (the CLI's default on a bf16 CPU or GPU) G's images are bf16: the GP interpolation crashed.
     Under 16-mixed (fp16 autocast with a loss scaler; on the CPU through an explicit plugin, as Lightning
     turns the flag into bf16 there) the penalty gets the run's scaler; its first scale (2^16) overflows the
-    first step, which the scaler skips and the divergence check (every batch here) does not take for one."""
+    first step, which the scaler skips and the divergence check (every batch here) does not take for one. The
+    logged values are read from the metrics.csv that Lightning wrote (one row per batch)."""
     import lightning.pytorch as L
+    from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.plugins.precision import MixedPrecision
 
     import gangen.system
@@ -152,23 +156,26 @@ def test_lazy_regularisation_in_training(monkeypatch, reg, loss, precision):
         discriminator=DCGANDiscriminator(resolution=16, channels=1, base_channels=8, norm="none"),
         loss=loss, reg=reg, reg_weight=5.0, reg_every=4, check_finite_every=1,
     )  # fmt: skip
-    seen = []
-    model.log = lambda key, value, **kw: seen.append((key, float(value)))  # what training_step logs
     fp16 = precision == "16-mixed"
     fp16_plugin = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))
     trainer = L.Trainer(
-        accelerator="cpu", max_epochs=1, limit_train_batches=8, limit_val_batches=0, logger=False,
+        accelerator="cpu", max_epochs=1, limit_train_batches=8, limit_val_batches=0,
+        logger=CSVLogger(tmp_path, name="run"), log_every_n_steps=1,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         **({"plugins": [fp16_plugin]} if fp16 else {"precision": precision}),
     )  # fmt: skip
     trainer.fit(model, ImageDataModule(resolution=16, channels=1, batch_size=32, limit=256))
     assert len(calls) == 2 and model.batches_seen == 8
-    logged = [v for k, v in seen if k == f"loss/d_{reg}"]
-    assert logged == pytest.approx([4 * c for c in calls], nan_ok=True)  # scaled by the interval
+    with open(os.path.join(trainer.logger.log_dir, "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(row["step"]) for row in rows] == list(range(8))
     penalty = (f"loss/d_{reg}", f"d/{reg}_grad_norm")
-    assert all(math.isfinite(v) for k, v in seen if k not in penalty)
+    # the rows of the batches where it is due (in between, Lightning repeats the last value logged)
+    logged = {key: [float(rows[step][key]) for step in (0, 4)] for key in penalty}
+    assert logged[penalty[0]] == pytest.approx([4 * c for c in calls], nan_ok=True)  # scaled by the interval
+    assert all(math.isfinite(float(v)) for row in rows for k, v in row.items() if k not in penalty)
     for key in penalty:
-        assert [math.isfinite(v) for k, v in seen if k == key] == [not fp16, True]
+        assert [math.isfinite(v) for v in logged[key]] == [not fp16, True]
     assert scalers == [trainer.precision_plugin.scaler if fp16 else None] * 2
     if fp16:
         assert trainer.precision_plugin.scaler.get_scale() < 2.0**16
