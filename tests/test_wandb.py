@@ -14,7 +14,7 @@ from PIL import Image
 
 from gangen.classifier import save_classifier, train_classifier
 from gangen.data import ImageDataModule
-from gangen.wandb_files import BLOCK_SIZE, read_chunks, read_run
+from gangen.wandb_files import BLOCK_SIZE, read_chunks, read_records, read_run
 
 WANDB_CONFIG = str(ROOT / "configs" / "logger" / "wandb.yaml")
 
@@ -112,6 +112,34 @@ def test_offline_fit_logs_losses_fd_grids_and_config(tmp_path, wandb_env, classi
     assert whole.history[: len(logged.history)] == logged.history and len(whole.history) > len(logged.history)
     assert max(whole.values("trainer/global_step")) == 15 and whole.values("metric/num_samples") == [16, 16, 16]
     assert whole.summary["trainer/global_step"] == 15 and whole.path.parent == segments[1]
+
+
+def test_two_process_offline_fit_is_one_run_logged_once(tmp_path, wandb_env):
+    """DDP (2 CPU processes, gloo) with the W&B logger: the launched rank reuses rank 0's run id and logs
+    nothing itself, so there is one run folder, one offline run, and every step, grid and config once."""
+    runs = tmp_path / "runs"
+    args = tiny_fit_args(runs, "--config", WANDB_CONFIG, "--trainer.logger.init_args.save_dir", str(runs),
+                         "--trainer.devices", "2", "--trainer.accelerator", "cpu")  # fmt: skip
+    r = run_cli(*args, env=wandb_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "MEMBER: 2/2" in r.stderr + r.stdout  # really two processes
+    assert r.stderr.count("gangen: W&B:") == 1  # the offline warning, from rank 0 only
+    [run] = list((runs / "gangen").iterdir())  # one folder: both ranks' logger has rank 0's run id
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch=1-step=20.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["final.png", "kimg000000.png"]
+    [offline] = list((run / "wandb").glob("offline-run-*"))  # one offline run, written by rank 0
+    assert offline.name.endswith(f"-{run.name}")
+    assert [p.name for p in tmp_path.rglob("*.wandb")] == [f"run-{run.name}.wandb"]  # no run anywhere else
+    logged = read_run(offline)
+    scalar_steps = [row["trainer/global_step"] for row in logged.history if "loss/d" in row]
+    assert scalar_steps == [4, 9]  # 2 epochs x 5 batches per rank, logged every 5: each step once
+    grids = [row["trainer/global_step"] for row in logged.history if row.get("samples/_type") == "images/separated"]
+    assert grids == [0, 10]  # the two grids, once each
+    assert len(list((offline / "files" / "media" / "images").glob("samples_*.png"))) == 2
+    configs = [record for record in read_records(offline) if record.WhichOneof("record_type") == "config"]
+    logged_config = [record for record in configs if any(item.key == "trainer" for item in record.config.update)]
+    assert len(logged_config) == 1  # the resolved CLI config, once
+    assert logged.config["trainer"]["devices"] == "2" and logged.config["data"]["limit"] == 640
 
 
 @pytest.mark.parametrize("how", [["--trainer.logger.init_args.offline", "false"], "WANDB_MODE=online"])
