@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from conftest import DEMO_CONFIG, assert_fit_refused, fails, run_cli
@@ -134,3 +136,21 @@ def test_config_parse_errors_are_one_line(tmp_path, args, named):
     assert len(lines) == 1 and lines[0].startswith("gangen: error: ") and named in lines[0], lines
     assert "gangen fit --help" in lines[0]
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.mark.parametrize(
+    "args, final",
+    [
+        (["--trainer.devices", "two"], "gangen.errors.ConfigError: --trainer.devices 'two' is not a device count"),
+        (["--model.generator.widht", "3"], 'argparse.ArgumentError: Parser key "model.generator":'),
+    ],
+    ids=["gangen_error", "parse_error"],
+)
+def test_gangen_debug_gives_the_traceback_instead_of_the_line(tmp_path, args, final):
+    """GANGEN_DEBUG=1: the error propagates (traceback, exit status 1) instead of one `gangen: error:` line."""
+    r = run_cli("fit", "--config", str(DEMO_CONFIG), *args, cwd=tmp_path, env={"GANGEN_DEBUG": "1"})
+    assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
+    assert "Traceback (most recent call last):" in r.stderr and "gangen: error:" not in r.stderr
+    raised = [line for line in r.stderr.splitlines() if re.match(r"[\w.]+(Error|Exception): ", line)]
+    assert raised and raised[-1].startswith(final), raised  # the exception the one line would have named
+    assert list(tmp_path.iterdir()) == []  # refused before anything is written, as without GANGEN_DEBUG

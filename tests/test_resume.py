@@ -180,6 +180,15 @@ def test_sigint_saves_checkpoint(tmp_path):
     assert not (tmp_path / "params_rank0.pt").exists()
 
 
+def test_second_sigint_stops_at_once_without_a_checkpoint(tmp_path):
+    """Ctrl-C twice: the first asks for a checkpoint at the next batch start; the second, before then, stops
+    training at once (a KeyboardInterrupt, Lightning's exit status 1) and writes nothing."""
+    r = fit(tmp_path, *signal_at(2, signal.SIGINT), *signal_at(3, signal.SIGINT))  # batch 3: before the save
+    assert r.returncode == 1, (r.returncode, r.stderr[-3000:])
+    assert "Detected KeyboardInterrupt" in r.stdout and "SIGINT received" not in r.stdout + r.stderr
+    assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "params_rank0.pt").exists()
+
+
 @pytest.mark.parametrize("loader", ["dataloader", "on_device"])
 def test_two_process_mid_epoch_resume_is_exact(loader, tmp_path):
     """DDP (2 CPU processes, gloo): stopped mid-epoch 1, then resumed from its step checkpoint; every
