@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import math
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -376,6 +378,30 @@ def test_compiled_networks_regularise_through_the_eager_discriminator(reg):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b)
+
+
+def test_compiled_fit_with_r1_trains_on_the_cpu_and_saves_uncompiled_keys(tmp_path):
+    """`--model.compile true` really trains (inductor's C++ kernels on the CPU): 2 batches with R1 at every D
+    step (compile takes no double backward: this combination crashed), finite losses, and a last.ckpt whose
+    keys are an uncompiled model's (no `_orig_mod.`), so it loads strictly into a GAN without compile."""
+    args = tiny_fit_args(tmp_path, "--model.compile", "true", "--model.reg", "r1", "--model.reg_every", "1",
+                         "--trainer.max_steps", "4", "--trainer.log_every_n_steps", "1",
+                         "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0")  # fmt: skip
+    inductor = tmp_path / "inductor"  # its own kernel cache: compiled in this test, not read from an earlier one
+    r = run_cli(*args, env={"TORCHINDUCTOR_CACHE_DIR": str(inductor)}, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert list(inductor.rglob("*.so")), "nothing was compiled"
+    run = tmp_path / "dcgan_fashion_mnist" / "version_0"
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    losses = {key: [float(row[key]) for row in rows if row.get(key)] for key in ("loss/d", "loss/g", "loss/d_r1")}
+    assert all(len(v) == 2 and all(math.isfinite(x) for x in v) for v in losses.values()), losses
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["gangen"]["batches_seen"] == 2
+    assert not [key for key in ckpt["state_dict"] if "_orig_mod" in key]
+    loaded = GAN.load_from_checkpoint(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert getattr(loaded.generator, "_compiled_call_impl", None) is None  # strict load into plain networks
+    assert all(torch.equal(value, ckpt["state_dict"][key]) for key, value in loaded.state_dict().items())
 
 
 def test_channels_last_option(dm):
