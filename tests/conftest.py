@@ -96,3 +96,16 @@ def inception_weights(tmp_path_factory) -> Path:
     from gangen.inception import write_random_inception_weights
 
     return write_random_inception_weights(tmp_path_factory.mktemp("inception") / "random-inception.pth")
+
+
+@pytest.fixture(scope="session")
+def classifier_file(tmp_path_factory) -> Path:
+    """A domain classifier at the demo's 32x32x1 (metric/fd_fmnist), trained briefly on real Fashion-MNIST labels:
+    much cheaper on CPU than Inception at 299 px."""
+    from gangen.classifier import save_classifier, train_classifier
+    from gangen.data import ImageDataModule
+
+    classifier, accuracy = train_classifier(
+        ImageDataModule(limit=1000, batch_size=64), epochs=1, enable_progress_bar=False, accelerator="cpu"
+    )
+    return save_classifier(classifier, tmp_path_factory.mktemp("clf") / "fmnist.pt", accuracy=accuracy)

@@ -5,16 +5,18 @@ from __future__ import annotations
 import json
 
 import lightning.pytorch as L
+import numpy as np
 import pytest
 import torch
 from conftest import run_cli, tiny_fit_args
+from PIL import Image
 from torch import nn
 
 from gangen import GAN, DCGANDiscriminator, DCGANGenerator, ImageDataModule
 from gangen.classifier import save_classifier, train_classifier
 from gangen.ema import ema_beta, make_ema, recalibrate_batchnorm_, update_ema_
 from gangen.errors import ConfigError
-from gangen.sampling import load_generator, read_checkpoint
+from gangen.sampling import generate, grid_pixels, load_generator, read_checkpoint
 
 
 def test_half_life_conversion():
@@ -51,10 +53,22 @@ def test_update_maths_and_buffers():
     assert ema[1].num_batches_tracked.item() == 5
 
 
-def test_fit_saves_ema_and_generate_uses_it(tmp_path):
-    result = run_cli(*tiny_fit_args(tmp_path, "--model.ema_kimg", "0.2", "--trainer.max_epochs", "1"))
+@pytest.fixture(scope="module")
+def ema_run(tmp_path_factory, classifier_file):
+    """Run folder of a 1-epoch CLI fit with an EMA generator and domain-FD metrics (16 samples)."""
+    save_dir = tmp_path_factory.mktemp("ema_run")
+    args = tiny_fit_args(
+        save_dir, "--model.ema_kimg", "0.2", "--trainer.max_epochs", "1",
+        "--metrics.feature_extractor", str(classifier_file), "--metrics.num_samples", "16",
+        "--metrics.num_real", "16", "--metrics.cache_dir", str(save_dir / "cache"),
+    )  # fmt: skip
+    result = run_cli(*args)
     assert result.returncode == 0, result.stderr[-3000:]
-    ckpt_path = tmp_path / "dcgan_fashion_mnist" / "version_0" / "checkpoints" / "last.ckpt"
+    return save_dir / "dcgan_fashion_mnist" / "version_0"
+
+
+def test_fit_saves_ema_and_generate_uses_it(ema_run, tmp_path):
+    ckpt_path = ema_run / "checkpoints" / "last.ckpt"
     ckpt = read_checkpoint(ckpt_path)  # weights_only=True
     state = ckpt["state_dict"]
     ema_keys = sorted(k for k in state if k.startswith("generator_ema."))
@@ -72,6 +86,34 @@ def test_fit_saves_ema_and_generate_uses_it(tmp_path):
     out = tmp_path / "grid.png"
     result = run_cli("generate", "--ckpt_path", str(ckpt_path), "--output", str(out), "--num_samples", "8")
     assert result.returncode == 0 and out.is_file(), result.stderr[-2000:]
+
+
+def test_grids_and_metrics_of_an_ema_run_come_from_the_ema_generator(ema_run, classifier_file, tmp_path):
+    """README: sample grids and metrics use the EMA weights. samples/final.png is the grid of the fixed latents
+    drawn by the checkpoint's EMA generator (with its saved, re-estimated statistics), not by the trained one;
+    the last evaluation during fit equals `evaluate` of the checkpoint, which samples the EMA generator."""
+    from gangen.cli import main
+
+    ckpt_path = ema_run / "checkpoints" / "last.ckpt"
+    ckpt = read_checkpoint(ckpt_path)
+    grid_z = ckpt["state_dict"]["grid_z"]  # (64, latent_dim): the fixed latents of every grid
+
+    def grid(generator) -> np.ndarray:
+        return grid_pixels(generate(generator, len(grid_z), z=grid_z))[..., 0]  # as SampleGrid draws it
+
+    final = np.asarray(Image.open(ema_run / "samples" / "final.png"))
+    np.testing.assert_array_equal(final, grid(load_generator(ckpt)))
+    assert not np.array_equal(final, grid(load_generator(ckpt, ema=False)))  # so the check tells them apart
+
+    out = tmp_path / "m.json"
+    main(["evaluate", "--ckpt_path", str(ckpt_path), "--feature_extractor", str(classifier_file),
+          "--num_samples", "16", "--num_real", "16", "--cache_dir", str(ema_run.parent.parent / "cache"),
+          "--output", str(out)])  # fmt: skip
+    result = json.loads(out.read_text())
+    last = json.loads((ema_run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert result["real_from_cache"] is True and last["kimg"] == 0.64  # the same real statistics and weights
+    assert result["fd_fmnist"] == pytest.approx(last["fd_fmnist"], rel=1e-9)
+    assert result["fd_fmnist_kid_mean"] == pytest.approx(last["fd_fmnist_kid_mean"], rel=1e-9)
 
 
 class LiveRecorder(L.Callback):

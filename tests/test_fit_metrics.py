@@ -12,18 +12,6 @@ import pytest
 import torch
 from conftest import run_cli, tiny_fit_args
 
-from gangen.classifier import save_classifier, train_classifier
-from gangen.data import ImageDataModule
-
-
-@pytest.fixture(scope="module")
-def classifier_file(tmp_path_factory):
-    """A domain classifier at the demo's 32x32x1, trained briefly on real Fashion-MNIST labels."""
-    classifier, accuracy = train_classifier(
-        ImageDataModule(limit=1000, batch_size=64), epochs=1, enable_progress_bar=False, accelerator="cpu"
-    )
-    return save_classifier(classifier, tmp_path_factory.mktemp("clf") / "fmnist.pt", accuracy=accuracy)
-
 
 def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
