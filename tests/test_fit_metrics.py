@@ -10,11 +10,18 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli, tiny_fit_args
+from conftest import DEMO_CONFIG, run_cli, tiny_fit_args
 
 
 def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def run(*argv: str) -> None:
+    """A gangen command in-process (no interpreter start-up)."""
+    from gangen.cli import main
+
+    main(list(argv))
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +83,84 @@ def test_evaluate_samples(trained_ckpt, inception_weights, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((tmp_path / "metrics-inception-n12.json").read_text())
     assert result["num_fake"] == 12 and result["feature_extractor"] == "inception" and result["fid"] > 0
+
+
+def test_evaluate_a_png_folder_equals_its_npz(trained_ckpt, classifier_file, tmp_path, capsys):
+    """`generate --output DIR/` then `evaluate --samples DIR/` (README's workflow): the PNGs are read in name
+    order as greyscale, the array the .npz of the same seed holds, and score the same. An empty folder is one
+    line naming the fix, and nothing is written."""
+    from gangen.commands import load_samples
+
+    for output in (f"{tmp_path}/pngs/", str(tmp_path / "s.npz")):
+        run("generate", "--ckpt_path", str(trained_ckpt), "--num_samples", "12", "--output", output)
+    folder, npz = load_samples(str(tmp_path / "pngs")), load_samples(str(tmp_path / "s.npz"))
+    assert folder.shape == (12, 1, 32, 32) and torch.equal(folder, npz)
+    results = []
+    for source in ("pngs", "s.npz"):
+        out = tmp_path / f"{source}.json"
+        run("evaluate", "--samples", str(tmp_path / source), "--data.dataset", "fashion_mnist", "--data.limit", "640",
+            "--feature_extractor", str(classifier_file), "--num_real", "12", "--cache_dir", str(tmp_path / "cache"),
+            "--output", str(out))  # fmt: skip
+        results.append(json.loads(out.read_text()))
+    assert results[0]["num_fake"] == 12 and results[0]["source"] == str(tmp_path / "pngs")
+    for key in ("fd_fmnist", "fd_fmnist_kid_mean"):  # equal pixels; the arrays' strides differ in the size-1
+        assert results[0][key] == pytest.approx(results[1][key], rel=1e-6), key  # channel dim: features 1 ulp off
+
+    (tmp_path / "empty").mkdir()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run("evaluate", "--samples", str(tmp_path / "empty"), "--data.dataset", "fashion_mnist",
+            "--feature_extractor", str(classifier_file), "--output", str(tmp_path / "empty.json"))  # fmt: skip
+    assert exit_info.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"gangen: error: no images in {tmp_path / 'empty'}: write some with "
+                    f"`gangen generate --output {tmp_path / 'empty'}/`")  # fmt: skip
+    assert not (tmp_path / "empty.json").exists() and list((tmp_path / "empty").iterdir()) == []
+
+
+def test_validate_evaluates_the_checkpoint_as_evaluate_does(trained_run, classifier_file, tmp_path):
+    """`validate` with metrics on evaluates (no every_kimg schedule there): metric/fd_fmnist is in the printed
+    table and in metrics.jsonl at the checkpoint's kimg, equal to `evaluate` of the checkpoint with the same
+    settings (samples, seed, real images)."""
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    r = run_cli("validate", "--config", str(DEMO_CONFIG), "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+                "--ckpt_path", str(ckpt), "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false",
+                "--data.limit", "640", "--metrics.feature_extractor", str(classifier_file), "--metrics.num_samples",
+                "16", "--metrics.num_real", "16", "--metrics.cache_dir", str(tmp_path / "cache"))  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    [row] = read_jsonl(tmp_path / "runs" / "dcgan_fashion_mnist" / "version_0" / "metrics.jsonl")
+    assert row["kimg"] == 1.28 and row["num_fake"] == 16 and row["real_from_cache"] is False
+    printed = float(re.search(r"metric/fd_fmnist\W+([0-9.e+-]+)", r.stdout).group(1))  # the table: float32
+    assert printed == pytest.approx(row["fd_fmnist"], rel=1e-6)
+    out = tmp_path / "m.json"
+    run("evaluate", "--ckpt_path", str(ckpt), "--feature_extractor", str(classifier_file), "--num_samples", "16",
+        "--num_real", "16", "--cache_dir", str(tmp_path / "cache"), "--output", str(out))  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["real_from_cache"] is True  # validate's real statistics: the same images
+    assert result["fd_fmnist"] == pytest.approx(row["fd_fmnist"], rel=1e-9)
+    assert result["fd_fmnist_kid_mean"] == pytest.approx(row["fd_fmnist_kid_mean"], rel=1e-9)
+
+
+def test_every_kimg_thins_evaluations_and_a_resume_keeps_the_schedule(classifier_file, tmp_path):
+    """--metrics.every_kimg 0.5 with 0.32 kimg epochs: the first validation evaluates, 0.64 kimg is too soon
+    after 0.32, 0.96 is due. A run resumed from the checkpoint of epoch 1 evaluates where the uninterrupted
+    run did, with the same value: the schedule (the last evaluation's kimg) is in the checkpoint; lost at the
+    resume, 0.64 would be evaluated and 0.96 skipped."""
+    args = ["--data.limit", "320", "--trainer.max_epochs", "3", "--model.generator.base_channels", "8",
+            "--model.discriminator.base_channels", "8", "--metrics.feature_extractor", str(classifier_file),
+            "--metrics.every_kimg", "0.5", "--metrics.num_samples", "16", "--metrics.num_real", "16",
+            "--metrics.cache_dir", str(tmp_path / "cache")]  # fmt: skip
+    r = run_cli(*tiny_fit_args(tmp_path / "straight", *args, "--trainer.callbacks.save_top_k", "-1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    folder = tmp_path / "straight" / "dcgan_fashion_mnist" / "version_0"
+    straight = read_jsonl(folder / "metrics.jsonl")
+    assert [row["kimg"] for row in straight] == [0.32, 0.96]
+    first_epoch = folder / "checkpoints" / "epoch=0-step=10.ckpt"  # as a run stopped after epoch 1 left it
+    r = run_cli(*tiny_fit_args(tmp_path / "resumed", *args, "--ckpt_path", str(first_epoch)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    [resumed] = read_jsonl(tmp_path / "resumed" / "dcgan_fashion_mnist" / "version_0" / "metrics.jsonl")
+    assert resumed["kimg"] == 0.96 and resumed["step"] == straight[1]["step"]
+    assert resumed["fd_fmnist"] == pytest.approx(straight[1]["fd_fmnist"], rel=1e-9)  # an exact resume
 
 
 def test_fit_without_weights_fails_before_training(tmp_path):
