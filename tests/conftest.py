@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -109,3 +116,84 @@ def classifier_file(tmp_path_factory) -> Path:
         ImageDataModule(limit=1000, batch_size=64), epochs=1, enable_progress_bar=False, accelerator="cpu"
     )
     return save_classifier(classifier, tmp_path_factory.mktemp("clf") / "fmnist.pt", accuracy=accuracy)
+
+
+class SilentServer:
+    """A loopback TCP server that accepts every connection and never sends a byte: a server that hangs.
+
+    `url` is http://127.0.0.1:PORT; `connections` counts the connections accepted (exact once closed). They stay
+    open until the server closes, or until `hang_guard_s` has passed: then the connections and the port close,
+    so a client that ignores its timeout fails (connection closed or refused) instead of hanging the tests.
+    The guard is no measured limit: a client that keeps its timeout gives up long before it.
+    """
+
+    def __init__(self, hang_guard_s: float = 60) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.05)
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self.connections = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, args=(time.monotonic() + hang_guard_s,), daemon=True)
+        self._thread.start()
+
+    def _serve(self, guard_at: float) -> None:
+        held = []
+        while not self._stop.is_set() and time.monotonic() < guard_at:
+            try:
+                held.append(self._listener.accept()[0])
+            except TimeoutError:
+                continue
+        self._listener.setblocking(False)
+        while True:  # count the connections still queued (made, never accepted): a closed one counts too
+            try:
+                held.append(self._listener.accept()[0])
+            except BlockingIOError:
+                break
+        self.connections = len(held)
+        for connection in held:
+            connection.close()
+        self._listener.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def __enter__(self) -> SilentServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextmanager
+def file_server(files: dict[str, Path]) -> Iterator[tuple[str, list[str]]]:
+    """A loopback http.server serving `files` ({name: path}) at <url>/<name>. Yields (url, requests): the
+    paths of the GET requests so far; any other name is a 404."""
+    requests: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            requests.append(self.path)
+            path = files.get(self.path.lstrip("/"))
+            if path is None:
+                self.send_error(404, "File not found")
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(path.stat().st_size))
+            self.end_headers()
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    self.wfile.write(chunk)
+
+        def log_message(self, *args: object) -> None:  # no request lines on stderr
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=functools.partial(server.serve_forever, poll_interval=0.05), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", requests
+    finally:
+        server.shutdown()
+        thread.join()
+        server.server_close()
