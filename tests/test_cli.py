@@ -92,7 +92,11 @@ def test_interpolation_strip(trained_ckpt, tmp_path):
     assert r.returncode == 0, r.stderr
     with Image.open(out) as im:
         assert im.size == (6 * 34 + 2, 3 * 34 + 2)  # 3 strips of 6
+        grid = np.asarray(im.convert("L"), dtype=np.int16)
     assert "wrote 18 images" in r.stdout
+    for row in range(3):  # the images of a strip change from frame to frame: no two are the same
+        frames = [grid[2 + 34 * row : 34 * (row + 1), 2 + 34 * k : 34 * (k + 1)] for k in range(6)]
+        assert all(not np.array_equal(frames[i], frames[j]) for i in range(6) for j in range(i + 1, 6))
 
 
 def test_validate_subcommand(trained_ckpt):

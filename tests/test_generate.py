@@ -19,7 +19,7 @@ from gangen import DCGANGenerator, generate, load_generator
 from gangen.cache_dir import creation_mode
 from gangen.errors import ConfigError
 from gangen.networks import network_spec
-from gangen.sampling import interpolation_latents, latents, save_grid, to_uint8
+from gangen.sampling import interpolation_latents, latents, save_grid, slerp, to_uint8
 
 
 def run(*argv: str) -> None:
@@ -166,6 +166,49 @@ def test_sigterm_while_writing_a_png_folder_leaves_nothing(trained_ckpt, tmp_pat
     proc.communicate(timeout=60)
     assert proc.returncode == 143
     assert list(tmp_path.iterdir()) == []
+
+
+def _angles(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Angles (radians) between the rows of x and y (or a vector y)."""
+    cos = (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1))
+    return torch.arccos(cos.clamp(-1, 1))
+
+
+def test_slerp_walks_the_arc_between_its_end_points_at_constant_speed():
+    a, b = latents(2, 64, seed=1).double()
+    b = b * a.norm() / b.norm()  # equal norms: slerp's path is the arc of radius |a| from a to b
+    omega = _angles(a, b)
+    t = torch.linspace(0, 1, 9, dtype=torch.float64)
+    path = slerp(a, b, t)
+    assert path.shape == (9, 64)
+    torch.testing.assert_close(path[0], a)
+    torch.testing.assert_close(path[-1], b)
+    torch.testing.assert_close(path.norm(dim=1), a.norm().expand(9))  # on the sphere
+    torch.testing.assert_close(_angles(path, a), t * omega)  # at angle t * omega from a ...
+    torch.testing.assert_close(_angles(path[1:], path[:-1]), (omega / 8).expand(8))  # ... in equal steps
+    plane = torch.linalg.qr(torch.stack([a, b], 1)).Q  # (64, 2): in the plane of a and b
+    torch.testing.assert_close(path @ plane @ plane.T, path)
+    torch.testing.assert_close(slerp(a, 2 * a, t), (1 + t)[:, None] * a)  # parallel ends: a straight line
+
+
+def test_interpolation_strips_run_by_slerp_between_the_seeded_end_latents():
+    """Strip r goes from latents(2 * rows, D, seed)[2r] to [2r + 1]; each frame is the slerp formula at
+    t = k / (K - 1), computed here in float64."""
+    rows, steps, dim, seed = 3, 7, 64, 4
+    z = interpolation_latents(rows, steps, dim, seed)
+    assert z.shape == (rows * steps, dim)
+    ends = latents(2 * rows, dim, seed).double().numpy()
+    t = np.linspace(0, 1, steps)[:, None]
+    for r, strip in enumerate(z.double().view(rows, steps, dim)):
+        a, b = ends[2 * r], ends[2 * r + 1]
+        omega = np.arccos(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+        expected = (np.sin((1 - t) * omega) * a + np.sin(t * omega) * b) / np.sin(omega)
+        np.testing.assert_allclose(strip.numpy(), expected, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(strip[[0, -1]].numpy(), np.stack([a, b]), rtol=0, atol=1e-5)
+        from_a, from_b = _angles(strip, torch.from_numpy(a)), _angles(strip, torch.from_numpy(b))
+        assert (from_a.diff() > 0).all() and (from_b.diff() < 0).all()  # each frame a step further from a, on to b
+        distances = torch.cdist(strip, strip) + torch.eye(steps) * 1e9
+        assert distances.min() > 0.1  # frames pairwise different
 
 
 def _conditional_checkpoint(tmp_path):
