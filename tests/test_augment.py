@@ -73,13 +73,46 @@ def test_cutout_zeroes_a_square():
     assert (zeroed == 64).any()
 
 
-def test_color_keeps_greyscale_structure():
-    x = torch.rand(5, 1, 8, 8) * 2 - 1
+def _centred(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    return x - x.mean(dim=dims, keepdim=True)
+
+
+def _factor(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per image, the least-squares k in y = k x (B,); asserts that y is k x."""
+    k = (x * y).flatten(1).sum(1) / (x * x).flatten(1).sum(1)
+    torch.testing.assert_close(y, k.view(-1, *[1] * (x.dim() - 1)) * x, atol=1e-5, rtol=1e-5)
+    return k
+
+
+def test_color_on_greyscale_is_brightness_then_contrast_in_their_ranges():
+    """DiffAugment's color: brightness x + U(-0.5, 0.5), then contrast (x - image mean) x U(0.5, 1.5) + image mean
+    (saturation is a no-op on one channel). So per image: out - mean(out) = c (x - mean(x)) with c in
+    [0.5, 1.5], and mean(out) - mean(x) in [-0.5, 0.5]; every image draws its own c and shift."""
+    x = torch.rand(256, 1, 8, 8) * 2 - 1
     out = DiffAugment("color", seed=0)(x)
-    # brightness + contrast are affine per image: out = a x + b with a in [0.5, 1.5] * saturation factor
-    for xi, oi in zip(x, out, strict=True):
-        a = torch.linalg.lstsq(torch.stack([xi.flatten(), torch.ones(64)], 1), oi.flatten()[:, None]).solution
-        torch.testing.assert_close(a[0, 0] * xi + a[1, 0], oi, atol=1e-5, rtol=1e-5)
+    contrast = _factor(_centred(x, (1, 2, 3)), _centred(out, (1, 2, 3)))
+    brightness = out.mean(dim=(1, 2, 3)) - x.mean(dim=(1, 2, 3))
+    assert contrast.min() >= 0.5 - 1e-5 and contrast.max() <= 1.5 + 1e-5
+    assert brightness.min() >= -0.5 - 1e-5 and brightness.max() <= 0.5 + 1e-5
+    assert contrast.min() < 0.6 and contrast.max() > 1.4  # spread over the range (256 uniform draws)
+    assert brightness.min() < -0.4 and brightness.max() > 0.4
+
+
+def test_color_scales_saturation_around_the_channel_mean_in_its_range():
+    """On RGB, saturation scales each pixel's spread around its channel mean by U(0, 2), and contrast scales it
+    by c too. The channel mean itself moves as greyscale does (brightness, contrast c), which gives c: the
+    saturation factor is (spread factor) / c."""
+    x = torch.rand(256, 3, 8, 8) * 2 - 1
+    out = DiffAugment("color", seed=0)(x)
+    grey, grey_out = x.mean(dim=1), out.mean(dim=1)  # (B, H, W)
+    contrast = _factor(_centred(grey, (1, 2)), _centred(grey_out, (1, 2)))
+    brightness = grey_out.mean(dim=(1, 2)) - grey.mean(dim=(1, 2))
+    saturation = _factor(_centred(x, (1,)), _centred(out, (1,))) / contrast
+    assert contrast.min() >= 0.5 - 1e-5 and contrast.max() <= 1.5 + 1e-5
+    assert brightness.min() >= -0.5 - 1e-5 and brightness.max() <= 0.5 + 1e-5
+    assert saturation.min() >= 0 and saturation.max() <= 2 + 1e-4
+    assert saturation.min() < 0.2 and saturation.max() > 1.8  # spread over the range (256 uniform draws)
+    assert contrast.min() < 0.6 and contrast.max() > 1.4 and brightness.min() < -0.4 and brightness.max() > 0.4
 
 
 def test_identity_and_bad_policy():
