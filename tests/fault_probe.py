@@ -5,10 +5,24 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import lightning.pytorch as L
 import torch
+
+from gangen import reliability
+
+
+def signal_self(signum: int) -> None:
+    """Send `signum` to this process; a handled one has been handled when this returns, or it fails loudly.
+
+    The kernel delivers a signal a thread sends to its own process to that thread when it does not block it,
+    and CPython runs the Python handler at once (os.kill checks for signals before it returns): gangen's
+    handlers (reliability.Preemption) have noted a SIGTERM, SIGINT or SLURM requeue signal by the next line.
+    SIGKILL ends the process inside os.kill."""
+    os.kill(os.getpid(), signum)
+    noted = reliability._received  # {"signum": SIGTERM / SIGINT, "requeue": SLURM's signal}
+    if signum not in (noted.get("signum"), noted.get("requeue")):
+        raise AssertionError(f"signal {signum} sent to this process, but no gangen handler has noted it: {noted}")
 
 
 class SignalAt(L.Callback):
@@ -21,8 +35,7 @@ class SignalAt(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
         if trainer.global_step >= self.step and self.rank in (None, trainer.global_rank) and not self.sent:
             self.sent = True
-            os.kill(os.getpid(), self.signum)
-            time.sleep(0.5)  # let a handled signal arrive before the step runs
+            signal_self(self.signum)
 
 
 class SignalInValidation(L.Callback):
@@ -38,8 +51,7 @@ class SignalInValidation(L.Callback):
             and self.rank in (None, trainer.global_rank)
         ):  # fmt: skip
             self.sent = True
-            os.kill(os.getpid(), self.signum)
-            time.sleep(0.5)
+            signal_self(self.signum)
 
 
 class PoisonAt(L.Callback):
