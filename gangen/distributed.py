@@ -6,6 +6,7 @@ inside the first forward pass of a multi-process run. These checks turn them int
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -100,6 +101,7 @@ def check_trainer(trainer: Any) -> None:
                 f"--trainer.strategy {strategy}: plain DDP stops at gangen's first step (each backward uses only "
                 f"one of the two networks it wraps): use {unused} (what auto picks)"
             )
+    check_slurm_plugin(trainer.get("plugins"))
     nodes = trainer.get("num_nodes") or 1
     if isinstance(nodes, int) and nodes > 1 and not launched_per_node(trainer.get("plugins")):
         raise ConfigError(
@@ -115,20 +117,38 @@ def check_trainer(trainer: Any) -> None:
         )
 
 
+SLURM_TASK_VARIABLES = ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_NTASKS", "SLURM_NODELIST")
+
+
+def _plugin_paths(plugins: Any) -> list[Any]:
+    """The class paths of `--trainer.plugins` entries (config dicts or Namespaces), or the objects themselves."""
+    named = plugins if isinstance(plugins, (list, tuple)) else [plugins]
+    return [plugin.get("class_path", "") if hasattr(plugin, "get") else plugin for plugin in named]
+
+
+def check_slurm_plugin(plugins: Any) -> None:
+    """Lightning's SLURMEnvironment named (configs/cluster/slurm.yaml) outside a SLURM task crashed with a
+    KeyError traceback in Trainer(...): one line instead."""
+    if not any(isinstance(p, str) and p.endswith("SLURMEnvironment") for p in _plugin_paths(plugins)):
+        return
+    missing = [key for key in SLURM_TASK_VARIABLES if key not in os.environ]
+    if missing:
+        raise ConfigError(
+            f"--trainer.plugins SLURMEnvironment (configs/cluster/slurm.yaml) outside a SLURM task: {missing[0]} "
+            "is not set; start it with srun (sbatch configs/cluster/slurm.sbatch), or leave that config out"
+        )
+
+
 def launched_per_node(plugins: Any = None) -> bool:
     """Whether something starts this process on every node: a cluster Lightning detects (SLURM batch job,
     torchrun, LSF, MPI), one named in `--trainer.plugins`, or the variables Lightning's own
     environment reads (NODE_RANK or GROUP_RANK, MASTER_ADDR). Without any, num_nodes > 1 can only wait."""
-    import os
-
     from lightning.fabric.plugins import environments as envs
 
     if any(os.environ.get(key) for key in ("NODE_RANK", "GROUP_RANK", "MASTER_ADDR")):
         return True
-    named = plugins if isinstance(plugins, (list, tuple)) else [plugins]
-    for plugin in named:
-        path = plugin.get("class_path", "") if isinstance(plugin, dict) else plugin
-        if isinstance(plugin, envs.ClusterEnvironment) or (isinstance(path, str) and "Environment" in path):
+    for path in _plugin_paths(plugins):
+        if isinstance(path, envs.ClusterEnvironment) or (isinstance(path, str) and "Environment" in path):
             return True
     clusters = (envs.SLURMEnvironment, envs.TorchElasticEnvironment, envs.LSFEnvironment, envs.MPIEnvironment)
     return any(cluster.detect() for cluster in clusters)  # what Lightning looks for, in its order

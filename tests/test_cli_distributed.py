@@ -12,6 +12,8 @@ from collections.abc import Callable
 import pytest
 import torch
 from conftest import DEMO_CONFIG, ROOT, assert_fit_refused, run_cli, tiny_fit_args
+from jsonargparse import Namespace
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 
 def free_port() -> int:
@@ -129,14 +131,24 @@ def test_several_nodes_with_nothing_to_start_the_others_are_refused(capsys, tmp_
                        ["--trainer.num_nodes 2", "would wait", "slurm.sbatch", "torchrun", "NODE_RANK"])  # fmt: skip
 
 
+def test_the_slurm_config_outside_a_slurm_task_is_one_line(capsys, tmp_path, monkeypatch):
+    """It was a KeyError traceback from Lightning's SLURMEnvironment, inside Trainer(...)."""
+    monkeypatch.delenv("SLURM_PROCID", raising=False)
+    assert_fit_refused(capsys, tmp_path, ["--config", str(ROOT / "configs" / "cluster" / "slurm.yaml"),
+                                          "--trainer.accelerator", "cpu", "--trainer.devices", "1"],
+                       ["SLURMEnvironment", "outside a SLURM task", "SLURM_PROCID is not set", "srun"])  # fmt: skip
+
+
 def test_what_starts_a_run_on_every_node(monkeypatch):
     from gangen.distributed import launched_per_node
 
     for key in ("NODE_RANK", "GROUP_RANK", "MASTER_ADDR", "SLURM_NTASKS", "LSB_JOBID", "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(key, raising=False)
     assert not launched_per_node(None) and not launched_per_node([])
-    slurm = {"class_path": "lightning.pytorch.plugins.environments.SLURMEnvironment", "init_args": {}}
-    assert launched_per_node([slurm])  # a cluster environment named in the config: the user's launcher
+    slurm = "lightning.pytorch.plugins.environments.SLURMEnvironment"
+    for named in ({"class_path": slurm}, Namespace(class_path=slurm, init_args=Namespace(auto_requeue=True))):
+        assert launched_per_node([named])  # a cluster environment named in the config (srun in an interactive
+    assert launched_per_node(SLURMEnvironment())  # job, which Lightning does not detect) or in Python
     monkeypatch.setenv("NODE_RANK", "1")  # Lightning's own environment, set by hand on each node
     assert launched_per_node(None)
     monkeypatch.delenv("NODE_RANK")
