@@ -182,8 +182,11 @@ def file_server(files: dict[str, Path]) -> Iterator[tuple[str, list[str]]]:
             self.send_header("Content-Length", str(path.stat().st_size))
             self.end_headers()
             with open(path, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    self.wfile.write(chunk)
+                try:
+                    while chunk := f.read(1 << 20):
+                        self.wfile.write(chunk)
+                except (BrokenPipeError, ConnectionResetError):  # a client that read only the start (redirect check)
+                    pass
 
         def log_message(self, *args: object) -> None:  # no request lines on stderr
             pass

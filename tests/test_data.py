@@ -1,6 +1,7 @@
 """Tests of gangen.data: real Fashion-MNIST, IDX files, image folders, torchvision wrappers, bad input."""
 
 import gzip
+import hashlib
 import struct
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import assert_fit_refused
+from conftest import assert_fit_refused, file_server
 from PIL import Image
 from torchvision import datasets
 
@@ -190,24 +191,28 @@ def test_idx_bad_magic(tmp_path: Path) -> None:
         read_idx(path)
 
 
-def test_download_uses_torchvision_layout(tmp_path: Path, fmnist_arrays: dict, monkeypatch) -> None:
-    """download=True calls torchvision in prepare_data, then reads <root>/FashionMNIST/raw.
-
-    No network here: torchvision's FashionMNIST is replaced by a stand-in that writes real IDX files where
-    torchvision would put them; the code path after the download is the real one.
-    """
-    calls = []
-
-    def fake_fashion_mnist(root: str, train: bool, download: bool) -> None:
-        calls.append((root, train, download))
-        write_idx(Path(root) / "FashionMNIST" / "raw", fmnist_arrays)
-
-    monkeypatch.setattr(datasets, "FashionMNIST", fake_fashion_mnist)
-    dm = ImageDataModule(root=str(tmp_path / "new"), download=True, batch_size=4)
-    dm.prepare_data()
-    dm.prepare_data()  # files present now: no second download
-    assert calls == [(str(tmp_path / "new"), True, True), (str(tmp_path / "new"), False, True)]
+def test_download_runs_torchvision_into_its_layout(tmp_path: Path, monkeypatch) -> None:
+    """download=True runs torchvision's own FashionMNIST download in prepare_data (fetch, md5 check, gunzip)
+    and then reads <root>/FashionMNIST/raw. No network here: torchvision's mirror is a loopback server of
+    Debian's files, and its md5s are those files' (Debian's gzip differs from the upstream archive)."""
+    files = {p.name: p for p in sorted(Path(DEFAULT_FASHION_MNIST_ROOT).glob("*-ubyte.gz"))}
+    assert len(files) == 4
+    md5s = [(name, hashlib.md5(path.read_bytes()).hexdigest()) for name, path in files.items()]
+    with file_server(files) as (url, requests):
+        monkeypatch.setattr(datasets.FashionMNIST, "mirrors", [url + "/"])
+        monkeypatch.setattr(datasets.FashionMNIST, "resources", md5s)
+        dm = ImageDataModule(root=str(tmp_path / "new"), download=True, batch_size=4, limit=64)
+        dm.prepare_data()
+        first = list(requests)  # torchvision reads each file's start once to follow redirects, then fetches it
+        dm.prepare_data()  # files present now: no second download
+        assert requests == first
+    assert sorted({r.lstrip("/") for r in first}) == sorted(files)
+    raw = tmp_path / "new" / "FashionMNIST" / "raw"
+    for name, path in files.items():  # torchvision kept the archive and unpacked it
+        assert (raw / name).read_bytes() == path.read_bytes()
+        assert (raw / name.removesuffix(".gz")).read_bytes() == gzip.decompress(path.read_bytes())
     check_batch(*first_batch(dm), 4, 1, 32)
+    assert torch.equal(dm._split("train")[0][0], ImageDataModule(limit=64)._split("train")[0][0])
 
 
 # ---------------------------------------------------------------- image folders
