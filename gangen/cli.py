@@ -172,7 +172,7 @@ class GANCLI(LightningCLI):
         if getattr(self.model, "cuda_graph", None) is True:  # None (auto) falls back to the eager step instead
             self.model.check_cuda_graph(self.trainer)
         if hasattr(self.datamodule, "check_train_size"):  # at least one batch per process, where that is known
-            self.datamodule.check_train_size(self.trainer.world_size)
+            self.datamodule.check_train_size(self.trainer.world_size, self.trainer.val_check_interval)
         trainer = self.trainer
         if trainer.global_rank == 0:  # ranks are known once the Trainer exists, before any process is launched
             line = global_batch(self.datamodule.hparams["batch_size"], trainer.num_devices, trainer.num_nodes)
@@ -194,6 +194,10 @@ class GANCLI(LightningCLI):
         trainer = self.trainer
         places = [] if trainer.loggers else [("--trainer.default_root_dir", trainer.default_root_dir)]  # else unused
         for logger in trainer.loggers:
+            if getattr(logger, "save_dir", None) == "":  # "" is the current folder: an unset variable, likely
+                raise ConfigError(
+                    "--trainer.logger.init_args.save_dir is empty: pass a folder (e.g. runs); '.' for this one"
+                )
             if getattr(logger, "save_dir", None):
                 places.append(("--trainer.logger.init_args.save_dir", logger.save_dir))
             every = getattr(logger, "_flush_logs_every_n_steps", 1) if isinstance(logger, CSVLogger) else 1

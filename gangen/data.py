@@ -397,10 +397,11 @@ class ImageDataModule(pl.LightningDataModule):
                 "--data.root DIR or set --data.download true"
             ) from e
 
-    def check_train_size(self, world_size: int) -> None:
+    def check_train_size(self, world_size: int, val_check_interval: int | float | None = None) -> None:
         """Refuse, before anything is read or written, a training split too small for one batch per process,
-        where its size is known without loading it (the in-memory datasets, a scanned image folder); the
-        others are checked when their batches are built."""
+        and a --trainer.val_check_interval (a batch count) longer than an epoch, where the split's size is
+        known without loading it (the in-memory datasets, a scanned image folder); the others are checked
+        when their batches are built."""
         if self.dataset in _IN_MEMORY_SIZES:
             count = min(_IN_MEMORY_SIZES[self.dataset][0], self.limit or _IN_MEMORY_SIZES[self.dataset][0])
         elif self.dataset == "image_folder":
@@ -408,6 +409,13 @@ class ImageDataModule(pl.LightningDataModule):
         else:
             return
         self._check_batches("train", count, world_size)
+        batches = count // world_size // self.batch_size  # per process and epoch (drop_last)
+        if isinstance(val_check_interval, int) and not isinstance(val_check_interval, bool):
+            if val_check_interval > batches:  # Lightning: a ValueError traceback once training starts
+                raise ConfigError(
+                    f"--trainer.val_check_interval {val_check_interval} is more than the {batches} training batches "
+                    f"of an epoch: use at most {batches}, or a fraction of an epoch (0.5)"
+                )
 
     def _check_batches(self, split: str, count: int, world_size: int) -> None:
         """Each of `world_size` processes gets count // world_size items: at least one full batch each."""

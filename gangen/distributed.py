@@ -101,6 +101,11 @@ def check_trainer(trainer: Any) -> None:
                 f"--trainer.strategy {strategy}: plain DDP stops at gangen's first step (each backward uses only "
                 f"one of the two networks it wraps): use {unused} (what auto picks)"
             )
+    for key in ("val_check_interval", "check_val_every_n_epoch"):  # Lightning: ZeroDivisionError mid-fit
+        value = trainer.get(key)
+        if value is not None and not isinstance(value, bool) and value <= 0:
+            what = "batches, or a fraction of an epoch in (0, 1]" if key == "val_check_interval" else "epochs"
+            raise ConfigError(f"--trainer.{key} {value} must be > 0 ({what})")
     check_slurm_plugin(trainer.get("plugins"))
     nodes = trainer.get("num_nodes") or 1
     if isinstance(nodes, int) and nodes > 1 and not launched_per_node(trainer.get("plugins")):

@@ -223,6 +223,12 @@ def _image_format(path: Path) -> str:
 def output_kind(output: str) -> str:
     """'grid' (.png/.jpg/.webp), 'npz' (.npz) or 'folder' (ends with / or is a folder); else ConfigError."""
     path = Path(output)
+    if not output.strip():  # an unset shell variable: it meant the current folder
+        raise ConfigError("--output '' is empty: pass grid.png, grid.jpg, out.npz or a folder DIR/")
+    if path.is_dir() and not output.endswith(("/", os.sep)) and path.suffix.lower() in (*_IMAGE_SUFFIXES, ".npz"):
+        raise ConfigError(
+            f"--output {output!r} is a folder: pass {output}/ to write one PNG per image into it, or a new file name"
+        )
     if output.endswith(("/", os.sep)) or path.is_dir():
         kind = "folder"
         parent = path.parent

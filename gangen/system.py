@@ -288,6 +288,13 @@ class GAN(L.LightningModule):
                 "round away (and sampling it crashed): use bf16-mixed, or --model.ema_kimg 0"
             )
 
+        for name in ("g_optimizer", "d_optimizer"):  # the optimizer's own checks (lr < 0, betas, eps) up front
+            try:
+                getattr(self, name)([torch.nn.Parameter(torch.zeros(1))])
+            except (ValueError, TypeError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ConfigError(f"--model.{name} was refused: {first}: fix that setting") from e
+
     def check_data_shape(self, data: Any) -> None:
         """The data must have the resolution and channels the generator was built for (a datamodule with
         hyperparameters; a plain loader's first batch is checked in training_step)."""

@@ -81,6 +81,38 @@ def test_generate_bad_output(capsys, trained_ckpt, tmp_path, suffix, needle):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("output", ["", "x.png", "x.npz"])
+def test_generate_empty_output_or_a_folder_with_a_file_name(capsys, trained_ckpt, tmp_path, monkeypatch, output):
+    """An empty --output (an unset shell variable) wrote 64 PNGs into the current folder, exit 0; an existing
+    folder named like a file (x.png) was filled with PNGs."""
+    monkeypatch.chdir(tmp_path)
+    if output:
+        (tmp_path / output).mkdir()
+    line = fails(capsys, "generate", "--ckpt_path", str(trained_ckpt), "--output", output)
+    assert (f"--output {output!r} is a folder: pass {output}/" if output else "--output '' is empty") in line
+    assert [p.name for p in tmp_path.rglob("*")] == ([output] if output else [])
+
+
+FIT_REFUSALS = [
+    (["--trainer.logger.init_args.save_dir="], ["save_dir is empty", "pass a folder"]),  # was: a run in ./
+    (["--data.limit", "640", "--trainer.val_check_interval", "1000"],  # were tracebacks once training began
+     ["--trainer.val_check_interval 1000 is more than the 10 training batches", "at most 10"]),
+    (["--trainer.val_check_interval", "0"], ["--trainer.val_check_interval 0 must be > 0"]),
+    (["--trainer.check_val_every_n_epoch", "0"], ["--trainer.check_val_every_n_epoch 0 must be > 0 (epochs)"]),
+    (["--model.g_optimizer.lr", "-1"], ["--model.g_optimizer was refused", "Invalid learning rate: -1.0"]),
+    (["--model.d_optimizer.betas", "[0.5, 2.0]"], ["--model.d_optimizer was refused", "beta parameter at index 1"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "extra,needles", FIT_REFUSALS, ids=["empty_save_dir", "val_interval_over_epoch", "val_interval_0", "val_every_0",
+                                        "negative_lr", "beta_2"]
+)  # fmt: skip
+def test_fit_settings_refused_before_anything_is_written(capsys, tmp_path, monkeypatch, extra, needles):
+    monkeypatch.chdir(tmp_path)  # an empty save_dir would be this folder
+    assert_fit_refused(capsys, tmp_path, extra, needles)
+
+
 def test_generate_folder_refuses_to_mix_runs(capsys, trained_ckpt, tmp_path):
     (tmp_path / "000000.png").write_bytes(b"x")
     line = fails(capsys, "generate", "--ckpt_path", str(trained_ckpt), "--num_samples", "2", "--output", f"{tmp_path}/")
