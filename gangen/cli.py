@@ -172,7 +172,9 @@ class GANCLI(LightningCLI):
         if getattr(self.model, "cuda_graph", None) is True:  # None (auto) falls back to the eager step instead
             self.model.check_cuda_graph(self.trainer)
         if hasattr(self.datamodule, "check_train_size"):  # at least one batch per process, where that is known
-            self.datamodule.check_train_size(self.trainer.world_size, self.trainer.val_check_interval)
+            every_n_epochs = self.trainer.check_val_every_n_epoch  # None: the interval counts across epochs
+            interval = self.trainer.val_check_interval if every_n_epochs is not None else None
+            self.datamodule.check_train_size(self.trainer.world_size, interval)
         trainer = self.trainer
         if trainer.global_rank == 0:  # ranks are known once the Trainer exists, before any process is launched
             line = global_batch(self.datamodule.hparams["batch_size"], trainer.num_devices, trainer.num_nodes)

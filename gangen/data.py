@@ -414,7 +414,8 @@ class ImageDataModule(pl.LightningDataModule):
             if val_check_interval > batches:  # Lightning: a ValueError traceback once training starts
                 raise ConfigError(
                     f"--trainer.val_check_interval {val_check_interval} is more than the {batches} training batches "
-                    f"of an epoch: use at most {batches}, or a fraction of an epoch (0.5)"
+                    f"of an epoch: use at most {batches}, a fraction of an epoch (0.5), or add "
+                    "--trainer.check_val_every_n_epoch null to count batches across epochs"
                 )
 
     def _check_batches(self, split: str, count: int, world_size: int) -> None:

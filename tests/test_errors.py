@@ -96,7 +96,8 @@ def test_generate_empty_output_or_a_folder_with_a_file_name(capsys, trained_ckpt
 FIT_REFUSALS = [
     (["--trainer.logger.init_args.save_dir="], ["save_dir is empty", "pass a folder"]),  # was: a run in ./
     (["--data.limit", "640", "--trainer.val_check_interval", "1000"],  # were tracebacks once training began
-     ["--trainer.val_check_interval 1000 is more than the 10 training batches", "at most 10"]),
+     ["--trainer.val_check_interval 1000 is more than the 10 training batches", "at most 10",
+      "check_val_every_n_epoch null"]),
     (["--trainer.val_check_interval", "0"], ["--trainer.val_check_interval 0 must be > 0"]),
     (["--trainer.check_val_every_n_epoch", "0"], ["--trainer.check_val_every_n_epoch 0 must be > 0 (epochs)"]),
     (["--model.g_optimizer.lr", "-1"], ["--model.g_optimizer was refused", "Invalid learning rate: -1.0"]),
@@ -111,6 +112,20 @@ FIT_REFUSALS = [
 def test_fit_settings_refused_before_anything_is_written(capsys, tmp_path, monkeypatch, extra, needles):
     monkeypatch.chdir(tmp_path)  # an empty save_dir would be this folder
     assert_fit_refused(capsys, tmp_path, extra, needles)
+
+
+def test_validation_interval_across_epochs_is_not_refused(tmp_path):
+    """With check_val_every_n_epoch null Lightning counts val_check_interval across epochs: 15 batches with
+    10-batch epochs is allowed, and validation runs once in 20 batches, after the 15th."""
+    r = run_cli("fit", "--config", str(DEMO_CONFIG), "--trainer.logger.init_args.save_dir", str(tmp_path),
+                "--data.limit", "640", "--trainer.max_epochs", "2", "--trainer.val_check_interval", "15",
+                "--trainer.check_val_every_n_epoch", "null", "--trainer.limit_val_batches", "1",
+                "--trainer.enable_progress_bar", "false")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = (tmp_path / "dcgan_fashion_mnist" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    validated = [row.split(",") for row in rows[1:] if row.split(",")[header.index("val/loss_d")]]
+    assert [int(row[header.index("step")]) for row in validated] == [14]  # once, after the 15th of 20 (from 0)
 
 
 def test_generate_folder_refuses_to_mix_runs(capsys, trained_ckpt, tmp_path):
