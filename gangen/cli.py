@@ -27,6 +27,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from gangen.argerrors import summarize
 from gangen.callbacks import GANMetrics
 from gangen.commands import COMMANDS
 from gangen.data import ImageDataModule
@@ -99,10 +100,26 @@ class GANCLI(LightningCLI):
         if trainer is None:
             return
         check_trainer(trainer)  # devices, strategy, SyncBatchNorm: one line each, before anything is built
+        if self.config.get("subcommand") == "fit":
+            _check_training_length(trainer)
         _check_wandb(trainer.get("logger"))
         if trainer.get("strategy") == "auto" and _multi_process(trainer):
             trainer["strategy"] = "ddp_find_unused_parameters_true"
         _speed_defaults(trainer)
+
+    def instantiate_classes(self) -> None:
+        """A class that refused a value while jsonargparse built it (a ModelCheckpoint's every_n_epochs -3) came
+        out as a traceback ending in jsonargparse's dump of every type it tried: one line instead."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError, MisconfigurationException) as err:
+            if isinstance(err, GanGenError):
+                raise
+            where = "trainer.callbacks" if "callbacks.callback.Callback" in str(err) else None
+            line = summarize(str(err), where)
+            if line is None:
+                raise
+            raise ConfigError(line) from err
 
     def _check_shapes(self) -> None:
         """The data must have the resolution and channels the networks were built for."""
@@ -111,6 +128,10 @@ class GANCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:  # type: ignore[no-untyped-def]
         self._args = args  # parsed again by _parse_ckpt_path, over the checkpoint's settings
         super().parse_arguments(parser, args)
+        config = self.config.get(self.config.get("subcommand") or "", self.config)
+        seed = config.get("seed_everything") if hasattr(config, "get") else None
+        if not isinstance(seed, bool) and isinstance(seed, int) and not 0 <= seed < 2**32:  # seeds numpy too
+            raise ConfigError(f"--seed_everything {seed} is out of range: use 0 to 2**32 - 1, or true (random)")
 
     def _parse_ckpt_path(self) -> None:
         """`--ckpt_path PATH`: the checkpoint's model settings replace the defaults, and the config files and
@@ -146,8 +167,8 @@ class GANCLI(LightningCLI):
 
         try:
             trainer = super().instantiate_trainer(**kwargs)
-        except (MisconfigurationException, ValueError, ImportError) as err:  # refused in Trainer.__init__: one line
-            # (ImportError: an accelerator whose package is missing, e.g. tpu without torch_xla)
+        except (MisconfigurationException, ValueError, TypeError, ImportError) as err:  # refused in Trainer.__init__
+            # one line (ImportError: an accelerator whose package is missing, e.g. tpu without torch_xla)
             if isinstance(err, GanGenError):
                 raise
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -167,8 +188,8 @@ class GANCLI(LightningCLI):
         if self.model.init_from and not self.config_init[self.subcommand].get("ckpt_path"):
             self.model.read_init_from()  # a missing file or another network: one line before anything is written
         self.model.check_run(self.trainer)
-        if self.datamodule.num_classes is not None:  # known before any file is read (Fashion-MNIST, CIFAR-10)
-            self.model.check_classes(self.datamodule)
+        if isinstance(self.datamodule, ImageDataModule) or self.datamodule.num_classes is not None:
+            self.model.check_classes(self.datamodule)  # ImageDataModule: its classes (or none) are known already
         if getattr(self.model, "cuda_graph", None) is True:  # None (auto) falls back to the eager step instead
             self.model.check_cuda_graph(self.trainer)
         if hasattr(self.datamodule, "check_train_size"):  # at least one batch per process, where that is known
@@ -332,6 +353,19 @@ def check_creatable(option: str, folder: str) -> None:
         raise ConfigError(f"{option} {folder}: {existing} is not writable ({problem}); choose another")
 
 
+def _check_training_length(trainer: Any) -> None:
+    """max_steps 0, max_epochs 0 or limit_train_batches 0 trained nothing, exited 0 and left a run folder with
+    no checkpoint in it."""
+    for option, fix in (
+        ("max_steps", "use >= 1, or -1 (no limit) to train for --trainer.max_epochs"),
+        ("max_epochs", "use >= 1, or -1 (no limit) to train for --trainer.max_steps"),
+        ("limit_train_batches", "use >= 1 batches, or a fraction of the epoch in (0.0, 1.0]"),
+    ):
+        value = trainer.get(option)
+        if value is not None and not isinstance(value, bool) and value == 0:
+            raise ConfigError(f"--trainer.{option} {value} trains nothing: {fix}")
+
+
 def _check_wandb(logger: Any) -> None:
     """W&B asked online with no API key, a project name W&B refuses or a timeout <= 0 fails here, as one line
     (inside the logger jsonargparse would wrap it)."""
@@ -460,7 +494,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ArgumentError as err:  # jsonargparse: unknown keys, bad types; its usage dump becomes one line
         if os.environ.get("GANGEN_DEBUG"):
             raise
-        message = " ".join(str(err).split())
+        message = summarize(str(err)) or " ".join(str(err).split())
         command = args[0] if args and (args[0] in GANCLI.subcommands() or args[0] in COMMANDS) else ""
         message = message if len(message) <= 400 else message[:400] + " ..."
         print(f"gangen: error: {message} (see `gangen {command + ' ' if command else ''}--help`)", file=sys.stderr)

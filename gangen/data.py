@@ -161,8 +161,8 @@ class ImageDataModule(pl.LightningDataModule):
         if not isinstance(hflip, bool) or not isinstance(download, bool):
             bad = ("hflip", hflip) if not isinstance(hflip, bool) else ("download", download)
             raise ConfigError(f"{bad[0]} {bad[1]!r} is invalid: use true or false")
-        if not _is_int(seed, 0):
-            raise ConfigError(f"seed {seed!r} is invalid: use an integer >= 0")
+        if not _is_int(seed, 0) or seed >= 2**63:  # seed + epoch seeds a torch.Generator (up to 2**64 - 1)
+            raise ConfigError(f"seed {seed!r} is invalid: use an integer from 0 to 2**63 - 1")
         if isinstance(lsun_classes, str) or not all(isinstance(c, str) for c in lsun_classes or []):
             raise ConfigError(f"lsun_classes {lsun_classes!r} is invalid: use a list of names, e.g. ['bedroom']")
         self.on_device, self.hflip, self.seed = on_device, hflip, seed
@@ -184,6 +184,11 @@ class ImageDataModule(pl.LightningDataModule):
             hint = " or set --data.download true" if self.dataset in _DOWNLOADABLE else ""
             if self.dataset == "fashion_mnist":
                 hint = f", run `apt-get install dataset-fashion-mnist` (files in {DEFAULT_FASHION_MNIST_ROOT}){hint}"
+            if path.exists() and not path.is_dir():
+                raise ConfigError(
+                    f"data root {root} is a file, not a folder: pass --data.root DIR, the folder that holds the "
+                    f"{self.dataset} files (e.g. {path.parent})"
+                )
             if not path.is_dir() and not self.download:
                 raise DataNotFoundError(
                     f"data root {root} does not exist: pass --data.root DIR with the {self.dataset} files{hint}"

@@ -23,15 +23,19 @@ def device_count(devices: Any) -> int | None:
             devices = devices.strip()
             if devices in ("auto", "-1"):
                 return None
-            return len(device_indices(devices)) if "," in devices else int(devices)
+            if "," in devices:
+                return len(device_indices(devices))
         if isinstance(devices, (list, tuple)):
             return len(device_indices(devices))
-        return None if devices in (None, -1) else int(devices)
+        count = None if devices in (None, -1) else int(devices)
     except (TypeError, ValueError) as e:
         raise ConfigError(
             f"--trainer.devices {devices!r} is not a device count or list: use a number (2), GPU indices "
             "(0,1 or [0, 1]) or auto"
         ) from e
+    if count is not None and count < 1:  # Lightning's refusals: one of a type, one of a value, per accelerator
+        raise ConfigError(f"--trainer.devices {devices}: use a count >= 1, GPU indices (0,1 or [0, 1]), -1 or auto")
+    return count
 
 
 def device_indices(devices: Any) -> list[int]:
@@ -69,6 +73,15 @@ def check_trainer(trainer: Any) -> None:
             "accumulate gradients under manual optimization, which gangen's G and D steps use; drop the flag "
             "and raise --data.batch_size (or train on more devices)"
         )
+    listed = isinstance(devices, (list, tuple)) or (isinstance(devices, str) and "," in devices)
+    cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if listed and cpu:  # Lightning: a TypeError traceback
+        where = "this machine has no CUDA GPU"
+        where = "training runs on the CPU (--trainer.accelerator cpu)" if accelerator == "cpu" else where
+        raise ConfigError(
+            f"--trainer.devices {devices} lists GPU indices, but {where}: give a process count (--trainer.devices "
+            f"{device_count(devices)})"
+        )
     if isinstance(accelerator, str) and accelerator.lower() in GPU_ACCELERATORS:
         available = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if available == 0:
@@ -77,7 +90,6 @@ def check_trainer(trainer: Any) -> None:
                 "use --trainer.accelerator cpu (or auto)"
             )
         wanted = device_count(devices)
-        listed = isinstance(devices, (list, tuple)) or (isinstance(devices, str) and "," in devices)
         indices = device_indices(devices) if listed else []
         if (wanted or 0) > available or any(i >= available for i in indices):
             raise ConfigError(

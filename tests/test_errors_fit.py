@@ -1,0 +1,82 @@
+"""fit's bad input that came out as a type dump, a traceback, or a run folder with nothing trained in it: one
+line naming the value and the fix, exit status 2, nothing written (a CLI fuzz found each of these)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import assert_fit_refused
+from PIL import Image
+
+TYPE_CASES = [  # jsonargparse's dump of every type it tried, squeezed onto one line and cut at 400 characters
+    (["--trainer.precision", "8"], ["--trainer.precision 8 is not valid", "bf16-mixed", "32-true"]),
+    (["--trainer.precision", "half"], ["--trainer.precision half is not valid", "16-mixed"]),
+    (["--model.g_optimizer.lr", "fast"], ["--model.g_optimizer.lr fast is not valid: use a number"]),
+    (["--model.d_optimizer", "torch.optim.Adamm"],
+     ["--model.d_optimizer torch.optim.Adamm", "no attribute 'Adamm'", "e.g. torch.optim.Adam"]),
+    (["--model.g_optimizer.betas", "[0.5]"], ["--model.g_optimizer.betas [0.5]", "tuple with 2 elements"]),
+    (["--data.on_device", "gpu"], ["--data.on_device gpu is not valid: use true/false or auto"]),
+    (["--seed_everything", "abc"], ["--seed_everything abc is not valid: use true/false or an integer"]),
+    (["--data.batch_size", "x"], ["--data.batch_size x is not valid: use an integer"]),
+    (["--trainer.callbacks.nrow", "4"],  # reaches the last callback listed, not SampleGrid
+     ["--trainer.callbacks.nrow 4", "option 'nrow' is not accepted", "last callback listed (ModelCheckpoint)"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("extra,needles", TYPE_CASES, ids=lambda v: "_".join(v) if isinstance(v, list) else None)
+def test_a_value_of_the_wrong_type_names_the_option_and_what_it_takes(capsys, tmp_path, extra, needles):
+    assert_fit_refused(capsys, tmp_path, extra, needles + ["(see `gangen fit --help`)"])
+
+
+REFUSED = [
+    # a callback that refuses a value while it is built: a 79-line traceback ending in the type dump
+    (["--trainer.callbacks.every_n_epochs", "-3"], ["--trainer.callbacks", "every_n_epochs=-3", "Must be >= 0"]),
+    (["--trainer.callbacks.every_n_train_steps", "-1"], ["--trainer.callbacks", "every_n_train_steps=-1"]),
+    # devices Lightning refuses with a TypeError traceback (CPU) or a message without the value
+    (["--trainer.devices", "-2"], ["--trainer.devices -2", "count >= 1", "auto"]),
+    (["--trainer.devices", "0"], ["--trainer.devices 0", "count >= 1"]),
+    (["--trainer.devices", "0,1", "--trainer.accelerator", "cpu"],
+     ["--trainer.devices 0,1 lists GPU indices", "--trainer.devices 2"]),
+    # trained nothing, exited 0 and left config.yaml and hparams.yaml
+    (["--trainer.max_steps", "0"], ["--trainer.max_steps 0 trains nothing", "-1"]),
+    (["--trainer.max_steps", "-1", "--trainer.max_epochs", "0"], ["--trainer.max_epochs 0 trains nothing"]),
+    (["--trainer.limit_train_batches", "0"], ["--trainer.limit_train_batches 0 trains nothing"]),
+    (["--trainer.limit_train_batches", "0.0"], ["--trainer.limit_train_batches 0.0 trains nothing"]),
+    # seeds numpy, torch.Generator refuse: a ValueError traceback once the model or trainer was being built
+    (["--seed_everything", str(10**23)], [f"--seed_everything {10**23} is out of range", "2**32 - 1"]),
+    (["--seed_everything", "-1"], ["--seed_everything -1 is out of range"]),
+    (["--model.seed", str(10**23)], [f"seed {10**23} is out of range: use 0 to 2**63 - 1"]),
+    (["--model.seed", "-1"], ["seed -1 is out of range"]),
+    (["--data.seed", str(2**63)], [f"seed {2**63} is invalid", "2**63 - 1"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("extra,needles", REFUSED, ids=lambda v: "_".join(v) if isinstance(v, list) else None)
+def test_refused_before_anything_is_written(capsys, tmp_path, extra, needles):
+    (tmp_path / "runs").mkdir()
+    assert_fit_refused(capsys, tmp_path / "runs", extra, needles)
+
+
+def test_data_root_that_is_a_file_is_said_to_be_a_file(capsys, tmp_path):
+    """It was reported as missing ("does not exist")."""
+    gz = tmp_path / "data" / "train-images-idx3-ubyte.gz"
+    gz.parent.mkdir()
+    gz.write_bytes(b"x")
+    (tmp_path / "runs").mkdir()
+    needles = [f"data root {gz} is a file, not a folder", f"e.g. {gz.parent}"]
+    assert_fit_refused(capsys, tmp_path / "runs", ["--data.root", str(gz)], needles)
+
+
+def test_conditional_model_on_an_unlabelled_folder_writes_nothing(capsys, tmp_path):
+    """Refused before, but only once the data was set up: after config.yaml was written and the folder decoded
+    into the cache."""
+    root = tmp_path / "flat"
+    root.mkdir()
+    for i in range(8):
+        Image.new("L", (32, 32), color=30 * i).save(root / f"{i}.png")
+    (tmp_path / "runs").mkdir()
+    extra = ["--data.dataset", "image_folder", "--data.root", str(root), "--data.batch_size", "4",
+             "--data.cache_dir", str(tmp_path / "cache"), "--model.generator.num_classes", "10",
+             "--model.discriminator.num_classes", "10"]  # fmt: skip
+    needles = ["conditional on 10 classes but the data has no class labels", "num_classes 0"]
+    assert_fit_refused(capsys, tmp_path / "runs", extra, needles)
+    assert not (tmp_path / "cache").exists()
