@@ -190,6 +190,13 @@ def load_samples(path: str) -> torch.Tensor:
                 arrays.append(np.asarray(im.convert("L" if im.mode in ("L", "I", "I;16", "1") else "RGB")))
         array = np.stack(arrays)
         array = array[..., None] if array.ndim == 3 else array
+    elif source.is_file():  # a file, but not one this reads
+        kind = f"a {source.suffix} file" if source.suffix else "a file"
+        hint = "; a checkpoint goes to --ckpt_path" if source.suffix.lower() in (".ckpt", ".safetensors") else ""
+        raise ConfigError(
+            f"samples {path!r} is {kind}, not an .npz or a folder: pass a folder of images or an .npz from "
+            f"`gangen generate`{hint}"
+        )
     else:
         raise DataNotFoundError(
             f"samples {path!r} not found: pass a folder of images or an .npz from `gangen generate`"

@@ -276,31 +276,62 @@ def write_problem(folder: Path) -> str | None:
 def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
     """A gangen checkpoint as a dict, loaded with weights_only=True (a .safetensors from `gangen export` too);
     one-line errors for missing, corrupt, unsafe or foreign files."""
-    from gangen.reliability import safe_load
+    from gangen.reliability import find_last_checkpoint, safe_load
 
     path = Path(ckpt_path)
+    if path.is_dir():  # a run folder or its checkpoints/ folder: name the file meant
+        found = find_last_checkpoint([path]) or path / "checkpoints" / "last.ckpt"
+        raise ConfigError(f"checkpoint {str(path)!r} is a folder: pass the .ckpt file (e.g. {found})")
     if path.suffix == ".safetensors":
         return read_safetensors(path)
     ckpt = safe_load(path)
     hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
     if not isinstance(hparams, dict) or not isinstance(hparams.get("generator"), dict) or "state_dict" not in ckpt:
         raise ConfigError(f"{str(path)!r} is not a gangen checkpoint (no generator config): pass one from `gangen fit`")
+    if not any(str(k).startswith(("generator.", "generator_ema.")) for k in ckpt["state_dict"]):
+        raise ConfigError(
+            f"checkpoint {str(path)!r} holds no generator weights (a damaged or hand-edited file): pass a "
+            "checkpoint from `gangen fit`"
+        )
     return ckpt
 
 
-def generator_state(ckpt: dict[str, Any], ema: bool = True) -> tuple[dict[str, torch.Tensor], bool]:
+def generator_state(
+    ckpt: dict[str, Any], ema: bool = True, source: str = "the checkpoint"
+) -> tuple[dict[str, torch.Tensor], bool]:
     """The generator's state_dict from a checkpoint dict: the EMA generator's if it has one (and ema), else the
-    trained one's; and whether it is the EMA's."""
+    trained one's; and whether it is the EMA's. `source` names the file in errors."""
     for prefix in ("generator_ema.", "generator.") if ema else ("generator.",):
         state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
         if state:
             return state, prefix == "generator_ema."
     if any(k.startswith("generator_ema.") for k in ckpt["state_dict"]):
         raise ConfigError(
-            "the file holds the EMA generator only (an export of it): drop --no_ema, or export the trained one "
+            f"{source} holds the EMA generator only (an export of it): drop --no_ema, or export the trained one "
             "with `gangen export --no_ema`"
         )
-    raise ConfigError("the checkpoint holds no generator weights: pass a checkpoint from `gangen fit`")
+    raise ConfigError(f"{source} holds no generator weights: pass a checkpoint from `gangen fit`")
+
+
+def check_weights(module: nn.Module, state: dict[str, Any], source: str, prefix: str = "") -> None:
+    """ConfigError unless `state` loads into `module` as it is (the same names and shapes). `module` is built
+    from the file's own config, so a mismatch means a damaged file or another gangen version's; `prefix` is the
+    weights' prefix in the file (generator.), so the message names the key the file holds."""
+    expected = module.state_dict()
+    problems = [
+        f"size mismatch for {prefix}{k}: {tuple(getattr(state[k], 'shape', ()))} in the file, the config "
+        f"makes {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and getattr(state[k], "shape", None) != v.shape
+    ]
+    problems += [f"{prefix}{k} missing" for k in expected if k not in state]
+    problems += [f"unexpected {prefix}{k}" for k in state if k not in expected]
+    if problems:
+        more = f"; and {len(problems) - 1} more" if len(problems) > 1 else ""
+        raise ConfigError(
+            f"{source}: its weights do not match its own network config ({problems[0]}{more}): the file is "
+            "damaged or from another gangen version"
+        )
 
 
 def checkpoint_data(ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -310,14 +341,18 @@ def checkpoint_data(ckpt: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def export_safetensors(ckpt: dict[str, Any], output: str | Path, ema: bool = True) -> tuple[Path, bool]:
+def export_safetensors(
+    ckpt: dict[str, Any], output: str | Path, ema: bool = True, source: str = "the checkpoint"
+) -> tuple[Path, bool]:
     """Write the generator (EMA if present) as safetensors; its network spec and data settings go in the
-    metadata as JSON. Atomic: nothing is left at `output` on failure."""
+    metadata as JSON; its weights must match that spec. Atomic: nothing is left at `output` on failure.
+    `source` names the file in errors."""
     import json
 
     from safetensors.torch import save_file
 
-    state, is_ema = generator_state(ckpt, ema)
+    state, is_ema = generator_state(ckpt, ema, source)
+    check_weights(build_network(ckpt["hyper_parameters"]["generator"]), state, source, _prefix(is_ema))
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     metadata = {
         "format": "gangen.generator/1",
@@ -371,7 +406,7 @@ def load_generator(
     source = f"checkpoint {str(source or ckpt)!r}" if source or not isinstance(ckpt, dict) else "the checkpoint"
     ckpt = ckpt if isinstance(ckpt, dict) else read_checkpoint(ckpt)
     generator = build_network(ckpt["hyper_parameters"]["generator"])
-    state, is_ema = generator_state(ckpt, ema)
+    state, is_ema = generator_state(ckpt, ema, source)
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
@@ -379,5 +414,10 @@ def load_generator(
             f"{source}: its {'EMA ' if is_ema else ''}generator holds nan/inf in {bad[0]}{more} (the run diverged): "
             "use an earlier checkpoint"
         )
+    check_weights(generator, state, source, _prefix(is_ema))
     generator.load_state_dict(state)
     return generator.to(device).eval()
+
+
+def _prefix(is_ema: bool) -> str:
+    return "generator_ema." if is_ema else "generator."
