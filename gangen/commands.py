@@ -16,6 +16,8 @@ from gangen.data import ImageDataModule
 from gangen.errors import ConfigError
 from gangen.sampling import (
     atomic_file,
+    check_grid_size,
+    check_output_file,
     checkpoint_data,
     generate,
     generator_state,
@@ -57,11 +59,17 @@ def generate_command(argv: Sequence[str]) -> None:
         raise ConfigError(f"--batch_size {args.batch_size} must be > 0")
     if args.nrow is not None and args.nrow <= 0:
         raise ConfigError(f"--nrow {args.nrow} must be > 0 (images per grid row)")
+    if not 0 <= args.seed < 2**64:
+        raise ConfigError(f"--seed {args.seed} is out of range: use 0 to 2**64 - 1")
     device = _usable_device(args.device)
     kind = output_kind(args.output)
     ckpt = read_checkpoint(args.ckpt_path)
     generator = load_generator(ckpt, device, ema=not args.no_ema, source=args.ckpt_path)
     is_ema = generator_state(ckpt, ema=not args.no_ema)[1]
+    nrow = args.nrow or (args.interpolate or 8)
+    if kind == "grid":  # a grid wider or taller than the format allows fails only when written
+        image_shape = generate(generator, 1, check_finite=False).shape[1:]  # (C, H, W) of one image
+        check_grid_size(args.output, num * (args.interpolate or 1), nrow, image_shape)
     classes = int(getattr(generator, "num_classes", 0) or 0)
     z = labels = None
     if args.interpolate:
@@ -84,7 +92,7 @@ def generate_command(argv: Sequence[str]) -> None:
         )
         try:
             if kind == "grid":
-                path = save_grid(images, args.output, nrow=args.nrow or (args.interpolate or 8))
+                path = save_grid(images, args.output, nrow=nrow)
             elif kind == "npz":
                 path = save_npz(images, args.output, labels=labels)  # a conditional model's classes as arr_1
             else:
@@ -106,11 +114,13 @@ def _usable_device(name: str) -> torch.device:
         raise ConfigError(f"--device {name!r} is not a device name: use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name!r}: no CUDA device is available here; use --device cpu")
+    if device.type == "meta":  # tensors without data: generation would fail when the images are copied out
+        raise ConfigError(f"--device {name!r} is not a usable device (it holds shapes, no data): use cpu or cuda")
     try:
-        torch.empty(1, device=device)
-    except (RuntimeError, AssertionError) as err:
+        torch.empty(1, device=device).cpu()  # made there and copied back, as the images will be
+    except (RuntimeError, AssertionError, NotImplementedError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ConfigError(f"--device {name!r} is not usable here ({first[:150]}); use --device cpu") from None
+        raise ConfigError(f"--device {name!r} is not a usable device here ({first[:150]}); use --device cpu") from None
     return device
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +173,28 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
     return save_pixels(grid_pixels(images, nrow), path)
 
 
+_GRID_LIMITS = {"PNG": ("PNG", 2**31 - 1), "JPEG": ("JPEG", 65500), "WEBP": ("WebP", 16383)}  # px per side
+
+
+def check_grid_size(output: str, count: int, nrow: int, image_shape: Sequence[int]) -> None:
+    """ConfigError if a grid of `count` images of (C, H, W) `image_shape`, `nrow` a row, is wider or taller than
+    the format of `output` allows (PIL fails only when it writes, with a line of its own on stderr)."""
+    (fmt, limit), (height, width) = _GRID_LIMITS[_image_format(Path(output))], image_shape[-2:]
+    per_row = min(nrow, count)
+    rows = -(-count // per_row)
+    grid_w, grid_h = per_row * (width + 2) + 2, rows * (height + 2) + 2  # make_grid's 2-pixel borders
+    if grid_w > limit:
+        raise ConfigError(
+            f"--nrow {nrow}: a row of {per_row} images is {grid_w} px wide and {fmt} allows {limit}: lower --nrow "
+            f"(at most {(limit - 2) // (width + 2)} here)"
+        )
+    if grid_h > limit:
+        raise ConfigError(
+            f"--output {output!r}: {rows} rows of {per_row} images make a grid {grid_h} px tall and {fmt} allows "
+            f"{limit}: raise --nrow, write fewer samples, or write a folder DIR/ or an .npz"
+        )
+
+
 def save_png_folder(images: torch.Tensor, folder: str | Path) -> Path:
     """One PNG per sample, 000000.png, 000001.png, ... The folder must not already hold PNGs."""
     folder = Path(folder)
@@ -253,13 +276,28 @@ def check_png_folder(folder: Path) -> None:
         raise ConfigError(f"output folder {folder} already holds PNG files: choose an empty or new folder")
 
 
-def check_output_folder(output: str, parent: Path) -> None:
+def check_output_folder(output: str, parent: Path, option: str = "--output") -> None:
     """ConfigError unless `parent` exists and a file can really be created in it."""
     if not parent.is_dir():
-        raise ConfigError(f"--output {output!r}: folder {parent} does not exist; create it first")
+        raise ConfigError(f"{option} {output!r}: folder {parent} does not exist; create it first")
     problem = write_problem(parent)
     if problem:
-        raise ConfigError(f"--output {output!r}: folder {parent} is not writable ({problem}); choose another location")
+        raise ConfigError(f"{option} {output!r}: folder {parent} is not writable ({problem}); choose another location")
+
+
+def check_output_file(output: str, option: str = "--output", example: str = "out.pt", parents: bool = False) -> None:
+    """ConfigError unless a file can be written at `output`: a name given, not a folder, in a writable folder
+    (`parents`: missing folders will be made, in the nearest existing one). Checked before the work that
+    produces the file (training, a download), not after it."""
+    path = Path(output)
+    if not output.strip():
+        raise ConfigError(f"{option} '' is empty: pass a file name such as {example}")
+    if path.is_dir() or output.endswith(("/", os.sep)):
+        raise ConfigError(f"{option} {output!r} is a folder: pass a file name (e.g. {path / example})")
+    parent = next((p for p in path.absolute().parents if p.exists()), path.parent) if parents else path.parent
+    if parents and not parent.is_dir():
+        raise ConfigError(f"{option} {output!r}: {parent} is a file, not a folder; choose another location")
+    check_output_folder(output, parent, option)
 
 
 def write_problem(folder: Path) -> str | None:

@@ -132,10 +132,10 @@ def test_folder_outputs_are_checked_before_generating(capsys, tmp_path):
 
 
 def test_write_failures_are_one_line_and_leave_nothing(capsys, trained_ckpt, tmp_path):
-    # a grid larger than WebP allows (16383 px): PIL's ValueError
+    # a grid larger than WebP allows (16383 px): refused before generating (PIL's ValueError came at the write)
     line = fails(capsys, "generate", "--ckpt_path", str(trained_ckpt), "--num_samples", "600", "--nrow", "600",
                  "--output", str(tmp_path / "g.webp"))  # fmt: skip
-    assert "--output" in line and "g.webp" in line and "could not be written" in line and "WebP" in line
+    assert "--nrow 600" in line and "20402 px wide and WebP allows 16383" in line and "lower --nrow" in line
     assert list(tmp_path.iterdir()) == []
     # a file size limit (ulimit -f; Python ignores SIGXFSZ, so the write fails with EFBIG): a full disk likewise
     code = f"import resource; resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)); import runpy, sys; \
