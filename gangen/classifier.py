@@ -84,8 +84,7 @@ def train_classifier(
     datamodule: L.LightningDataModule, epochs: int = 3, lr: float = 2e-3, width: int = 32, seed: int = 0, **trainer: Any
 ) -> tuple[DomainClassifier, float]:
     """Train on the datamodule's labels; returns the classifier (eval mode) and its held-out accuracy."""
-    if epochs < 1:
-        raise ConfigError(f"--epochs {epochs} must be >= 1")
+    check_classifier_options(epochs, lr, width, seed)
     hp = datamodule.hparams
     datamodule.setup("fit")
     num_classes = datamodule.num_classes
@@ -100,6 +99,18 @@ def train_classifier(
     options = dict(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_model_summary=False)
     L.Trainer(**{**options, **trainer}).fit(task, datamodule)
     return classifier.eval(), task.correct / max(task.seen, 1)
+
+
+def check_classifier_options(epochs: int, lr: float, width: int, seed: int) -> None:
+    """ConfigError for values train_classifier would fail on mid-training, with a traceback."""
+    if epochs < 1:
+        raise ConfigError(f"--epochs {epochs} must be >= 1")
+    if width < 1:
+        raise ConfigError(f"--width {width} must be >= 1 (channels of the first conv block; default 32)")
+    if not 0 < lr < float("inf"):
+        raise ConfigError(f"--lr {lr:g} must be > 0 (Adam learning rate; default 2e-3)")
+    if not 0 <= seed < 2**32:
+        raise ConfigError(f"--seed {seed} is out of range: use 0 to 2**32 - 1")
 
 
 def save_classifier(classifier: DomainClassifier, path: str | Path, **meta: Any) -> Path:

@@ -149,7 +149,7 @@ def train_classifier_command(argv: Sequence[str]) -> None:
     """`gangen train-classifier --data.dataset fashion_mnist --output classifier.pt` (or --data DATA.yaml)."""
     from jsonargparse import ArgumentParser
 
-    from gangen.classifier import save_classifier, train_classifier
+    from gangen.classifier import check_classifier_options, save_classifier, train_classifier
 
     p = ArgumentParser(
         exit_on_error=False,  # a bad option: one line (gangen.cli.main)
@@ -165,8 +165,9 @@ def train_classifier_command(argv: Sequence[str]) -> None:
     p.add_argument("--accelerator", type=str, default="auto", help="cpu | gpu | auto")
     cfg = p.parse_args(list(argv))
     output = Path(cfg.output)
-    if not output.parent.is_dir():
-        raise ConfigError(f"--output {cfg.output!r}: folder {output.parent} does not exist; create it first")
+    check_output_file(cfg.output, example="classifier.pt")  # before training, not after it
+    check_classifier_options(cfg.epochs, cfg.lr, cfg.width, cfg.seed)
+    _check_accelerator(cfg.accelerator)
     datamodule = p.instantiate_classes(cfg).data
     classifier, accuracy = train_classifier(
         datamodule, epochs=cfg.epochs, lr=cfg.lr, width=cfg.width, seed=cfg.seed, accelerator=cfg.accelerator
@@ -174,6 +175,33 @@ def train_classifier_command(argv: Sequence[str]) -> None:
     hp = datamodule.hparams
     save_classifier(classifier, output, dataset=hp["dataset"], resolution=hp["resolution"], accuracy=accuracy)
     print(f"held-out accuracy {accuracy:.4f}; saved {output}")
+
+
+def _check_accelerator(accelerator: str) -> None:
+    """train-classifier's --accelerator: a name Lightning knows, of hardware this machine has (Lightning's
+    refusal comes after the data is read, as a traceback)."""
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+
+    from gangen.distributed import GPU_ACCELERATORS
+
+    name = accelerator.lower()
+    if name == "auto":
+        return
+    if name in GPU_ACCELERATORS and not torch.cuda.is_available():
+        raise ConfigError(
+            f"--accelerator {accelerator}: no CUDA GPU is available on this machine; use --accelerator cpu (or auto)"
+        )
+    known = AcceleratorRegistry.available_accelerators()
+    if name not in (*known, *GPU_ACCELERATORS):
+        raise ConfigError(f"--accelerator {accelerator!r} is not an accelerator name: use cpu, gpu or auto")
+    try:
+        available = name in GPU_ACCELERATORS or AcceleratorRegistry[name]["accelerator"].is_available()
+    except Exception:  # noqa: BLE001 (an accelerator whose package is missing: torch_xla for tpu)
+        available = False
+    if not available:
+        raise ConfigError(
+            f"--accelerator {accelerator}: not available on this machine; use --accelerator cpu (or auto)"
+        )
 
 
 def load_samples(path: str) -> torch.Tensor:
