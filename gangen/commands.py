@@ -322,18 +322,22 @@ def _checkpoint_data(ckpt: dict, ckpt_path: str, given: bool = False) -> dict:
 
 
 def download_weights_command(argv: Sequence[str]) -> None:
-    from gangen.inception import INCEPTION_URL, download_inception_weights, hub_cache_path
+    from gangen.inception import INCEPTION_FILENAME, INCEPTION_URL, download_inception_weights, hub_cache_path
 
     p = _OneLineParser(prog="gangen download-weights", description="Fetch the FID Inception weights (network).")
     p.add_argument("--dest", default=None, help=f"file to write (default: {hub_cache_path()})")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds before giving up")
     args = p.parse_args(argv)
-    path = download_inception_weights(args.dest, timeout=args.timeout)
+    if not 0 < args.timeout < float("inf"):  # 0 makes every socket non-blocking, a negative one is refused late
+        raise ConfigError(f"--timeout {args.timeout:g} must be a finite number of seconds > 0 (default 30)")
+    dest = str(Path(args.dest).expanduser()) if args.dest is not None else str(hub_cache_path())
+    check_output_file(dest, "--dest", INCEPTION_FILENAME, parents=True)  # said before connecting, not after
+    path = download_inception_weights(dest, timeout=args.timeout)
     print(f"downloaded {INCEPTION_URL} to {path}")
 
 
 def export_command(argv: Sequence[str]) -> None:
-    from gangen.sampling import check_output_folder, export_safetensors
+    from gangen.sampling import export_safetensors
 
     p = _OneLineParser(prog="gangen export", description="Write a checkpoint's generator as .safetensors.")
     p.add_argument("--ckpt_path", required=True, help="checkpoint written by `gangen fit`")
@@ -343,8 +347,9 @@ def export_command(argv: Sequence[str]) -> None:
     output = Path(args.output)
     if output.suffix != ".safetensors":
         raise ConfigError(f"--output {args.output!r}: end it with .safetensors")
-    check_output_folder(args.output, output.parent)
-    path, is_ema = export_safetensors(read_checkpoint(args.ckpt_path), output, ema=not args.no_ema)
+    check_output_file(args.output, example="generator.safetensors")
+    ckpt = read_checkpoint(args.ckpt_path)
+    path, is_ema = export_safetensors(ckpt, output, ema=not args.no_ema, source=f"checkpoint {args.ckpt_path!r}")
     print(f"wrote the {'EMA ' if is_ema else ''}generator of {args.ckpt_path} to {path}")
 
 
