@@ -1,0 +1,192 @@
+"""One-line refusals of gangen's own commands (train-classifier, generate, export, download-weights, evaluate
+--samples), each before any training, download or write: the values a CLI fuzz found as tracebacks, as
+refusals after 15 s of training, or as "not found" for a path that exists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SilentServer, assert_fit_refused, fails
+
+from gangen import inception
+
+READ_ONLY = "/proc/sys"  # not writable even by root (unlike a chmod-ed folder)
+TRAIN_CLASSIFIER = ["train-classifier", "--data.limit", "64", "--data.batch_size", "32", "--epochs", "1"]
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--output", f"{READ_ONLY}/clf.pt"], f"--output '{READ_ONLY}/clf.pt': folder {READ_ONLY} is not writable"),
+        (["--width", "0"], "--width 0 must be >= 1"),
+        (["--lr", "0"], "--lr 0 must be > 0"),
+        (["--seed", "-1"], "--seed -1 is out of range: use 0 to 2**32 - 1"),
+        (["--accelerator", "bogus"], "--accelerator 'bogus' is not an accelerator name: use cpu, gpu or auto"),
+    ],
+)
+def test_train_classifier_refuses_before_training(capsys, tmp_path, args, needle):
+    """Each was found after training (15 s) or mid-training, as a traceback."""
+    line = fails(capsys, *TRAIN_CLASSIFIER, "--output", str(tmp_path / "clf.pt"), *args)
+    assert needle in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_train_classifier_output_folder_is_refused_before_training(capsys, tmp_path):
+    line = fails(capsys, *TRAIN_CLASSIFIER, "--accelerator", "cpu", "--output", str(tmp_path))
+    assert line == (
+        f"gangen: error: --output {str(tmp_path)!r} is a folder: pass a file name (e.g. {tmp_path}/classifier.pt)"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_train_classifier_gpu_without_one_says_so_as_fit_does(capsys, tmp_path):
+    line = fails(capsys, *TRAIN_CLASSIFIER, "--accelerator", "gpu", "--output", str(tmp_path / "clf.pt"))
+    assert line == (
+        "gangen: error: --accelerator gpu: no CUDA GPU is available on this machine; use --accelerator cpu (or auto)"
+    )
+
+
+def test_a_checkpoint_folder_is_called_a_folder_and_the_file_is_named(capsys, tmp_path, trained_run, trained_ckpt):
+    """generate / export / evaluate said `checkpoint '<folder>' not found`."""
+    out = tmp_path / "out"
+    out.mkdir()
+    expected = f"gangen: error: checkpoint {str(trained_run)!r} is a folder: pass the .ckpt file (e.g. {trained_ckpt})"
+    assert fails(capsys, "generate", "--ckpt_path", str(trained_run), "--output", str(out / "g.png")) == expected
+    assert fails(capsys, "export", "--ckpt_path", str(trained_run), "--output", str(out / "g.safetensors")) == expected
+    assert fails(capsys, "evaluate", "--ckpt_path", str(trained_run), "--output", str(out / "m.json")) == expected
+    empty = tmp_path / "run.ckpt"  # a folder with no checkpoint in it: the usual place is named
+    empty.mkdir()
+    line = fails(capsys, "generate", "--ckpt_path", str(empty), "--output", str(out / "g.png"))
+    assert line.endswith(f"is a folder: pass the .ckpt file (e.g. {empty}/checkpoints/last.ckpt)")
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("option", ["--ckpt_path", "--model.init_from"])
+def test_fit_from_a_checkpoint_folder_is_called_a_folder(capsys, tmp_path, trained_run, trained_ckpt, option):
+    save_dir = tmp_path / "runs"
+    save_dir.mkdir()
+    needle = f"checkpoint {str(trained_run)!r} is a folder: pass the .ckpt file (e.g. {trained_ckpt})"
+    assert_fit_refused(capsys, save_dir, [option, str(trained_run)], [needle])
+
+
+def test_samples_that_are_a_file_but_not_an_npz_say_what_they_are(capsys, tmp_path):
+    """evaluate --samples said `samples '...' not found` for an existing file."""
+    text = tmp_path / "text.ckpt"
+    text.write_text("hello\n")
+    line = fails(capsys, "evaluate", "--samples", str(text))
+    assert line == (
+        f"gangen: error: samples {str(text)!r} is a .ckpt file, not an .npz or a folder: pass a folder of images or "
+        "an .npz from `gangen generate`; a checkpoint goes to --ckpt_path"
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["text.ckpt"]
+
+
+def _edited(trained_ckpt: Path, tmp_path: Path, name: str, edit) -> Path:
+    """A copy of the trained checkpoint whose state_dict went through edit(state_dict)."""
+    ckpt = torch.load(trained_ckpt, map_location="cpu", weights_only=True)
+    edit(ckpt["state_dict"])
+    path = tmp_path / name
+    torch.save(ckpt, path)
+    return path
+
+
+def test_weights_that_do_not_match_their_own_config_are_one_line(capsys, tmp_path, trained_ckpt):
+    """A state_dict with a first conv cut to one row (a damaged file): a size-mismatch RuntimeError traceback."""
+
+    def cut(state: dict) -> None:
+        for key in [k for k in state if k.endswith("net.0.weight") and k.startswith("generator")]:
+            state[key] = state[key][:1].clone()
+
+    bad = _edited(trained_ckpt, tmp_path, "badshape.ckpt", cut)
+    out = tmp_path / "out"
+    out.mkdir()
+    for argv in (["generate", "--output", str(out / "g.png")], ["export", "--output", str(out / "g.safetensors")],
+                 ["evaluate", "--output", str(out / "m.json")]):  # fmt: skip
+        line = fails(capsys, argv[0], "--ckpt_path", str(bad), *argv[1:])
+        assert line.startswith(
+            f"gangen: error: checkpoint {str(bad)!r}: its weights do not match its own network config (size mismatch "
+            "for generator"
+        ), line
+        assert ".net.0.weight: (1, " in line
+        assert line.endswith("): the file is damaged or from another gangen version"), line
+    assert list(out.iterdir()) == []
+
+
+def test_a_checkpoint_without_generator_weights_is_named(capsys, tmp_path, trained_ckpt):
+    def drop(state: dict) -> None:
+        for key in [k for k in state if k.startswith("generator")]:
+            del state[key]
+
+    nogen = _edited(trained_ckpt, tmp_path, "nogen.ckpt", drop)
+    expected = (
+        f"gangen: error: checkpoint {str(nogen)!r} holds no generator weights (a damaged or hand-edited file): pass "
+        "a checkpoint from `gangen fit`"
+    )
+    assert fails(capsys, "generate", "--ckpt_path", str(nogen), "--output", str(tmp_path / "g.png")) == expected
+    assert fails(capsys, "export", "--ckpt_path", str(nogen), "--output", str(tmp_path / "g.safetensors")) == expected
+    assert [p.name for p in tmp_path.iterdir()] == ["nogen.ckpt"]
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--device", "meta"], "--device 'meta' is not a usable device (it holds shapes, no data): use cpu or cuda"),
+        (["--seed", "-1"], "--seed -1 is out of range: use 0 to 2**64 - 1"),
+    ],
+)
+def test_generate_device_and_seed_refusals(capsys, tmp_path, trained_ckpt, args, expected):
+    """--device meta was a NotImplementedError traceback; --seed -1 was taken although the range says 0 to 2**64-1."""
+    line = fails(capsys, "generate", "--ckpt_path", str(trained_ckpt), "--output", str(tmp_path / "g.png"), *args)
+    assert line == f"gangen: error: {expected}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_grid_larger_than_its_format_allows_is_one_line_before_writing(capsys, tmp_path, trained_ckpt):
+    """A 2000-image JPEG row (68002 px; libjpeg allows 65500) printed libjpeg's own line, then ours."""
+    line = fails(capsys, "generate", "--ckpt_path", str(trained_ckpt), "--num_samples", "2000", "--nrow", "2000",
+                 "--output", str(tmp_path / "g.jpg"))  # fmt: skip
+    assert line == (
+        "gangen: error: --nrow 2000: a row of 2000 images is 68002 px wide and JPEG allows 65500: lower --nrow "
+        "(at most 1926 here)"
+    )
+    line = fails(capsys, "generate", "--ckpt_path", str(trained_ckpt), "--num_samples", "500", "--nrow", "1",
+                 "--output", str(tmp_path / "g.webp"))  # fmt: skip
+    assert line.endswith("500 rows of 1 images make a grid 17002 px tall and WebP allows 16383: raise --nrow, write "
+                         "fewer samples, or write a folder DIR/ or an .npz")  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_to_an_existing_folder_is_refused(capsys, tmp_path, trained_ckpt):
+    folder = tmp_path / "g.safetensors"
+    folder.mkdir()
+    line = fails(capsys, "export", "--ckpt_path", str(trained_ckpt), "--output", str(folder))
+    assert line == (
+        f"gangen: error: --output {str(folder)!r} is a folder: pass a file name (e.g. {folder}/generator.safetensors)"
+    )
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--dest", f"{READ_ONLY}/w.pth"], f"--dest '{READ_ONLY}/w.pth': folder {READ_ONLY} is not writable"),
+        (["--dest", "{tmp}"], "--dest '{tmp}' is a folder: pass a file name (e.g. {tmp}/weights-inception-2015-"),
+        (["--timeout", "0"], "--timeout 0 must be a finite number of seconds > 0"),
+        (["--timeout", "-1"], "--timeout -1 must be a finite number of seconds > 0"),
+    ],
+)
+def test_download_weights_refuses_before_connecting(capsys, tmp_path, monkeypatch, args, expected):
+    """Found only after a connection (or, with no network, reported as a network failure). The URL is a
+    loopback server that never answers: the refusal must come before any connection to it."""
+    download = inception.download_inception_weights
+    with SilentServer() as server:
+        monkeypatch.setattr(download, "__defaults__", (*download.__defaults__[:-1], f"{server.url}/w.pth"))
+        args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+        dest = [] if "--dest" in args else ["--dest", str(tmp_path / "w.pth")]
+        line = fails(capsys, "download-weights", *dest, "--timeout", "2", *args)
+    assert line.startswith("gangen: error: " + expected.replace("{tmp}", str(tmp_path))), line
+    assert server.connections == 0
+    assert list(tmp_path.iterdir()) == []
