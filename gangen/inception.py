@@ -17,12 +17,14 @@ its two float32-rounding-level departures: channels_last, and no TF32 on CUDA).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.client
 import math
 import os
 import re
 import urllib.request
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -115,6 +117,55 @@ def file_sha256(path: Path) -> str:
     return _SHA256[key]
 
 
+def check_inception_weights(path: Path, origin: str = "Inception weights") -> None:
+    """ConfigError unless `path` holds exactly the tensor names and shapes of torch-fidelity's InceptionV3.
+
+    Reads names and shapes only (memory-mapped: ~30 ms for the 96 MB file), so a wrong file is refused before
+    training, and with weights_only=True, before torch-fidelity unpickles it in full (weights_only=False).
+    `origin`: how the user gave the path (named in the error), e.g. "--metrics.inception_weights".
+    """
+    try:  # mmap needs torch's zip format; an older (legacy) torch file is read in full
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as err:  # unpickling errors of a foreign or truncated file
+        first = (str(err).strip().splitlines() or [""])[0][:120]
+        problem = f"torch.load failed: {type(err).__name__}" + (f": {first}" if first else "")
+    else:
+        problem = _state_problem(state)
+    if problem:
+        raise ConfigError(
+            f"{origin} {path} is not an InceptionV3 state_dict as torch-fidelity saves it ({problem}): "
+            f"pass {INCEPTION_FILENAME} (`gangen download-weights` fetches it)"
+        )
+
+
+def _state_problem(state: object) -> str:
+    """What keeps `state` from loading into torch-fidelity's InceptionV3 (strict), or ""."""
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        return f"a {type(state).__name__}, not a dict of tensors"
+    expected = _inception_shapes()
+    missing = [name for name in expected if name not in state]
+    if missing:
+        return f"{len(missing)} of the {len(expected)} tensors missing, e.g. {missing[0]}"
+    extra = [name for name in state if name not in expected]
+    if extra:
+        return f"unexpected tensor {extra[0]}"
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != shape:
+            return f"{name} has shape {tuple(state[name].shape)}, not {shape}"
+    return ""
+
+
+@functools.cache
+def _inception_shapes() -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of torch-fidelity's InceptionV3: torchvision's with 1008 classes, no aux head
+    (write_random_inception_weights saves that and torch-fidelity loads it strictly)."""
+    from torchvision.models import inception_v3
+
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        net = inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=1008)
+    return {name: tuple(t.shape) for name, t in net.state_dict().items()}
+
+
 # ---------------------------------------------------------------- feature extractors
 class FeatureExtractor(Protocol):
     """uint8 images -> named features. "pool" (N, D) feeds FID and KID; "logits" (N, K), if given, feeds IS."""
@@ -139,10 +190,10 @@ class InceptionExtractor:
         self.weights_sha256 = file_sha256(self.weights)
         if self.weights.name == INCEPTION_FILENAME and not self.weights_sha256.startswith("6726825d"):
             raise ConfigError(f"{self.weights} is corrupt (sha256 {self.weights_sha256[:8]}): delete it and re-fetch")
+        check_inception_weights(self.weights)  # torch-fidelity loads with weights_only=False: a foreign file first
         default_dtype = torch.get_default_dtype()  # float32 layers even inside a "*-true" precision context
         torch.set_default_dtype(torch.float32)
-        try:  # torch-fidelity loads with weights_only=False: refuse files that are more than tensors first
-            torch.load(self.weights, map_location="cpu", weights_only=True)
+        try:
             self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"], self.weights)
         except Exception as err:  # unpickling / state_dict mismatch errors
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
