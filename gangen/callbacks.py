@@ -162,8 +162,9 @@ class GANMetrics(L.Callback):
     images, features are gathered in rank order, and every rank computes the same values.
 
     feature_extractor: "inception" (weights: inception_weights, else $GANGEN_INCEPTION_WEIGHTS, else the
-    torch hub cache; resolved when the callback is built, so a missing file fails before training), a path
-    to a classifier from `gangen train-classifier`, or "none" to switch metrics off.
+    torch hub cache; resolved and its tensor names and shapes checked when the callback is built, so a missing
+    or foreign file fails before training), a path to a classifier from `gangen train-classifier`, or "none" to
+    switch metrics off. The counts, batch_size and cache_dir are checked then too, whether or not metrics are on.
     """
 
     def __init__(
@@ -178,19 +179,19 @@ class GANMetrics(L.Callback):
         seed: int = 0,  # latents of the evaluated images
         cache_dir: str | None = None,  # real statistics cache; None: $GANGEN_CACHE_DIR or ~/.cache/gangen
     ) -> None:
-        from gangen.inception import resolve_inception_weights
+        from gangen.metrics import check_cache_dir
 
-        if num_samples < 2:
-            raise ConfigError(f"metrics num_samples {num_samples!r} must be >= 2 (FID needs 2; 10000+ is usual)")
+        _check_counts(num_samples, num_real, batch_size)
         if real_split not in ("val", "train"):
-            raise ConfigError(f"metrics real_split {real_split!r} is invalid: use 'val' or 'train'")
+            raise ConfigError(f"--metrics.real_split {real_split!r} is invalid: use 'val' or 'train'")
+        check_cache_dir(cache_dir, "--metrics.cache_dir")
         self.enabled = feature_extractor != "none"
         self.feature_extractor, self.num_samples, self.every_kimg = feature_extractor, num_samples, every_kimg
         self.real_split, self.num_real, self.batch_size, self.seed = real_split, num_real, batch_size, seed
         self.cache_dir = cache_dir
         self.weights: Path | None = None
         if feature_extractor == "inception":
-            self.weights = resolve_inception_weights(inception_weights)  # fails fast, before any training
+            self.weights = _inception_weights(inception_weights)  # fails fast, before any training
         elif self.enabled:
             from gangen.classifier import load_classifier
 
@@ -290,6 +291,35 @@ class GANMetrics(L.Callback):
             with open(folder / "metrics.jsonl", "a") as f:
                 row = {"kimg": kimg, "step": logging_step(trainer), "global_step": trainer.global_step}
                 f.write(json.dumps(row | results) + "\n")  # step: the loggers' step (batches trained)
+
+
+def _check_counts(num_samples: Any, num_real: Any, batch_size: Any) -> None:
+    """Counts the first evaluation would refuse (or crash on) only after a whole epoch of training."""
+    for option, value, low, hint in (
+        ("num_samples", num_samples, 2, " (FID needs 2; 10000+ is usual)"),
+        ("num_real", num_real, 2, " or null (the whole split)"),
+        ("batch_size", batch_size, 1, ""),
+    ):
+        if option == "num_real" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"--metrics.{option} {value!r} must be >= {low}{hint}")
+
+
+def _inception_weights(given: str | None) -> Path:
+    """The Inception weights file (gangen.inception.resolve_inception_weights), its tensor names and shapes
+    checked: a foreign file is refused now, not at the first evaluation after an epoch of training."""
+    import os
+
+    from gangen.inception import ENV_VAR, check_inception_weights, resolve_inception_weights
+
+    path = resolve_inception_weights(given)
+    if given is not None:
+        origin = "--metrics.inception_weights"
+    else:
+        origin = f"${ENV_VAR}" if os.environ.get(ENV_VAR) else "Inception weights"
+    check_inception_weights(path, origin)
+    return path
 
 
 _LOGGED_EXTRAS = (("kid_mean", "kid"), ("kid_std", "kid_std"), ("is_mean", "is"), ("is_std", "is_std"))  # result, log

@@ -155,6 +155,25 @@ def default_cache_dir() -> Path:
     return cache_root() / "real_stats"
 
 
+def check_cache_dir(cache_dir: str | Path | None, option: str) -> None:
+    """ConfigError when the statistics could never be written to `cache_dir`: empty, or it (or a folder above it)
+    is a file. A read-only folder passes: statistics cached there by someone else are still read."""
+    if cache_dir is None:
+        return
+    if str(cache_dir) == "":
+        raise ConfigError(f"{option} '' is empty: pass a folder, or null for the default ({default_cache_dir()})")
+    folder = existing = Path(cache_dir).expanduser().absolute()
+    try:
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+    except OSError:  # a folder on the way that cannot be searched: the write reports it
+        return
+    if existing == folder and not folder.is_dir():
+        raise ConfigError(f"{option} {cache_dir} is a file; choose a folder")
+    if not existing.is_dir():
+        raise ConfigError(f"{option} {cache_dir}: {existing} is a file, so the folder cannot be made; choose a folder")
+
+
 def cache_file(key: dict, cache_dir: str | Path | None = None) -> Path:
     """The cache file of a key: readable prefix + hash of the whole key (so any field change misses)."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -229,8 +248,10 @@ def real_statistics(
     cached). The key also holds a datamodule's source files (paths, sizes, mtimes). The cache
     lives in `cache_dir` (default: default_cache_dir()); a hit runs no extractor pass at all.
     """
-    if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
-        raise ConfigError(f"num_samples {num_samples!r} is invalid: use an integer >= 1 or None (all)")
+    if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 2):
+        raise ConfigError(f"num_samples {num_samples!r} is invalid: use an integer >= 2 (FID needs 2) or None (all)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size {batch_size!r} is invalid: use an integer >= 1")
     name, batches, count, identity = _batches(source, split, num_samples, batch_size)
     first = next(batches, None)
     if first is None:
