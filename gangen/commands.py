@@ -249,7 +249,7 @@ def evaluate_command(argv: Sequence[str]) -> None:
     from jsonargparse import ArgumentParser
 
     from gangen.inception import make_feature_extractor
-    from gangen.metrics import Evaluator, evaluate_generator, real_statistics
+    from gangen.metrics import Evaluator, check_cache_dir, evaluate_generator, real_statistics
 
     p = ArgumentParser(
         prog="gangen evaluate",
@@ -280,10 +280,14 @@ def evaluate_command(argv: Sequence[str]) -> None:
         given = any(arg.startswith("--data") for arg in argv)  # a checkpoint without them needs them given
         p.set_defaults({f"data.{k}": v for k, v in _checkpoint_data(ckpt, known.ckpt_path, given).items()})
     args = p.parse_args(list(argv))
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {args.device!r}: no CUDA device is available here; use --device cpu")
+    _usable_device(args.device)
     if args.num_samples < 2:
         raise ConfigError(f"--num_samples {args.num_samples} must be >= 2 (FID needs 2; 10000+ is usual)")
+    if args.num_real is not None and args.num_real < 2:
+        raise ConfigError(f"--num_real {args.num_real} must be >= 2 (or omit it: the whole split)")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch_size {args.batch_size} must be >= 1")
+    check_cache_dir(args.cache_dir, "--cache_dir")
     source = Path(args.ckpt_path or args.samples)
     samples = load_samples(args.samples) if args.samples else None  # (N, C, H, W) uint8
     generator = load_generator(ckpt, args.device, source=args.ckpt_path) if ckpt is not None else None  # checked early

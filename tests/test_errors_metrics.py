@@ -1,14 +1,15 @@
-"""Bad metrics settings of `fit` (--metrics.*): one line naming the value and the fix, before
+"""Bad metrics settings of `fit` (--metrics.*) and `evaluate`: one line naming the value and the fix, before
 anything is written. Before, fit checked them at the first validation, after a whole epoch of training, and left
-config.yaml, hparams.yaml and a sample grid behind (fuzz7 report, section 5)."""
+config.yaml, hparams.yaml and a sample grid behind (fuzz7 report, sections 5 and 8)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from conftest import assert_fit_refused
+from conftest import assert_fit_refused, fails
 
 from gangen.errors import ConfigError
 from gangen.inception import INCEPTION_FILENAME
@@ -76,6 +77,32 @@ def test_fit_refuses_a_file_that_is_no_inception_state_dict(capsys, tmp_path, ma
     needles = [f"--metrics.inception_weights {weights} is not an InceptionV3 state_dict", why, INCEPTION_FILENAME]
     assert_fit_refused(capsys, save_dir, [*SMALL, *extra], needles)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs", "weights.pth"]
+
+
+@pytest.mark.parametrize(
+    "extra, needles",
+    [
+        (["--device", "tpu"], ["--device 'tpu' is not a device name", "use cpu, cuda or cuda:N"]),  # was a traceback
+        (["--batch_size", "0"], ["--batch_size 0 must be >= 1"]),  # was a DataLoader traceback
+        (["--num_real", "0"], ["--num_real 0 must be >= 2 (or omit it: the whole split)"]),  # named num_samples
+        (["--cache_dir", "FILE"], ["--cache_dir FILE is a file; choose a folder"]),  # was a FileExistsError
+    ],
+)
+def test_evaluate_refuses_bad_values_in_one_line(capsys, tmp_path, classifier_file, extra, needles):
+    samples, file = tmp_path / "s.npz", tmp_path / "stats.pt"
+    np.savez(samples, np.random.default_rng(0).integers(0, 256, (8, 32, 32, 1), dtype=np.uint8))
+    file.write_text("a file")
+    fill = {"FILE": str(file)}
+    extra, needles = [fill.get(a, a) for a in extra], [n.replace("FILE", str(file)) for n in needles]
+    args = ["evaluate", "--samples", str(samples), "--data.dataset", "fashion_mnist", "--data.limit", "640",
+            "--feature_extractor", str(classifier_file), "--num_real", "8", "--cache_dir", str(tmp_path / "cache"),
+            "--output", str(tmp_path / "m.json"), *extra]  # fmt: skip
+    line = fails(capsys, *args)
+    assert line.startswith("gangen: error: ")
+    for needle in needles:
+        assert needle in line, (needle, line)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz", "stats.pt"]  # no m.json, no cache
+    assert file.read_text() == "a file"
 
 
 def test_real_statistics_refuses_one_sample_and_batch_size_zero(classifier_file):
