@@ -34,9 +34,7 @@ from gangen.data import ImageDataModule
 from gangen.distributed import check_trainer, global_batch
 from gangen.distributed import multi_process as _multi_process
 from gangen.errors import ConfigError, GanGenError
-from gangen.sampling import (
-    read_checkpoint,
-)
+from gangen.sampling import check_weights, read_checkpoint
 from gangen.system import GAN
 
 DESCRIPTION = (
@@ -289,6 +287,8 @@ class GANCLI(LightningCLI):
         hparams = ckpt["hyper_parameters"]
         for name in ("generator", "discriminator"):
             _check_network(ckpt_path, name, hparams.get(name) or {}, getattr(self.model, name))
+            state = {k[len(name) + 1 :]: v for k, v in ckpt["state_dict"].items() if k.startswith(f"{name}.")}
+            check_weights(getattr(self.model, name), state, f"checkpoint {ckpt_path}", f"{name}.")  # damaged file
         data_saved = dict(ckpt.get("datamodule_hyper_parameters") or {})
         data_now = dict(self.datamodule.hparams)
         if fit:  # the data's seed is not a hyperparameter: its training order's is in the checkpoint

@@ -234,7 +234,7 @@ class GAN(L.LightningModule):
         """The state_dicts init_from gives this model: {"generator", "discriminator" (a checkpoint from fit; an
         export holds the generator only), "generator_ema"}, checked against the configured networks."""
         from gangen.networks import check_same_network
-        from gangen.sampling import generator_state, read_checkpoint
+        from gangen.sampling import check_weights, generator_state, read_checkpoint
 
         path = str(self.init_from)
         ckpt = read_checkpoint(path)  # one-line errors for missing, damaged, unsafe or foreign files
@@ -249,6 +249,8 @@ class GAN(L.LightningModule):
             states["discriminator"] = d_state
         if self.generator_ema is not None:  # the file's EMA generator, else its generator
             states["generator_ema"] = generator_state(ckpt)[0]
+        for name, state in states.items():  # a damaged file: one line here, not load_state_dict's traceback later
+            check_weights(getattr(self, name), state, f"init_from {path}", f"{name}.")
         return states
 
     def _apply_init_from(self) -> None:

@@ -80,3 +80,21 @@ def test_conditional_model_on_an_unlabelled_folder_writes_nothing(capsys, tmp_pa
     needles = ["conditional on 10 classes but the data has no class labels", "num_classes 0"]
     assert_fit_refused(capsys, tmp_path / "runs", extra, needles)
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("option", ["--ckpt_path", "--model.init_from"])
+def test_damaged_weights_are_one_line_before_anything_is_written(capsys, tmp_path, trained_ckpt, option):
+    """A checkpoint whose discriminator tensor does not fit its own recorded network (a damaged or foreign file):
+    a size-mismatch traceback from load_state_dict, after config.yaml was written."""
+    import torch
+
+    ckpt = torch.load(trained_ckpt, map_location="cpu", weights_only=True)
+    key = next(k for k, v in ckpt["state_dict"].items() if k.startswith("discriminator.") and v.dim() == 4)
+    ckpt["state_dict"][key] = ckpt["state_dict"][key][:1].clone()
+    bad = tmp_path / "damaged.ckpt"
+    torch.save(ckpt, bad)
+    (tmp_path / "runs").mkdir()
+    where = "checkpoint" if option == "--ckpt_path" else "init_from"
+    needles = [f"{where} {bad}: its weights do not match its own network config", f"size mismatch for {key}: (1, ",
+               "damaged or from another gangen version"]  # fmt: skip
+    assert_fit_refused(capsys, tmp_path / "runs", [option, str(bad)], needles)
