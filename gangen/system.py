@@ -99,8 +99,8 @@ class GAN(L.LightningModule):
                 raise ConfigError(f"{key} {value!r} must be an integer >= 1")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigError(f"seed {seed!r} must be an integer")
-        if not 0 <= seed < 2**63:  # seed + rank, seed + batch seed torch.Generators (up to 2**64 - 1)
-            raise ConfigError(f"seed {seed} is out of range: use 0 to 2**63 - 1")
+        if not -(2**63) <= seed < 2**63:  # seed + rank, seed + batch seed torch.Generators (-2**63 to 2**64 - 1)
+            raise ConfigError(f"seed {seed} is out of range: use -2**63 to 2**63 - 1")  # negative: older runs
         for key, value in (("reg_weight", reg_weight), ("ema_kimg", ema_kimg)):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"{key} {value!r} must be a number")

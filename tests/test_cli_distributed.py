@@ -103,7 +103,7 @@ BAD_TRAINER = [
      ["'ddp_turbo'", "not a Lightning strategy", "ddp_find_unused_parameters_true"]),
     (["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.sync_batchnorm", "true"],
      ["--trainer.sync_batchnorm true", "GPUs only", "drop the flag"]),
-    (["--trainer.accelerator", "cpu", "--trainer.devices", "0"], ["Lightning refused", "devices"]),
+    (["--trainer.accelerator", "cpu", "--trainer.devices", "0"], ["--trainer.devices 0: use a count >= 1"]),
     (["--trainer.devices", "two"], ["--trainer.devices 'two'", "not a device count", "0,1"]),
     (["--trainer.gradient_clip_val", "1.0"], ["gradient_clip_val 1.0", "manual optimization", "drop the flag"]),
     (["--trainer.accumulate_grad_batches", "2"],

@@ -33,7 +33,6 @@ REFUSED = [
     (["--trainer.callbacks.every_n_train_steps", "-1"], ["--trainer.callbacks", "every_n_train_steps=-1"]),
     # devices Lightning refuses with a TypeError traceback (CPU) or a message without the value
     (["--trainer.devices", "-2"], ["--trainer.devices -2", "count >= 1", "auto"]),
-    (["--trainer.devices", "0"], ["--trainer.devices 0", "count >= 1"]),
     (["--trainer.devices", "0,1", "--trainer.accelerator", "cpu"],
      ["--trainer.devices 0,1 lists GPU indices", "--trainer.devices 2"]),
     # trained nothing, exited 0 and left config.yaml and hparams.yaml
@@ -44,8 +43,8 @@ REFUSED = [
     # seeds numpy, torch.Generator refuse: a ValueError traceback once the model or trainer was being built
     (["--seed_everything", str(10**23)], [f"--seed_everything {10**23} is out of range", "2**32 - 1"]),
     (["--seed_everything", "-1"], ["--seed_everything -1 is out of range"]),
-    (["--model.seed", str(10**23)], [f"seed {10**23} is out of range: use 0 to 2**63 - 1"]),
-    (["--model.seed", "-1"], ["seed -1 is out of range"]),
+    (["--model.seed", str(10**23)], [f"seed {10**23} is out of range: use -2**63 to 2**63 - 1"]),
+    (["--model.seed", str(-(2**63) - 1)], [f"seed {-(2**63) - 1} is out of range"]),
     (["--data.seed", str(2**63)], [f"seed {2**63} is invalid", "2**63 - 1"]),
 ]  # fmt: skip
 
