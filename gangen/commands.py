@@ -287,6 +287,8 @@ def evaluate_command(argv: Sequence[str]) -> None:
         raise ConfigError(f"--num_real {args.num_real} must be >= 2 (or omit it: the whole split)")
     if args.batch_size < 1:
         raise ConfigError(f"--batch_size {args.batch_size} must be >= 1")
+    if not 0 <= args.seed < 2**64:  # generate's range: the same seed gives the same images
+        raise ConfigError(f"--seed {args.seed} is out of range: use 0 to 2**64 - 1")
     check_cache_dir(args.cache_dir, "--cache_dir")
     source = Path(args.ckpt_path or args.samples)
     samples = load_samples(args.samples) if args.samples else None  # (N, C, H, W) uint8

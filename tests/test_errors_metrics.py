@@ -26,6 +26,8 @@ SMALL = ["--data.limit", "640", "--data.batch_size", "64", "--trainer.max_epochs
         (["--metrics.num_real", "1"], ["--metrics.num_real 1 must be >= 2"]),  # FID's covariance needs 2
         (["--metrics.batch_size", "0"], ["--metrics.batch_size 0 must be >= 1"]),
         (["--metrics.num_samples", "1"], ["--metrics.num_samples 1 must be >= 2"]),
+        (["--metrics.every_kimg", "-1"], ["--metrics.every_kimg -1", "must be >= 0 (0: at every validation)"]),
+        (["--metrics.seed", "-1"], ["--metrics.seed -1 is out of range: use 0 to 2**64 - 1"]),  # generate's range
     ],
 )
 def test_fit_refuses_metrics_counts_before_training(capsys, tmp_path, classifier_file, extra, needles):
@@ -86,6 +88,7 @@ def test_fit_refuses_a_file_that_is_no_inception_state_dict(capsys, tmp_path, ma
         (["--batch_size", "0"], ["--batch_size 0 must be >= 1"]),  # was a DataLoader traceback
         (["--num_real", "0"], ["--num_real 0 must be >= 2 (or omit it: the whole split)"]),  # named num_samples
         (["--cache_dir", "FILE"], ["--cache_dir FILE is a file; choose a folder"]),  # was a FileExistsError
+        (["--seed", "-1"], ["--seed -1 is out of range: use 0 to 2**64 - 1"]),  # generate refuses it
     ],
 )
 def test_evaluate_refuses_bad_values_in_one_line(capsys, tmp_path, classifier_file, extra, needles):
