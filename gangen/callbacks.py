@@ -180,12 +180,12 @@ class GANMetrics(L.Callback):
         cache_dir: str | None = None,  # real statistics cache; None: $GANGEN_CACHE_DIR or ~/.cache/gangen
     ) -> None:
         from gangen.metrics import check_cache_dir
+        from gangen.sampling import check_seed
 
         _check_counts(num_samples, num_real, batch_size)
         if isinstance(every_kimg, bool) or not isinstance(every_kimg, (int, float)) or not every_kimg >= 0:
             raise ConfigError(f"--metrics.every_kimg {every_kimg!r} must be >= 0 (0: at every validation)")
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:  # generate's range
-            raise ConfigError(f"--metrics.seed {seed!r} is out of range: use 0 to 2**64 - 1")
+        check_seed(seed, "--metrics.seed")  # generate's range
         if real_split not in ("val", "train"):
             raise ConfigError(f"--metrics.real_split {real_split!r} is invalid: use 'val' or 'train'")
         check_cache_dir(cache_dir, "--metrics.cache_dir")

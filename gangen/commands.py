@@ -18,6 +18,7 @@ from gangen.sampling import (
     atomic_file,
     check_grid_size,
     check_output_file,
+    check_seed,
     checkpoint_data,
     generate,
     generator_state,
@@ -59,8 +60,7 @@ def generate_command(argv: Sequence[str]) -> None:
         raise ConfigError(f"--batch_size {args.batch_size} must be > 0")
     if args.nrow is not None and args.nrow <= 0:
         raise ConfigError(f"--nrow {args.nrow} must be > 0 (images per grid row)")
-    if not 0 <= args.seed < 2**64:
-        raise ConfigError(f"--seed {args.seed} is out of range: use 0 to 2**64 - 1")
+    check_seed(args.seed)
     device = _usable_device(args.device)
     kind = output_kind(args.output)
     ckpt = read_checkpoint(args.ckpt_path)
@@ -287,8 +287,7 @@ def evaluate_command(argv: Sequence[str]) -> None:
         raise ConfigError(f"--num_real {args.num_real} must be >= 2 (or omit it: the whole split)")
     if args.batch_size < 1:
         raise ConfigError(f"--batch_size {args.batch_size} must be >= 1")
-    if not 0 <= args.seed < 2**64:  # generate's range: the same seed gives the same images
-        raise ConfigError(f"--seed {args.seed} is out of range: use 0 to 2**64 - 1")
+    check_seed(args.seed)  # generate's range: the same seed gives the same images
     check_cache_dir(args.cache_dir, "--cache_dir")
     source = Path(args.ckpt_path or args.samples)
     samples = load_samples(args.samples) if args.samples else None  # (N, C, H, W) uint8

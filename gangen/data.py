@@ -161,8 +161,8 @@ class ImageDataModule(pl.LightningDataModule):
         if not isinstance(hflip, bool) or not isinstance(download, bool):
             bad = ("hflip", hflip) if not isinstance(hflip, bool) else ("download", download)
             raise ConfigError(f"{bad[0]} {bad[1]!r} is invalid: use true or false")
-        if not _is_int(seed, 0) or seed >= 2**63:  # seed + epoch seeds a torch.Generator (up to 2**64 - 1)
-            raise ConfigError(f"seed {seed!r} is invalid: use an integer from 0 to 2**63 - 1")
+        if not _is_int(seed, 0):
+            raise ConfigError(f"seed {seed!r} is invalid: use an integer >= 0")
         if isinstance(lsun_classes, str) or not all(isinstance(c, str) for c in lsun_classes or []):
             raise ConfigError(f"lsun_classes {lsun_classes!r} is invalid: use a list of names, e.g. ['bedroom']")
         self.on_device, self.hflip, self.seed = on_device, hflip, seed

@@ -24,6 +24,12 @@ from gangen.errors import ConfigError, DataNotFoundError, DivergenceError
 from gangen.networks import build_network
 
 
+def check_seed(seed: Any, option: str = "--seed") -> None:
+    """ConfigError unless `seed` is an int a latent stream takes: 0 to 2**64 - 1 (generate, evaluate, metrics)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ConfigError(f"{option} {seed!r} is out of range: use 0 to 2**64 - 1")
+
+
 def latents(num_samples: int, latent_dim: int, seed: int = 0) -> torch.Tensor:
     """(N, latent_dim) standard normal latents, drawn on the CPU so a seed gives the same z on any device.
 

@@ -134,7 +134,7 @@ def test_gan_arguments_of_the_wrong_type_are_one_line(kwargs, needle):
     [
         ({"lsun_classes": "bedroom"}, "lsun_classes 'bedroom' is invalid: use a list of names"),
         ({"hflip": "yes"}, "hflip 'yes' is invalid: use true or false"),
-        ({"seed": "a"}, "seed 'a' is invalid: use an integer from 0 to 2\\*\\*63 - 1"),
+        ({"seed": "a"}, "seed 'a' is invalid: use an integer >= 0"),
     ],
 )
 def test_data_arguments_of_the_wrong_type_are_one_line(kwargs, needle):
