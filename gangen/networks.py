@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import sys
 from typing import Any
 
@@ -74,6 +75,8 @@ class DCGANGenerator(nn.Module):
         self.latent_dim, self.num_classes = latent_dim, num_classes
         self.embed = nn.Embedding(num_classes, latent_dim) if num_classes else None
         widths = [min(max_channels, base_channels * 2 ** (n_up - 1 - i)) for i in range(n_up)]
+        z_in = latent_dim * (2 if num_classes else 1)
+        check_weight_memory(self, z_in * widths[0] + _pairs(widths) + widths[-1] * channels, num_classes * latent_dim)
         bias = norm == "none"  # a bias before batchnorm is redundant
         layers: list[nn.Module] = [
             nn.ConvTranspose2d(latent_dim * (2 if num_classes else 1), widths[0], 4, stride=1, padding=0, bias=bias),
@@ -133,6 +136,7 @@ class DCGANDiscriminator(nn.Module):
         self.config |= {k: v for k, v in (("dropout", dropout), ("num_classes", num_classes)) if v}  # only when set
         self.num_classes = num_classes
         widths = [min(max_channels, base_channels * 2**i) for i in range(n_down)]
+        check_weight_memory(self, channels * widths[0] + _pairs(widths) + widths[-1], num_classes * widths[-1])
 
         def drop() -> list[nn.Module]:
             return [nn.Dropout(dropout)] if dropout else []
@@ -168,6 +172,31 @@ class DCGANDiscriminator(nn.Module):
         h = self.net[:-1](x)  # (B, C_last, 4, 4)
         projection = (self.embed(labels) * h.sum(dim=(2, 3))).sum(dim=1)  # (B,)
         return self.net[-1](h).flatten() + projection  # (B,)
+
+
+def _pairs(widths: list[int]) -> int:
+    """Sum of c_in * c_out over consecutive widths: the hidden convolutions' channel pairs."""
+    return sum(a * b for a, b in zip(widths[:-1], widths[1:], strict=True))
+
+
+def check_weight_memory(network: nn.Module, channel_pairs: int, embedding: int) -> None:
+    """ConfigError before any allocation when the network's float32 weights alone (4x4 kernels: 16 per channel
+    pair, plus the class embedding) would not fit in this machine's memory: the widths (latent_dim,
+    base_channels, max_channels) are too large, and torch's allocator would fail with a traceback, or the
+    system would kill the process while initialising the weights."""
+    weights = 16 * channel_pairs + embedding
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not POSIX: torch's own error remains
+        return
+    if weights * 4 > memory:
+        names = [k for k in ("latent_dim", "base_channels", "max_channels") if k in network.config]
+        config = ", ".join(f"{k}={network.config[k]}" for k in names)
+        raise ConfigError(
+            f"{type(network).__name__}({config}) has about {weights / 1e9:,.1f} billion weights, "
+            f"{weights * 4 / 2**30:,.0f} GiB as float32, more than this machine's {memory / 2**30:.0f} GiB of memory: "
+            f"lower {', '.join(names[:-1])} or {names[-1]}"
+        )
 
 
 def check_num_classes(num_classes: int) -> int:

@@ -45,6 +45,12 @@ REFUSED = [
     (["--seed_everything", "-1"], ["--seed_everything -1 is out of range"]),
     (["--model.seed", str(10**23)], [f"seed {10**23} is out of range: use -2**63 to 2**63 - 1"]),
     (["--model.seed", str(-(2**63) - 1)], [f"seed {-(2**63) - 1} is out of range"]),
+    # widths whose weights alone outgrow any machine: torch's allocator traceback while the model was built
+    (["--model.generator.latent_dim", str(10**8)],
+     [f"DCGANGenerator(latent_dim={10**8}, base_channels=32, max_channels=512) has about 204.8 billion weights",
+      "GiB of memory: lower latent_dim, base_channels or max_channels"]),
+    (["--model.discriminator.base_channels", str(10**6), "--model.discriminator.max_channels", str(10**6)],
+     ["DCGANDiscriminator(base_channels=1000000, max_channels=1000000)", "lower base_channels or max_channels"]),
 ]  # fmt: skip
 
 
