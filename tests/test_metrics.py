@@ -203,6 +203,20 @@ def test_real_statistics_cache_hit_and_misses(extractor, images, real_stats, cac
     assert len(names) == 3 and metrics.cache_file(real_stats.key, cache_dir).is_file()
 
 
+def test_num_real_above_the_split_says_it_uses_the_whole_split(extractor, images, tmp_path, monkeypatch) -> None:
+    """It used all the images silently: an FID against fewer real images than configured."""
+    monkeypatch.setenv(decoded.CACHE_ENV_VAR, str(tmp_path))
+    dm = ImageDataModule(resolution=32, channels=1, limit=12, batch_size=4)
+    with pytest.warns(UserWarning, match="^num_real 13 is more than the 12 images of the val split: using all 12$"):
+        stats = real_statistics(dm, extractor, split="val", num_samples=13, batch_size=6)
+    assert stats.key["num_samples"] == 12 and stats.features.shape == (12, 2048)
+    with pytest.warns(UserWarning, match="^num_real 5 is more than the 4 images given: using all 4$"):
+        real_statistics(images["real"][:4], extractor, num_samples=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # exactly the split: no warning
+        real_statistics(dm, extractor, split="val", num_samples=12, batch_size=6)
+
+
 def test_cache_file_for_other_key_or_corrupt_is_recomputed(extractor, images, tmp_path) -> None:
     batch = images["real"][:2]
     stats = real_statistics(batch, extractor, dataset="tiny", cache_dir=tmp_path)
