@@ -205,6 +205,12 @@ class GANCLI(LightningCLI):
         self._check_resume()  # `last` found as fit finds it (Lightning alone validated fresh weights), networks
         if self.model.init_from and not self.config_init[self.subcommand].get("ckpt_path"):
             self.model.read_init_from()  # validated instead of fresh weights: checked before anything is written
+        elif not self.config_init[self.subcommand].get("ckpt_path") and self.trainer.global_rank == 0:
+            print(  # allowed (an untrained baseline), but most often a forgotten option
+                "gangen: warning: validate without --ckpt_path scores untrained networks: pass --ckpt_path last "
+                "(this run's newest last.ckpt) or a .ckpt file",
+                file=sys.stderr, flush=True,
+            )  # fmt: skip
 
     def _check_run_folders(self) -> None:
         """One line for a run folder that cannot be created (a file in its path, no write permission) and for

@@ -100,10 +100,15 @@ def test_interpolation_strip(trained_ckpt, tmp_path):
 
 
 def test_validate_subcommand(trained_ckpt):
-    r = run_cli("validate", "--config", str(DEMO_CONFIG), "--ckpt_path", str(trained_ckpt), "--trainer.logger", "false",
-                "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false")  # fmt: skip
+    common = ["validate", "--config", str(DEMO_CONFIG), "--trainer.logger", "false", "--trainer.limit_val_batches",
+              "2", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    r = run_cli(*common, "--ckpt_path", str(trained_ckpt))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "val/loss_d" in r.stdout and "gangen: warning" not in r.stderr
+    r = run_cli(*common)  # untrained networks: allowed (a baseline), said (it was silent)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "val/loss_d" in r.stdout
+    assert "gangen: warning: validate without --ckpt_path scores untrained networks: pass --ckpt_path last" in r.stderr
 
 
 def test_print_config_with_overrides():
