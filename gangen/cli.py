@@ -6,7 +6,7 @@
     gangen export --ckpt_path PATH --output generator.safetensors
 
 User errors (gangen.errors.GanGenError) are printed as one line and exit with status 2 (divergence: 3;
-SIGTERM / SIGINT during fit: a checkpoint, then 128 + the signal number).
+SIGTERM / SIGINT during fit: a checkpoint, then 128 + the signal number; Ctrl-C at any other time: 130).
 Set GANGEN_DEBUG=1 to get the traceback instead.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -519,3 +520,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         _close_process_group()
         sys.exit(128 + (received_signal() or 15))
+    except KeyboardInterrupt:  # Ctrl-C before Lightning ran (parsing, building the model or data) or in a command
+        if os.environ.get("GANGEN_DEBUG"):
+            raise
+        print("gangen: interrupted", file=sys.stderr)
+        _close_process_group()
+        sys.exit(128 + signal.SIGINT)
+    except SystemExit as err:  # Lightning's shutdown after a KeyboardInterrupt (Ctrl-C before training, or a
+        if err.code == 1 and isinstance(err.__context__, KeyboardInterrupt):  # second one) ends in exit(1)
+            sys.exit(128 + signal.SIGINT)  # the shell's status for Ctrl-C, as after a checkpoint on SIGINT
+        raise

@@ -38,6 +38,23 @@ class SignalAt(L.Callback):
             signal_self(self.signum)
 
 
+class SignalWhenBuilt(L.Callback):
+    """Send `signum` to this process when the CLI builds this callback: before Lightning runs anything."""
+
+    def __init__(self, signum: int = int(signal.SIGINT)) -> None:
+        os.kill(os.getpid(), signum)
+
+
+class SignalAtSetup(L.Callback):
+    """Send `signum` to this process in Lightning's setup: before the sanity check and gangen's handlers."""
+
+    def __init__(self, signum: int = int(signal.SIGINT)) -> None:
+        self.signum = signum
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        os.kill(os.getpid(), self.signum)
+
+
 class SignalInValidation(L.Callback):
     """At the first validation batch of fit (of its sanity check, with sanity), send `signum` to this process
     (to rank `rank`'s only, when given)."""

@@ -182,11 +182,25 @@ def test_sigint_saves_checkpoint(tmp_path):
 
 def test_second_sigint_stops_at_once_without_a_checkpoint(tmp_path):
     """Ctrl-C twice: the first asks for a checkpoint at the next batch start; the second, before then, stops
-    training at once (a KeyboardInterrupt, Lightning's exit status 1) and writes nothing."""
+    training at once (a KeyboardInterrupt, after which Lightning exits 1; gangen makes it the shell's 130) and
+    writes nothing."""
     r = fit(tmp_path, *signal_at(2, signal.SIGINT), *signal_at(3, signal.SIGINT))  # batch 3: before the save
-    assert r.returncode == 1, (r.returncode, r.stderr[-3000:])
+    assert r.returncode == 128 + signal.SIGINT, (r.returncode, r.stderr[-3000:])
     assert "Detected KeyboardInterrupt" in r.stdout and "SIGINT received" not in r.stdout + r.stderr
     assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "params_rank0.pt").exists()
+
+
+@pytest.mark.parametrize("probe", ["SignalWhenBuilt", "SignalAtSetup"])
+def test_ctrl_c_before_training_exits_130_without_a_traceback_or_checkpoint(tmp_path, probe):
+    """Ctrl-C while the CLI builds the model, data and callbacks was a KeyboardInterrupt traceback; in
+    Lightning's setup (before the sanity check and gangen's handlers) it was Lightning's exit status 1."""
+    r = fit(tmp_path, f"--trainer.callbacks+=fault_probe.{probe}")
+    assert r.returncode == 128 + signal.SIGINT, (r.returncode, r.stderr[-3000:])
+    assert "Traceback" not in r.stderr and not list(tmp_path.rglob("*.ckpt"))
+    if probe == "SignalWhenBuilt":
+        assert r.stderr.strip().splitlines()[-1] == "gangen: interrupted" and not list(tmp_path.iterdir())
+    else:
+        assert "Detected KeyboardInterrupt" in r.stdout
 
 
 @pytest.mark.parametrize("loader", ["dataloader", "on_device"])
