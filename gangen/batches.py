@@ -6,9 +6,11 @@ conversion to [-1, 1], optional horizontal flip. Lightning accepts it as a train
 iterable): it calls `sampler.set_epoch(epoch)` at every epoch start and does not replace it with a
 DistributedSampler.
 
-Order: the permutation of an epoch depends only on (seed, epoch), drawn on the CPU, so it is the same on
-any device and after a resume from an epoch-end checkpoint. Under DDP every rank takes its own contiguous
-slice of that permutation: shards are disjoint and every rank gets the same number of full batches.
+Order: the permutation of an epoch and its flips depend only on (seed, epoch) (`epoch_order`, drawn on the
+CPU), the same as the DataLoader's sampler (reliability.ResumableRandomSampler) draws: the same batches on any
+device and on either data path, so a resume may take the other path (`on_device: auto` decides from the free
+GPU memory at every start). Under DDP every rank takes its own contiguous slice of that permutation, where
+the sampler's slice starts: shards are disjoint and every rank gets the same number of full batches.
 """
 
 from __future__ import annotations
@@ -22,9 +24,24 @@ from torch import Tensor
 ON_DEVICE_FRACTION = 0.25  # on_device "auto": the uint8 set may take at most this share of free GPU memory
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """A CPU generator seeded from (seed, epoch) only: the same stream on every rank and every resume."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)  # any int seed (a checkpoint's: 63 bits)
+ORDER_VERSION = 2  # in the data state of checkpoints: 2, both paths draw epoch_order; before, on-device drew
+# its own (_legacy_plan), and a resumed run of such a checkpoint keeps drawing it
+
+
+def epoch_order(seed: int, epoch: int, num_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """(permutation of range(num_items), flips (num_items,) bool with p = 1/2, by position in the permutation)
+    of `epoch`: depends on (seed, epoch) only, the same on every rank, device, data path and resume."""
+    order = np.random.default_rng([seed, epoch]).permutation(num_items)
+    return order, np.random.default_rng([seed, epoch, 1]).random(num_items) < 0.5
+
+
+def _legacy_plan(seed: int, epoch: int, num_items: int, per_rank: int, rank: int) -> tuple[Tensor, Tensor]:
+    """The on-device order before ORDER_VERSION 2 (a torch permutation, shards every per_rank items)."""
+    rng = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)  # any int seed (63 bits: a checkpoint's)
+    perm = torch.randperm(num_items, generator=rng)  # (N,)
+    flips = torch.rand(num_items, generator=rng) < 0.5  # (N,), indexed by position in perm
+    shard = slice(rank * per_rank, (rank + 1) * per_rank)
+    return perm[shard], flips[shard]
 
 
 def fits_on_device(num_bytes: int, device: torch.device, fraction: float = ON_DEVICE_FRACTION) -> bool:
@@ -53,6 +70,7 @@ class DeviceBatches:
         rank: int = 0,  # this process's index among `world_size`
         world_size: int = 1,  # number of training processes (DDP ranks)
         hflip: bool = False,  # flip each image left-right with probability 1/2
+        legacy_order: bool = False,  # the order before ORDER_VERSION 2 (resuming an older checkpoint)
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
@@ -60,6 +78,7 @@ class DeviceBatches:
         self.images = images.to(self.device)  # (N, C, R, R) uint8
         self.labels = labels.long().to(self.device)  # (N,)
         self.batch_size, self.seed, self.rank, self.world_size, self.hflip = batch_size, seed, rank, world_size, hflip
+        self.legacy_order = legacy_order
         self.epoch = 0
         self._resume: tuple[int, int] | None = None  # (epoch, images of this rank to skip), from a checkpoint
         self.sampler = self  # Lightning's _set_sampler_epoch looks for `sampler.set_epoch`
@@ -78,12 +97,13 @@ class DeviceBatches:
 
     def epoch_plan(self, epoch: int) -> tuple[Tensor, Tensor]:
         """This rank's image indices (len*B,) for `epoch` and whether to flip each (len*B,) bool, on the CPU."""
-        rng = epoch_generator(self.seed, epoch)
-        perm = torch.randperm(len(self.images), generator=rng)  # (N,)
-        flips = torch.rand(len(self.images), generator=rng) < 0.5  # (N,), indexed by position in perm
-        per_rank = len(self) * self.batch_size
-        shard = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
-        return perm[shard], flips[shard]
+        num_items, per_rank = len(self.images), len(self) * self.batch_size
+        if self.legacy_order:
+            return _legacy_plan(self.seed, epoch, num_items, per_rank, self.rank)
+        order, flips = epoch_order(self.seed, epoch, num_items)
+        start = self.rank * (num_items // self.world_size)  # the sampler's shard; its tail is no full batch
+        shard = slice(start, start + per_rank)
+        return torch.from_numpy(order[shard]), torch.from_numpy(flips[shard])
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         index, flips = self.epoch_plan(self.epoch)

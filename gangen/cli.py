@@ -29,6 +29,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gangen.argerrors import summarize
+from gangen.batches import ORDER_VERSION
 from gangen.callbacks import GANMetrics
 from gangen.commands import COMMANDS
 from gangen.data import ImageDataModule
@@ -300,11 +301,13 @@ class GANCLI(LightningCLI):
         data_now = dict(self.datamodule.hparams)
         if fit:  # the data's seed is not a hyperparameter: its training order's is in the checkpoint
             order = ckpt.get(type(self.datamodule).__name__) or {}
-            order_seed = order.get("seed")
+            # data.seed drew the order on both paths since ORDER_VERSION 2; before, the DataLoader's came from
+            # --seed_everything (a plain resume of such a run was refused): older ones continue unchecked
+            order_seed = order.get("seed") if order.get("order", 1) >= ORDER_VERSION else None
             check_same_world(order, self.trainer.world_size, f"checkpoint {ckpt_path}")
             seeds = (
                 ("model", hparams.get("seed"), self.model.hparams.get("seed")),
-                ("data", order_seed, getattr(self.datamodule, "seed", None)),  # None: unseeded, or the run's seed
+                ("data", order_seed, getattr(self.datamodule, "seed", None)),  # None: not a gangen datamodule
             )
             for section, was, now in seeds:
                 if was is not None and now is not None and now != was:

@@ -37,7 +37,7 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from gangen import decoded
-from gangen.batches import DeviceBatches, fits_on_device
+from gangen.batches import ORDER_VERSION, DeviceBatches, fits_on_device
 from gangen.errors import ConfigError, DataNotFoundError
 from gangen.readers import (
     FlipItems,
@@ -118,7 +118,8 @@ class ImageDataModule(pl.LightningDataModule):
                 fashion_mnist, mnist, cifar10, and decoded caches); "auto": on CUDA when the set fits in 1/4
                 of free memory. true with celeba / lsun / image_folder decodes them once (cache).
             hflip: flip training images left-right with probability 1/2.
-            seed: on-device batches: the epoch's shuffle and flips depend on (seed, epoch) only.
+            seed: the training order: the epoch's shuffle and flips depend on (seed, epoch) only, on either data
+                path (on-device batches or the DataLoader), so a resume may take the other one.
             cache: celeba / lsun / image_folder: decode every image once into a uint8 array on disk and train
                 from it; "auto": when the decoded set is at most MAX_IN_MEMORY_GIB; false: PIL per item.
             cache_dir: where decoded sets go; None = $GANGEN_CACHE_DIR/decoded or ~/.cache/gangen/decoded.
@@ -173,6 +174,7 @@ class ImageDataModule(pl.LightningDataModule):
         self._splits: dict[str, Dataset] = {}
         self._folder_stats: list[list] | None = None  # image_folder: the files' [name, size, mtime] (cache key)
         self._sampler_seed: int | None = None  # training order seed (restored from checkpoints)
+        self._order_version = ORDER_VERSION  # how the restored checkpoint's order was drawn (batches.py)
         self._resume: dict | None = None  # {"epoch", "position"} from a checkpoint taken mid-epoch
         self._train_sampler: ResumableRandomSampler | DeviceBatches | None = None  # what state_dict reads
         self._check_files()
@@ -441,11 +443,7 @@ class ImageDataModule(pl.LightningDataModule):
         if shuffle:  # an order fixed by (seed, epoch) that a resumed run can enter mid-epoch (reliability.py)
             rank, world_size = self._rank_world()
             self._check_batches(split, len(dataset), world_size)
-            seed = self._sampler_seed
-            if seed is None:  # the run's seed; rank 0's for all (unseeded processes differ: shards would overlap)
-                seed = torch.initial_seed() % 2**63
-                if world_size > 1:
-                    seed = self.trainer.strategy.broadcast(seed, src=0)
+            seed = self.order_seed  # the on-device batches' too: either path may resume the other's checkpoint
             sampler = ResumableRandomSampler(len(dataset), seed, rank, world_size, hflip=self.hflip)
             if self.hflip:
                 dataset = FlipItems(dataset)  # indexed by the sampler's (index, flip) keys
@@ -475,6 +473,12 @@ class ImageDataModule(pl.LightningDataModule):
     def load_state_dict(self, state: dict) -> None:
         self._sampler_seed = state.get("seed", self._sampler_seed)
         self._resume = state if "position" in state else None
+        self._order_version = state.get("order", 1) if state else ORDER_VERSION  # 1: saved before there was one
+
+    @property
+    def order_seed(self) -> int:
+        """The training order's seed: a resumed checkpoint's, else --data.seed (both data paths)."""
+        return self._sampler_seed if self._sampler_seed is not None else self.seed
 
     def train_dataloader(self) -> DataLoader | DeviceBatches:
         """Shuffled training batches, incomplete last batch dropped; built on the device when on_device."""
@@ -508,10 +512,9 @@ class ImageDataModule(pl.LightningDataModule):
         """The training set as DeviceBatches on `device` (the uint8 images are moved there once)."""
         data = self._split("train")
         self._check_batches("train", len(data), world_size)
-        seed = self._sampler_seed if self._sampler_seed is not None else self.seed  # a checkpoint's, else ours
         batches = DeviceBatches(
-            data.images, data.labels, self.batch_size, device=device, seed=seed, rank=rank,
-            world_size=world_size, hflip=self.hflip,
+            data.images, data.labels, self.batch_size, device=device, seed=self.order_seed, rank=rank,
+            world_size=world_size, hflip=self.hflip, legacy_order=self._order_version < ORDER_VERSION,
         )  # fmt: skip
         if self._resume is not None and self.trainer is not None:  # per-rank positions: exact under DDP too
             batches.resume_at(self._resume["epoch"], self._resume["position"])

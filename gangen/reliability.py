@@ -32,6 +32,7 @@ from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DistributedSampler
 
+from gangen.batches import ORDER_VERSION, epoch_order
 from gangen.cache_dir import creation_mode
 from gangen.errors import ConfigError, DataNotFoundError
 
@@ -153,12 +154,12 @@ class ResumableRandomSampler(DistributedSampler):
         self._resume = (epoch, position)
 
     def order(self, epoch: int) -> np.ndarray:
-        """The whole permutation of `epoch` (all ranks)."""
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
+        """The whole permutation of `epoch` (all ranks): on-device batches draw the same (batches.epoch_order)."""
+        return epoch_order(self.seed, epoch, self.num_items)[0]
 
     def flips(self, epoch: int) -> np.ndarray:
         """(num_items,) bool: whether the item at each position of `epoch`'s order is flipped (p = 1/2)."""
-        return np.random.default_rng([self.seed, epoch, 1]).random(self.num_items) < 0.5
+        return epoch_order(self.seed, epoch, self.num_items)[1]
 
     def __iter__(self) -> Iterator[int | tuple[int, bool]]:
         start = 0
@@ -166,10 +167,11 @@ class ResumableRandomSampler(DistributedSampler):
             start = self._resume[1]
         self._resume = None
         shard = slice(self.rank * self.num_samples + start, (self.rank + 1) * self.num_samples)
+        order, flips = epoch_order(self.seed, self.epoch, self.num_items)
         if self.hflip:
-            yield from zip(self.order(self.epoch)[shard].tolist(), self.flips(self.epoch)[shard].tolist(), strict=True)
+            yield from zip(order[shard].tolist(), flips[shard].tolist(), strict=True)
         else:
-            yield from self.order(self.epoch)[shard].tolist()
+            yield from order[shard].tolist()
 
     def __len__(self) -> int:
         return self.num_samples
@@ -183,7 +185,8 @@ def _fit_running(trainer: L.Trainer) -> bool:
 
 def sampler_state(trainer: L.Trainer | None, sampler: ResumableRandomSampler, batch_size: int) -> dict[str, int]:
     """What a checkpoint needs to restart `sampler` where training is now: seed, epoch, items trained on."""
-    state = {"seed": sampler.seed, "epoch": sampler.epoch, "position": 0}
+    order = 1 if getattr(sampler, "legacy_order", False) else ORDER_VERSION  # how the order was drawn
+    state = {"seed": sampler.seed, "epoch": sampler.epoch, "position": 0, "order": order}
     if trainer is not None:
         state["world_size"] = trainer.world_size  # the position is per rank, in shards of this many
     if trainer is not None and _fit_running(trainer):  # also in fit's validation (val_check_interval)

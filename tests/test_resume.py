@@ -101,7 +101,7 @@ def test_sigkill_after_mid_epoch_validation_save_resumes_exactly(tmp_path):
     r = fit(tmp_path, *signal_at(9, signal.SIGKILL), *every_2)
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     ckpt = torch.load(tmp_path / "dcgan_fashion_mnist" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
-    order = {"seed": 0, "epoch": 1, "world_size": 1}
+    order = {"seed": 0, "epoch": 1, "world_size": 1, "order": 2}
     assert ckpt["gangen"]["batches_seen"] == 8 and ckpt["ImageDataModule"] == dict(order, position=128)
     r = fit(tmp_path, "--ckpt_path", "last", *every_2)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -135,7 +135,7 @@ def test_sigterm_in_an_epochs_last_batch_resumes_with_the_whole_next_epoch(unint
     r = fit(tmp_path, *signal_at(5, signal.SIGTERM), *every_2)  # batch 5: the last of epoch 0's 6
     assert r.returncode == 128 + signal.SIGTERM, (r.returncode, r.stderr[-3000:])
     ckpt = torch.load(tmp_path / "dcgan_fashion_mnist" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
-    order = {"seed": 0, "epoch": 1, "world_size": 1}
+    order = {"seed": 0, "epoch": 1, "world_size": 1, "order": 2}
     assert ckpt["gangen"]["batches_seen"] == 6 and ckpt["ImageDataModule"] == dict(order, position=0)
     r = fit(tmp_path, "--ckpt_path", "last", *every_2)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -169,6 +169,20 @@ def test_max_steps_stop_then_resume_last_is_exact(uninterrupted, tmp_path):
     resumed = torch.load(tmp_path / "params_rank0.pt")
     assert int(resumed["images_seen"]) == 2 * 384  # Lightning alone skips the 2 batches left in epoch 0
     assert_same_state(uninterrupted, resumed)
+
+
+def test_a_run_with_another_seed_everything_resumes_with_a_plain_ckpt_path_last(tmp_path):
+    """The DataLoader's order came from --seed_everything while the resume check compared it with --data.seed:
+    `fit ... --ckpt_path last` of any run with a seed_everything other than 0 was refused ("resume with
+    --data.seed 5", an option the run never set). The order now comes from --data.seed on both data paths."""
+    r = fit(tmp_path, "--seed_everything", "5", "--trainer.max_epochs", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = tmp_path / "dcgan_fashion_mnist" / "version_0" / "checkpoints" / "last.ckpt"
+    state = torch.load(last, weights_only=True)["ImageDataModule"]
+    assert (state["seed"], state["order"]) == (0, 2)  # --data.seed's default, not --seed_everything
+    r = fit(tmp_path, "--seed_everything", "5", "--ckpt_path", "last")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"gangen: resuming from {last}" in r.stdout
 
 
 def test_sigint_saves_checkpoint(tmp_path):

@@ -59,8 +59,27 @@ def test_ddp_shards_are_disjoint_and_equal(dm):
     shards = [b.epoch_plan(5)[0] for b in ranks]
     union = torch.cat(shards)
     assert len(union.unique()) == len(union) == 3 * 3 * 32  # disjoint
-    one = DeviceBatches(data.images, data.labels, 32, seed=3).epoch_plan(5)[0]
-    assert torch.equal(union, one[: len(union)])  # slices of the one (seed, epoch) permutation
+    for rank, shard in enumerate(shards):  # the DataLoader sampler's shards of the one (seed, epoch) permutation
+        sampler = ResumableRandomSampler(300, seed=3, rank=rank, world_size=3)
+        sampler.set_epoch(5)
+        assert shard.tolist() == list(sampler)[: 3 * 32]
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_both_data_paths_give_the_same_batches(dm, world_size):
+    """On-device batches and the DataLoader draw one order and one set of flips from (seed, epoch): they drew
+    different ones, so a resume on the other path trained some images twice in that epoch and others never."""
+    data = dm._split("train")
+    for rank in range(world_size):
+        device = DeviceBatches(data.images, data.labels, 32, seed=3, rank=rank, world_size=world_size, hflip=True)
+        sampler = ResumableRandomSampler(len(data), seed=3, rank=rank, world_size=world_size, hflip=True)
+        device.set_epoch(2)
+        sampler.set_epoch(2)
+        loader = torch.utils.data.DataLoader(FlipItems(data), 32, sampler=sampler, drop_last=True, collate_fn=collate)
+        pairs = list(zip(device, loader, strict=True))
+        assert len(pairs) == 300 // world_size // 32
+        for (images, labels), (want_images, want_labels) in pairs:
+            assert torch.equal(images, want_images) and torch.equal(labels, want_labels)
 
 
 def test_order_depends_only_on_seed_and_epoch(dm):
@@ -135,11 +154,25 @@ class RecordBatches(L.Callback):
         self.batches.setdefault(trainer.current_epoch, []).append(batch[0].clone())
 
 
-def fit(dm: ImageDataModule, epochs: int, ckpt_path: str | None = None) -> tuple[L.Trainer, RecordBatches]:
+class SaveAndStopAt(L.Callback):
+    """A mid-epoch checkpoint after `batches` training batches of the first epoch, then stop."""
+
+    def __init__(self, batches: int, path: Path) -> None:
+        self.batches, self.path = batches, path
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.fit_loop.epoch_loop.batch_progress.current.processed == self.batches:
+            trainer.save_checkpoint(self.path)
+            trainer.should_stop = True
+
+
+def fit(
+    dm: ImageDataModule, epochs: int, ckpt_path: str | None = None, *callbacks: L.Callback
+) -> tuple[L.Trainer, RecordBatches]:
     record = RecordBatches()
     trainer = L.Trainer(
         accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, callbacks=[record],
+        enable_model_summary=False, limit_val_batches=0, callbacks=[record, *callbacks],
     )  # fmt: skip
     trainer.fit(tiny_gan(), dm, ckpt_path=ckpt_path)
     return trainer, record
@@ -156,6 +189,40 @@ def test_lightning_sets_the_epoch_and_resume_replays_it(dm, tmp_path):
     _, resumed = fit(dm, epochs=2, ckpt_path=str(tmp_path / "epoch1.ckpt"))
     assert list(resumed.batches) == [1]
     assert torch.equal(torch.cat(resumed.batches[1]), torch.cat(full.batches[1]))  # exact resume
+
+
+@pytest.mark.parametrize("first_on_device", [True, False])
+def test_a_mid_epoch_resume_may_take_the_other_data_path(tmp_path, first_on_device):
+    """`on_device: auto` picks the path from the free GPU memory at every start, so a resume can take the other
+    one: it then trained 15 of 64 images twice and 15 never in that epoch. Now the epoch ends as the
+    uninterrupted run on the resume's path would have trained it, flips included."""
+
+    def module(on_device: bool) -> ImageDataModule:
+        return ImageDataModule(resolution=16, batch_size=32, limit=300, on_device=on_device, hflip=True, seed=5)
+
+    _, whole = fit(module(not first_on_device), epochs=1)
+    ckpt = tmp_path / "mid.ckpt"
+    _, part = fit(module(first_on_device), 1, None, SaveAndStopAt(3, ckpt))
+    _, rest = fit(module(not first_on_device), epochs=1, ckpt_path=str(ckpt))
+    assert len(part.batches[0]) == 3 and len(rest.batches[0]) == 9 - 3
+    assert torch.equal(torch.cat(part.batches[0] + rest.batches[0]), torch.cat(whole.batches[0]))
+
+
+def test_an_older_on_device_checkpoint_resumes_in_its_own_order(tmp_path):
+    """Checkpoints without the data state's "order" drew the on-device order another way (a torch permutation):
+    resumed on the device, they continue in it."""
+    old = ImageDataModule(resolution=16, batch_size=32, limit=300, on_device=True, seed=5)
+    old._order_version = 1  # as every checkpoint of the earlier code
+    ckpt = tmp_path / "old.ckpt"
+    _, part = fit(old, 1, None, SaveAndStopAt(3, ckpt))
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["ImageDataModule"].pop("order") == 1
+    torch.save(saved, ckpt)  # the earlier code wrote no "order"
+    _, rest = fit(ImageDataModule(resolution=16, batch_size=32, limit=300, on_device=True, seed=5), 1, str(ckpt))
+    data = old._split("train")
+    legacy = DeviceBatches(data.images, data.labels, 32, seed=5, legacy_order=True)
+    assert torch.equal(torch.cat(part.batches[0] + rest.batches[0]), torch.cat([x for x, _ in legacy]))
+    assert not torch.equal(legacy.epoch_plan(0)[0], DeviceBatches(data.images, data.labels, 32, seed=5).epoch_plan(0)[0])
 
 
 def _epoch(dm: ImageDataModule, epoch: int) -> DeviceBatches:
