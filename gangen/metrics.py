@@ -255,7 +255,8 @@ def real_statistics(
     name, batches, count, identity = _batches(source, split, num_samples, batch_size)
     if num_samples is not None and num_samples > count:  # an FID protocol other than the one asked for
         where = "given" if isinstance(source, Tensor) else f"of the {split} split"
-        warnings.warn(f"num_real {num_samples} is more than the {count} images {where}: using all {count}")
+        message = f"num_real {num_samples} is more than the {count} images {where}: using all {count}"
+        warnings.warn(message, stacklevel=2)
     first = next(batches, None)
     if first is None:
         raise ConfigError(f"no real images to compute statistics from (num_samples={num_samples!r})")

@@ -222,7 +222,8 @@ def test_an_older_on_device_checkpoint_resumes_in_its_own_order(tmp_path):
     data = old._split("train")
     legacy = DeviceBatches(data.images, data.labels, 32, seed=5, legacy_order=True)
     assert torch.equal(torch.cat(part.batches[0] + rest.batches[0]), torch.cat([x for x, _ in legacy]))
-    assert not torch.equal(legacy.epoch_plan(0)[0], DeviceBatches(data.images, data.labels, 32, seed=5).epoch_plan(0)[0])
+    current = DeviceBatches(data.images, data.labels, 32, seed=5)
+    assert not torch.equal(legacy.epoch_plan(0)[0], current.epoch_plan(0)[0])
 
 
 def _epoch(dm: ImageDataModule, epoch: int) -> DeviceBatches:
