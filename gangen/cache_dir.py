@@ -41,6 +41,18 @@ def creation_mode(mode: int) -> int:
     return mode & ~umask
 
 
+def not_a_folder(folder: str | Path) -> Path | None:
+    """What stops `folder` from being, or being made, a folder: itself or the nearest existing path above it when
+    that is a file; else None (a path on the way that cannot be searched: the write reports it)."""
+    existing = Path(folder).expanduser().absolute()
+    try:
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+    except OSError:
+        return None
+    return None if existing.is_dir() else existing
+
+
 def touch(path: Path) -> None:
     """Mark a cache entry as used now; a read-only cache stays as it is."""
     try:

@@ -179,6 +179,7 @@ class GANMetrics(L.Callback):
         seed: int = 0,  # latents of the evaluated images
         cache_dir: str | None = None,  # real statistics cache; None: $GANGEN_CACHE_DIR or ~/.cache/gangen
     ) -> None:
+        from gangen.decoded import cache_root
         from gangen.metrics import check_cache_dir
         from gangen.sampling import check_seed
 
@@ -190,6 +191,8 @@ class GANMetrics(L.Callback):
             raise ConfigError(f"--metrics.real_split {real_split!r} is invalid: use 'val' or 'train'")
         check_cache_dir(cache_dir, "--metrics.cache_dir")
         self.enabled = feature_extractor != "none"
+        if self.enabled and cache_dir is None:
+            cache_root()  # $GANGEN_CACHE_DIR a file: said now, not at the first evaluation
         self.feature_extractor, self.num_samples, self.every_kimg = feature_extractor, num_samples, every_kimg
         self.real_split, self.num_real, self.batch_size, self.seed = real_split, num_real, batch_size, seed
         self.cache_dir = cache_dir

@@ -248,6 +248,7 @@ def evaluate_command(argv: Sequence[str]) -> None:
 
     from jsonargparse import ArgumentParser
 
+    from gangen.decoded import cache_root
     from gangen.inception import make_feature_extractor
     from gangen.metrics import Evaluator, check_cache_dir, evaluate_generator, real_statistics
 
@@ -289,6 +290,8 @@ def evaluate_command(argv: Sequence[str]) -> None:
         raise ConfigError(f"--batch_size {args.batch_size} must be >= 1")
     check_seed(args.seed)  # generate's range: the same seed gives the same images
     check_cache_dir(args.cache_dir, "--cache_dir")
+    if args.cache_dir is None:
+        cache_root()  # $GANGEN_CACHE_DIR a file: said now, not after the real images went through the extractor
     source = Path(args.ckpt_path or args.samples)
     samples = load_samples(args.samples) if args.samples else None  # (N, C, H, W) uint8
     generator = load_generator(ckpt, args.device, source=args.ckpt_path) if ckpt is not None else None  # checked early
@@ -362,7 +365,7 @@ def cache_command(argv: Sequence[str]) -> None:
     from gangen import cache_dir
     from gangen.decoded import cache_root
 
-    root = cache_root()
+    root = cache_root(check=False)  # for the help text; checked below where it is used
     about = "List gangen's caches (decoded datasets, real-image statistics), or remove them."
     p = _OneLineParser(prog="gangen cache", description=about)
     p.add_argument("folders", nargs="*", type=Path,
@@ -372,7 +375,7 @@ def cache_command(argv: Sequence[str]) -> None:
     p.add_argument("--unused_days", type=float, default=0.0, help="only the entries not used for this many days")
     args = p.parse_args(argv)
     cache_dir.check_days(args.unused_days)
-    folders = args.folders or [root / "decoded", root / "real_stats"]
+    folders = args.folders or [cache_root() / "decoded", cache_root() / "real_stats"]
     where = ", ".join(str(f) for f in folders)
     chosen = [e for e in cache_dir.entries(folders) if e.age_s >= args.unused_days * 86400]
     if not args.clean:

@@ -168,6 +168,8 @@ class ImageDataModule(pl.LightningDataModule):
             raise ConfigError(f"lsun_classes {lsun_classes!r} is invalid: use a list of names, e.g. ['bedroom']")
         self.on_device, self.hflip, self.seed = on_device, hflip, seed
         self.cache, self.cache_dir = cache, cache_dir
+        if name in _FILE_DATASETS and cache is not False and cache_dir is None:
+            decoded.cache_root()  # $GANGEN_CACHE_DIR a file: said now, not at setup after the run folder is written
         self.lsun_classes = list(lsun_classes or ["bedroom"])
         self.root = self._resolve_root(root)
         self._num_classes: int | None = {"fashion_mnist": 10, "mnist": 10, "cifar10": 10}.get(name)

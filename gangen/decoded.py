@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from gangen.cache_dir import creation_mode, touch
+from gangen.cache_dir import creation_mode, not_a_folder, touch
 from gangen.errors import ConfigError
 from gangen.readers import TensorImageDataset
 
@@ -40,9 +40,18 @@ _CHUNK = 256  # images per decode task (3 MiB at 64x64 RGB)
 _source: Dataset | None = None  # the dataset decode workers read (inherited through fork, never pickled)
 
 
-def cache_root() -> Path:
-    """$GANGEN_CACHE_DIR, else ~/.cache/gangen."""
-    return Path(os.environ.get(CACHE_ENV_VAR) or Path.home() / ".cache" / "gangen").expanduser()
+def cache_root(check: bool = True) -> Path:
+    """$GANGEN_CACHE_DIR, else ~/.cache/gangen. `check`: a ConfigError when it is a file, or under one, so nothing
+    could be cached there (commands resolve it before they write anything: fit's datamodule and metrics, evaluate)."""
+    value = os.environ.get(CACHE_ENV_VAR)
+    root = Path(value or Path.home() / ".cache" / "gangen").expanduser()
+    blocker = not_a_folder(root) if check else None
+    if blocker is not None:
+        where = f"${CACHE_ENV_VAR} {value!r}" if value else f"gangen's cache folder {str(root)!r}"
+        what = f": {blocker} is a file, so it cannot be made" if blocker != root.absolute() else " is a file"
+        fix = "set it to a folder, or unset it for ~/.cache/gangen" if value else f"set ${CACHE_ENV_VAR} to a folder"
+        raise ConfigError(f"{where}{what}: {fix} (gangen's cache of decoded datasets and real statistics)")
+    return root
 
 
 def usable_cpus() -> int:

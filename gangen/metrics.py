@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from gangen.cache_dir import touch
+from gangen.cache_dir import not_a_folder, touch
 from gangen.decoded import DECODER_VERSION, cache_root
 from gangen.errors import ConfigError
 from gangen.inception import FeatureExtractor, check_uint8
@@ -162,16 +162,11 @@ def check_cache_dir(cache_dir: str | Path | None, option: str) -> None:
         return
     if str(cache_dir) == "":
         raise ConfigError(f"{option} '' is empty: pass a folder, or null for the default ({default_cache_dir()})")
-    folder = existing = Path(cache_dir).expanduser().absolute()
-    try:
-        while not existing.exists() and existing != existing.parent:
-            existing = existing.parent
-    except OSError:  # a folder on the way that cannot be searched: the write reports it
-        return
-    if existing == folder and not folder.is_dir():
+    blocker = not_a_folder(cache_dir)
+    if blocker is not None and blocker == Path(cache_dir).expanduser().absolute():
         raise ConfigError(f"{option} {cache_dir} is a file; choose a folder")
-    if not existing.is_dir():
-        raise ConfigError(f"{option} {cache_dir}: {existing} is a file, so the folder cannot be made; choose a folder")
+    if blocker is not None:
+        raise ConfigError(f"{option} {cache_dir}: {blocker} is a file, so the folder cannot be made; choose a folder")
 
 
 def cache_file(key: dict, cache_dir: str | Path | None = None) -> Path:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SilentServer, assert_fit_refused, fails
+from conftest import SilentServer, assert_fit_refused, fails, tiny_fit_args
+from PIL import Image
 
 from gangen import inception
 
@@ -190,3 +191,51 @@ def test_download_weights_refuses_before_connecting(capsys, tmp_path, monkeypatc
     assert line.startswith("gangen: error: " + expected.replace("{tmp}", str(tmp_path))), line
     assert server.connections == 0
     assert list(tmp_path.iterdir()) == []
+
+
+def _cache_env_line(value: Path) -> str:
+    return (
+        f"gangen: error: $GANGEN_CACHE_DIR {str(value)!r} is a file: set it to a folder, or unset it for "
+        "~/.cache/gangen (gangen's cache of decoded datasets and real statistics)"
+    )
+
+
+@pytest.mark.parametrize("uses", ["metrics", "decoded"])
+def test_fit_with_the_cache_variable_naming_a_file_is_one_line(capsys, tmp_path, monkeypatch, classifier_file, uses):
+    """A real-statistics or decoded-dataset cache under $GANGEN_CACHE_DIR=FILE was a NotADirectoryError traceback
+    at the first evaluation (or at setup), after the run folder was written."""
+    file = tmp_path / "cachefile"
+    file.write_text("not a folder\n")
+    monkeypatch.setenv("GANGEN_CACHE_DIR", str(file))
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        Image.new("L", (32, 32), color=40 * i).save(images / f"{i}.png")
+    extra = {
+        "metrics": ["--metrics.feature_extractor", str(classifier_file)],
+        "decoded": ["--data.dataset", "image_folder", "--data.root", str(images), "--data.batch_size", "2"],
+    }[uses]
+    save_dir = tmp_path / "runs"
+    save_dir.mkdir()
+    line = fails(capsys, *tiny_fit_args(save_dir, "--trainer.default_root_dir", str(save_dir), *extra))
+    assert line == _cache_env_line(file)
+    assert list(save_dir.iterdir()) == [] and file.read_text() == "not a folder\n"
+    monkeypatch.setenv("GANGEN_CACHE_DIR", str(file / "sub"))  # a folder that cannot be made under the file
+    line = fails(capsys, *tiny_fit_args(save_dir, "--trainer.default_root_dir", str(save_dir), *extra))
+    assert line.startswith(f"gangen: error: $GANGEN_CACHE_DIR {str(file / 'sub')!r}: {file} is a file, so it cannot")
+    assert list(save_dir.iterdir()) == []
+
+
+def test_evaluate_with_the_cache_variable_naming_a_file_is_one_line(
+    capsys, tmp_path, monkeypatch, trained_ckpt, classifier_file
+):
+    """Was a NotADirectoryError traceback after the real images had gone through the extractor."""
+    file = tmp_path / "cachefile"
+    file.write_text("")
+    monkeypatch.setenv("GANGEN_CACHE_DIR", str(file))
+    out = tmp_path / "out"
+    out.mkdir()
+    line = fails(capsys, "evaluate", "--ckpt_path", str(trained_ckpt), "--feature_extractor", str(classifier_file),
+                 "--num_samples", "16", "--num_real", "16", "--output", str(out / "m.json"))  # fmt: skip
+    assert line == _cache_env_line(file)
+    assert list(out.iterdir()) == []
