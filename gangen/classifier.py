@@ -131,6 +131,10 @@ def save_classifier(classifier: DomainClassifier, path: str | Path, **meta: Any)
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[DomainClassifier, dict[str, Any]]:
     """(classifier in eval mode, meta) from a file written by save_classifier; weights_only=True."""
     path = Path(path)
+    if path.is_dir():  # a run or output folder: name the file meant
+        found = next(iter(sorted(path.glob("*.pt"))), None)
+        example = f"e.g. {found}" if found else "a .pt written by `gangen train-classifier --output FILE.pt`"
+        raise ConfigError(f"feature extractor {str(path)!r} is a folder: pass the classifier file ({example})")
     if not path.is_file():
         raise DataNotFoundError(
             f"feature extractor {str(path)!r} not found: train one with `gangen train-classifier --output {path}`"

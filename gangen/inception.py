@@ -252,7 +252,7 @@ def make_feature_extractor(
     the path of a domain classifier saved by `gangen train-classifier` (metrics named fd_<file stem>)."""
     if spec == "inception":
         return InceptionExtractor(resolve_inception_weights(weights, option), device)
-    if spec.endswith((".pt", ".pth", ".ckpt")) or Path(spec).is_file():  # a domain classifier file
+    if spec.endswith((".pt", ".pth", ".ckpt")) or Path(spec).exists():  # a domain classifier file (a folder: said)
         from gangen.classifier import ClassifierExtractor
 
         return ClassifierExtractor(spec, device)

@@ -239,3 +239,24 @@ def test_evaluate_with_the_cache_variable_naming_a_file_is_one_line(
                  "--num_samples", "16", "--num_real", "16", "--output", str(out / "m.json"))  # fmt: skip
     assert line == _cache_env_line(file)
     assert list(out.iterdir()) == []
+
+
+def test_a_feature_extractor_folder_is_called_a_folder(capsys, tmp_path, trained_ckpt, classifier_file):
+    """evaluate --feature_extractor FOLDER said "unknown feature extractor" (FOLDER.pt: "not found"); fit's
+    --metrics.feature_extractor said "not found"."""
+    out = tmp_path / "out"
+    out.mkdir()
+    evaluate = ["evaluate", "--ckpt_path", str(trained_ckpt), "--output", str(out / "m.json"), "--feature_extractor"]
+    empty = tmp_path / "clf.pt"  # a folder named like the file
+    empty.mkdir()
+    assert fails(capsys, *evaluate, str(empty)) == (
+        f"gangen: error: feature extractor {str(empty)!r} is a folder: pass the classifier file (a .pt written by "
+        "`gangen train-classifier --output FILE.pt`)"
+    )
+    holder = classifier_file.parent
+    expected = f"gangen: error: feature extractor {str(holder)!r} is a folder: pass the classifier file (e.g. "
+    assert fails(capsys, *evaluate, str(holder)) == f"{expected}{classifier_file})"
+    save_dir = tmp_path / "runs"
+    save_dir.mkdir()
+    assert_fit_refused(capsys, save_dir, ["--metrics.feature_extractor", str(holder)], [expected])
+    assert list(out.iterdir()) == []
