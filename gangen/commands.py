@@ -269,13 +269,16 @@ def evaluate_command(argv: Sequence[str]) -> None:
     p.add_argument("--seed", type=int, default=0, help="latent seed of the generated images")
     p.add_argument("--device", type=str, default="cpu", help="cpu | cuda")
     p.add_argument("--cache_dir", type=str | None, default=None, help="real statistics cache")
-    p.add_argument("--output", type=str | None, default=None, help="JSON file (default: beside the input)")
+    p.add_argument("--output", type=str | None, default=None, help="metrics .json file (default: beside the input)")
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--ckpt_path", default=None)
     pre.add_argument("--samples", default=None)
+    pre.add_argument("--output", default=None)
     known = pre.parse_known_args(list(argv))[0]
     if "-h" not in argv and "--help" not in argv and (known.ckpt_path is None) == (known.samples is None):
         raise ConfigError("pass exactly one of --ckpt_path (generate and evaluate) or --samples (evaluate files)")
+    if known.output is not None:  # before the checkpoint is read and the images generated
+        _check_json_output(known.output)
     ckpt = read_checkpoint(known.ckpt_path) if known.ckpt_path else None  # read once, used twice
     if ckpt is not None:  # the checkpoint's data settings are the defaults; --data.* still overrides them
         given = any(arg.startswith("--data") for arg in argv)  # a checkpoint without them needs them given
@@ -318,6 +321,14 @@ def evaluate_command(argv: Sequence[str]) -> None:
     atomic_file(output, lambda tmp: Path(tmp).write_text(text + "\n"))  # never a half-written file
     print(text)
     print(f"wrote {output}")
+
+
+def _check_json_output(output: str) -> None:
+    """evaluate's --output: a .json file it can write (evaluate writes JSON only; m.png got JSON in a .png)."""
+    check_output_file(output, example="metrics.json")
+    if Path(output).suffix.lower() != ".json":
+        example = Path(output).with_suffix(".json")
+        raise ConfigError(f"--output {output!r}: evaluate writes JSON; end it with .json (e.g. {example})")
 
 
 def _checkpoint_data(ckpt: dict, ckpt_path: str, given: bool = False) -> dict:

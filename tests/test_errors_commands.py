@@ -260,3 +260,24 @@ def test_a_feature_extractor_folder_is_called_a_folder(capsys, tmp_path, trained
     save_dir.mkdir()
     assert_fit_refused(capsys, save_dir, ["--metrics.feature_extractor", str(holder)], [expected])
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["m.png", "metrics", "m.json.txt"])
+def test_evaluate_output_other_than_json_is_refused(capsys, tmp_path, trained_ckpt, name):
+    """evaluate writes JSON only: --output m.png wrote JSON into a .png, after the whole evaluation."""
+    output = str(tmp_path / name)
+    line = fails(capsys, "evaluate", "--ckpt_path", str(trained_ckpt), "--output", output, "--num_samples", "8",
+                 "--num_real", "8", "--feature_extractor", str(tmp_path / "no-such-classifier.pt"))  # fmt: skip
+    example = str(tmp_path / name).removesuffix(".png").removesuffix(".txt") + ".json"
+    assert line == f"gangen: error: --output {output!r}: evaluate writes JSON; end it with .json (e.g. {example})"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_output_folder_is_refused_before_evaluating(capsys, tmp_path, trained_ckpt, classifier_file):
+    """An existing folder was an IsADirectoryError traceback after the evaluation."""
+    line = fails(capsys, "evaluate", "--ckpt_path", str(trained_ckpt), "--output", str(tmp_path), "--num_samples",
+                 "8", "--num_real", "8", "--feature_extractor", str(classifier_file))  # fmt: skip
+    assert line == (
+        f"gangen: error: --output {str(tmp_path)!r} is a folder: pass a file name (e.g. {tmp_path}/metrics.json)"
+    )
+    assert list(tmp_path.iterdir()) == []
