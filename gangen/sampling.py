@@ -298,8 +298,11 @@ def check_output_file(output: str, option: str = "--output", example: str = "out
     path = Path(output)
     if not output.strip():
         raise ConfigError(f"{option} '' is empty: pass a file name such as {example}")
-    if path.is_dir() or output.endswith(("/", os.sep)):
+    if path.is_dir():
         raise ConfigError(f"{option} {output!r} is a folder: pass a file name (e.g. {path / example})")
+    if output.endswith(("/", os.sep)):  # Path drops the slash: it would write the file `path`
+        instead = path if path.suffix else path / example
+        raise ConfigError(f"{option} {output!r} ends with '/', which names a folder: pass a file name (e.g. {instead})")
     parent = next((p for p in path.absolute().parents if p.exists()), path.parent) if parents else path.parent
     if parents and not parent.is_dir():
         raise ConfigError(f"{option} {output!r}: {parent} is a file, not a folder; choose another location")

@@ -281,3 +281,17 @@ def test_evaluate_output_folder_is_refused_before_evaluating(capsys, tmp_path, t
         f"gangen: error: --output {str(tmp_path)!r} is a folder: pass a file name (e.g. {tmp_path}/metrics.json)"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_trailing_slash_on_a_file_output_is_refused_before_the_checkpoint_is_read(capsys, tmp_path):
+    """export --output x.safetensors/ was called an existing folder and pointed into it (x.safetensors/generator.
+    safetensors, a folder that does not exist). generate keeps DIR/ as a PNG folder (test_cli)."""
+    missing = str(tmp_path / "none.ckpt")  # never read: the output is refused first
+    output = f"{tmp_path}/x.safetensors/"
+    assert fails(capsys, "export", "--ckpt_path", missing, "--output", output) == (
+        f"gangen: error: --output {output!r} ends with '/', which names a folder: pass a file name (e.g. "
+        f"{tmp_path}/x.safetensors)"
+    )
+    output = f"{tmp_path}/new/"
+    assert fails(capsys, *TRAIN_CLASSIFIER, "--output", output).endswith(f"(e.g. {tmp_path}/new/classifier.pt)")
+    assert list(tmp_path.iterdir()) == []
