@@ -10,7 +10,6 @@ The saved file holds plain values only (config, state_dict, accuracy): it loads 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -114,17 +113,15 @@ def check_classifier_options(epochs: int, lr: float, width: int, seed: int) -> N
 
 
 def save_classifier(classifier: DomainClassifier, path: str | Path, **meta: Any) -> Path:
-    """Write {format, config, state_dict, meta} atomically (tmp file + rename)."""
+    """Write {format, config, state_dict, meta} atomically: into a uniquely named temporary file in the same
+    folder (removed on failure), then renamed into place, so concurrent writers never share a temporary file."""
+    from gangen.sampling import atomic_file
+
     path = Path(path)
     if not path.parent.is_dir():
         raise ConfigError(f"--output {str(path)!r}: folder {path.parent} does not exist; create it first")
-    tmp = path.with_name(f".{path.name}.tmp")
     payload = {"format": FORMAT, "config": classifier.config, "state_dict": classifier.state_dict(), "meta": meta}
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_file(path, lambda tmp: torch.save(payload, tmp))
     return path
 
 

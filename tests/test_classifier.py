@@ -36,6 +36,29 @@ def test_save_load_roundtrip(trained, tmp_path):
     assert torch.equal(loaded.features(x), classifier.features(x))
 
 
+def test_save_uses_its_own_temporary_file_and_leaves_none_after_a_failure(tmp_path, monkeypatch):
+    """The temporary name was fixed (.c.pt.tmp): two train-classifier runs writing the same output wrote into
+    one file and removed each other's; a file of that name (another writer's) was overwritten and deleted."""
+    classifier = DomainClassifier(resolution=16)
+    other = tmp_path / ".c.pt.tmp"  # another writer's, mid-write
+    other.write_bytes(b"someone else's")
+    real_save = torch.save
+
+    def fail_midway(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)  # the file is there, half-way to being renamed into place
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", fail_midway)
+    with pytest.raises(OSError, match="No space left"):
+        save_classifier(classifier, tmp_path / "c.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".c.pt.tmp"]  # nothing of ours left
+    monkeypatch.setattr(torch, "save", real_save)
+    save_classifier(classifier, tmp_path / "c.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".c.pt.tmp", "c.pt"]
+    assert other.read_bytes() == b"someone else's"
+    assert load_classifier(tmp_path / "c.pt")[0].config == classifier.config
+
+
 def test_load_errors(tmp_path):
     with pytest.raises(DataNotFoundError, match="train-classifier"):
         load_classifier(tmp_path / "absent.pt")
