@@ -16,6 +16,7 @@ from gangen.data import ImageDataModule
 from gangen.errors import ConfigError
 from gangen.sampling import (
     atomic_file,
+    check_generate_size,
     check_grid_size,
     check_output_file,
     check_seed,
@@ -67,9 +68,14 @@ def generate_command(argv: Sequence[str]) -> None:
     generator = load_generator(ckpt, device, ema=not args.no_ema, source=args.ckpt_path)
     is_ema = generator_state(ckpt, ema=not args.no_ema)[1]
     nrow = args.nrow or (args.interpolate or 8)
+    count = num * (args.interpolate or 1)  # images
+    image_shape = generate(generator, 1, check_finite=False).shape[1:]  # (C, H, W) of one image
+    what = f"--num_samples {num}" + (
+        f" with --interpolate {args.interpolate} ({count} images)" if args.interpolate else ""
+    )
+    check_generate_size(what, args.output, kind, count, image_shape, generator.latent_dim)  # before the latents
     if kind == "grid":  # a grid wider or taller than the format allows fails only when written
-        image_shape = generate(generator, 1, check_finite=False).shape[1:]  # (C, H, W) of one image
-        check_grid_size(args.output, num * (args.interpolate or 1), nrow, image_shape)
+        check_grid_size(args.output, count, nrow, image_shape)
     classes = int(getattr(generator, "num_classes", 0) or 0)
     z = labels = None
     if args.interpolate:

@@ -6,6 +6,7 @@ temporary name in the target folder and is renamed into place, so a failure leav
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -199,6 +200,44 @@ def check_grid_size(output: str, count: int, nrow: int, image_shape: Sequence[in
             f"--output {output!r}: {rows} rows of {per_row} images make a grid {grid_h} px tall and {fmt} allows "
             f"{limit}: raise --nrow, write fewer samples, or write a folder DIR/ or an .npz"
         )
+
+
+def physical_memory() -> int | None:
+    """This machine's RAM in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or no such name
+        return None
+
+
+def check_generate_size(
+    what: str, output: str, kind: str, count: int, image_shape: Sequence[int], latent_dim: int
+) -> None:
+    """ConfigError when `count` images of (C, H, W) `image_shape` cannot be written here. generate() holds them all
+    in memory at once with their latents (float32): uint8 for an npz or a folder, float32 for a grid, plus the grid
+    itself (3 channels, float32); that must fit in this machine's RAM. An npz (uncompressed) must fit in its folder's
+    free disk space. Both counts are lower bounds: only what cannot fit is refused. `what` names the request."""
+    from gangen.cache_dir import human
+
+    values = math.prod(image_shape)  # C * H * W
+    per_image = 4 * latent_dim + (4 * values + 12 * math.prod(image_shape[-2:]) if kind == "grid" else values)
+    shape = "x".join(str(n) for n in image_shape) + (" float32" if kind == "grid" else " uint8")
+    ram = physical_memory()
+    if ram is not None and count * per_image > ram:
+        raise ConfigError(
+            f"{what}: generate holds all {count} images ({shape}) and their latents in memory, about "
+            f"{human(count * per_image)}, and this machine has {human(ram)}: lower --num_samples (at most about "
+            f"{ram // per_image} images fit), or run generate several times with different --seed values"
+        )
+    if kind == "npz":
+        parent = Path(output).absolute().parent
+        free = shutil.disk_usage(parent).free
+        if count * values > free:
+            raise ConfigError(
+                f"--output {output!r}: {count} images of {shape} make an npz of about {human(count * values)} and "
+                f"{parent} has {human(free)} free: lower --num_samples (at most about {free // values} images fit), or "
+                "write it to another disk"
+            )
 
 
 def save_png_folder(images: torch.Tensor, folder: str | Path) -> Path:

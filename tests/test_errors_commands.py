@@ -295,3 +295,32 @@ def test_a_trailing_slash_on_a_file_output_is_refused_before_the_checkpoint_is_r
     output = f"{tmp_path}/new/"
     assert fails(capsys, *TRAIN_CLASSIFIER, "--output", output).endswith(f"(e.g. {tmp_path}/new/classifier.pt)")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("output", ["g.npz", "g.png", "dir/"])
+def test_generate_more_than_memory_holds_is_one_line_with_the_size(capsys, tmp_path, trained_ckpt, output):
+    """generate holds every image and latent in memory: 10**12 images were a DefaultCPUAllocator traceback
+    (100000000 on a 23 GiB machine too)."""
+    line = fails(capsys, "generate", "--ckpt_path", str(trained_ckpt), "--num_samples", str(10**12),
+                 "--output", f"{tmp_path}/{output}")  # fmt: skip
+    dtype = "float32" if output == "g.png" else "uint8"
+    assert line.startswith(
+        f"gangen: error: --num_samples {10**12}: generate holds all {10**12} images (1x32x32 {dtype}) and their "
+        "latents in memory, about "
+    ), line
+    assert "and this machine has " in line and line.endswith("run generate several times with different --seed values")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_npz_larger_than_the_free_disk_is_one_line_with_the_size(capsys, tmp_path, trained_ckpt, monkeypatch):
+    """An npz is written whole (uncompressed): one larger than the free space failed only once written."""
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 10_000, 10_000))
+    output = str(tmp_path / "g.npz")
+    line = fails(capsys, "generate", "--ckpt_path", str(trained_ckpt), "--num_samples", "64", "--output", output)
+    assert line == (
+        f"gangen: error: --output {output!r}: 64 images of 1x32x32 uint8 make an npz of about 64.0 KiB and "
+        f"{tmp_path} has 9.8 KiB free: lower --num_samples (at most about 9 images fit), or write it to another disk"
+    )
+    assert list(tmp_path.iterdir()) == []
