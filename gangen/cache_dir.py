@@ -112,6 +112,14 @@ def describe(entry: Entry) -> str:
     return f"{human(entry.size):>10}  {when:<22} {entry.path}{'  (unfinished)' if entry.unfinished else ''}"
 
 
+def physical_memory() -> int | None:
+    """This machine's RAM in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or no such name
+        return None
+
+
 def human(size: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import os
 import sys
 from typing import Any
 
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from gangen.cache_dir import human, physical_memory
 from gangen.errors import ConfigError
 from gangen.layers import (
     D_NORMS,
@@ -185,16 +185,13 @@ def check_weight_memory(network: nn.Module, channel_pairs: int, embedding: int) 
     base_channels, max_channels) are too large, and torch's allocator would fail with a traceback, or the
     system would kill the process while initialising the weights."""
     weights = 16 * channel_pairs + embedding
-    try:
-        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not POSIX: torch's own error remains
-        return
-    if weights * 4 > memory:
+    memory = physical_memory()  # None (not POSIX): torch's own error remains
+    if memory is not None and weights * 4 > memory:
         names = [k for k in ("latent_dim", "base_channels", "max_channels") if k in network.config]
         config = ", ".join(f"{k}={network.config[k]}" for k in names)
         raise ConfigError(
             f"{type(network).__name__}({config}) has about {weights / 1e9:,.1f} billion weights, "
-            f"{weights * 4 / 2**30:,.0f} GiB as float32, more than this machine's {memory / 2**30:.0f} GiB of memory: "
+            f"{human(weights * 4)} as float32, more than this machine's {human(memory)} of memory: "
             f"lower {', '.join(names[:-1])} or {names[-1]}"
         )
 

@@ -202,14 +202,6 @@ def check_grid_size(output: str, count: int, nrow: int, image_shape: Sequence[in
         )
 
 
-def physical_memory() -> int | None:
-    """This machine's RAM in bytes (None where the OS does not say)."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or no such name
-        return None
-
-
 def check_generate_size(
     what: str, output: str, kind: str, count: int, image_shape: Sequence[int], latent_dim: int
 ) -> None:
@@ -217,7 +209,7 @@ def check_generate_size(
     in memory at once with their latents (float32): uint8 for an npz or a folder, float32 for a grid, plus the grid
     itself (3 channels, float32); that must fit in this machine's RAM. An npz (uncompressed) must fit in its folder's
     free disk space. Both counts are lower bounds: only what cannot fit is refused. `what` names the request."""
-    from gangen.cache_dir import human
+    from gangen.cache_dir import human, physical_memory
 
     values = math.prod(image_shape)  # C * H * W
     per_image = 4 * latent_dim + (4 * values + 12 * math.prod(image_shape[-2:]) if kind == "grid" else values)
