@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from gangen import decoded
 from gangen.batches import ORDER_VERSION, DeviceBatches, fits_on_device
+from gangen.cache_dir import not_a_folder
 from gangen.errors import ConfigError, DataNotFoundError
 from gangen.readers import (
     FlipItems,
@@ -170,6 +171,11 @@ class ImageDataModule(pl.LightningDataModule):
         self.cache, self.cache_dir = cache, cache_dir
         if name in _FILE_DATASETS and cache is not False and cache_dir is None:
             decoded.cache_root()  # $GANGEN_CACHE_DIR a file: said now, not at setup after the run folder is written
+        elif name in _FILE_DATASETS and cache is not False and not_a_folder(cache_dir) is not None:
+            blocker = not_a_folder(cache_dir)
+            what = "is a file" if blocker == Path(cache_dir).expanduser().absolute() else f"is under the file {blocker}"
+            fix = "pass a folder for the decoded images, or --data.cache false"
+            raise ConfigError(f"--data.cache_dir {cache_dir!r} {what}: {fix}")
         self.lsun_classes = list(lsun_classes or ["bedroom"])
         self.root = self._resolve_root(root)
         self._num_classes: int | None = {"fashion_mnist": 10, "mnist": 10, "cifar10": 10}.get(name)

@@ -86,6 +86,24 @@ def test_conditional_model_on_an_unlabelled_folder_writes_nothing(capsys, tmp_pa
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.parametrize("under", [False, True])
+def test_a_data_cache_dir_that_is_a_file_writes_nothing(capsys, tmp_path, under):
+    """It was found at setup, after the run folder was written, and said to lack free space."""
+    root = tmp_path / "flat"
+    root.mkdir()
+    for i in range(8):
+        Image.new("L", (32, 32), color=30 * i).save(root / f"{i}.png")
+    blocker = tmp_path / "cachefile"
+    blocker.write_bytes(b"x")
+    cache_dir = blocker / "sub" if under else blocker
+    (tmp_path / "runs").mkdir()
+    extra = ["--data.dataset", "image_folder", "--data.root", str(root), "--data.batch_size", "4",
+             "--data.cache_dir", str(cache_dir)]  # fmt: skip
+    what = f"is under the file {blocker}" if under else "is a file"
+    needles = [f"--data.cache_dir {str(cache_dir)!r} {what}: pass a folder", "--data.cache false"]
+    assert_fit_refused(capsys, tmp_path / "runs", extra, needles)
+
+
 @pytest.mark.parametrize("option", ["--ckpt_path", "--model.init_from"])
 def test_damaged_weights_are_one_line_before_anything_is_written(capsys, tmp_path, trained_ckpt, option):
     """A checkpoint whose discriminator tensor does not fit its own recorded network (a damaged or foreign file):
