@@ -69,6 +69,10 @@ class FlipItems(Dataset):
         if not hasattr(self.base, "__getitems__"):
             return [self[key] for key in keys]
         batch = self.base.__getitems__([index for index, _ in keys])
+        if not isinstance(batch, Batch):  # a list of items: torch's Subset has __getitems__ whatever its base
+            return [
+                ((image.flip(-1) if f else image), label) for (image, label), (_, f) in zip(batch, keys, strict=True)
+            ]
         flip = np.array([f for _, f in keys], dtype=bool).reshape(-1, 1, 1, 1)
         images = batch.images.numpy()  # (B, C, H, W) uint8
         return Batch(torch.from_numpy(np.where(flip, images[..., ::-1], images)), batch.labels)

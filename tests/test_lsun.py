@@ -16,7 +16,7 @@ from PIL import Image
 from gangen import decoded, readers
 from gangen.data import ImageDataModule
 from gangen.errors import ConfigError
-from gangen.readers import LmdbImages, TorchvisionImages
+from gangen.readers import LmdbImages, TorchvisionImages, collate
 
 lmdb = pytest.importorskip("lmdb")  # in the dev extra, so CI runs these
 
@@ -172,3 +172,17 @@ def test_split_too_small_for_every_process_is_one_line_from_two_processes(lsun_r
     errors = [line for line in r.stderr.splitlines() if line.startswith("gangen: error:")]
     assert errors == ["gangen: error: the lsun train split has 15 images, fewer than batch_size 8 x 2 processes: "
                       "lower --data.batch_size or add images"]  # fmt: skip
+
+
+def test_limit_with_hflip_and_no_cache_flips_the_items_torch_subset_gives(lsun_root, tmp_path):
+    """--data.limit wraps the per-item dataset in torch's Subset, whose __getitems__ gives a list of items when
+    the dataset under it has none: FlipItems took that list for a Batch (AttributeError at the first batch)."""
+    dm = module(lsun_root, tmp_path / "c", cache=False, limit=6, hflip=True, on_device=False)
+    torch.manual_seed(0)  # the loader's order seed: its first batch flips two of its three images
+    loader = dm.train_dataloader()
+    images, labels = next(iter(loader))
+    keys = list(loader.sampler)[:3]  # (index, flip): the first batch's
+    data = dm._split("train")
+    expected = collate([(data[i][0].flip(-1) if flip else data[i][0], data[i][1]) for i, flip in keys])
+    assert [flip for _, flip in keys] == [True, True, False]
+    assert torch.equal(images, expected[0]) and torch.equal(labels, expected[1])
