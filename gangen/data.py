@@ -11,11 +11,13 @@ function turns each batch into float32 (B, C, H, W) in [-1, 1] plus int64 labels
   most MAX_IN_MEMORY_GIB) and then served like the in-memory sets, memory-mapped; with cache false (or a
   larger set) every item is decoded with PIL when it is loaded (use num_workers).
 - image_folder: recursive scan of `root` for IMAGE_EXTENSIONS (case-insensitive, hidden files and folders
-  skipped), sorted by path. Label = index of the sorted top-level subfolder (images directly in `root` form
-  class 0 when subfolders exist); with no subfolders every label is 0 and num_classes is None. An image that
-  fails to decode raises ConfigError naming the file (at setup when cached, else when it is loaded).
-  Alpha is dropped (RGBA -> RGB / L); 16-bit grey is scaled to 8 bits; JPEGs are decoded at reduced size (PIL
-  draft) when much larger than R.
+  skipped), sorted by path; links to folders are followed, each real folder read once (a link to a folder
+  read already is skipped, with one line saying so). Label = index among the sorted top-level subfolders
+  that hold at least one image (images directly in `root` form class 0 when such subfolders exist); a
+  top-level folder without images is not a class, and one line names those skipped. With no subfolders
+  every label is 0 and num_classes is None. An image that fails to decode raises ConfigError naming the
+  file (at setup when cached, else when it is loaded). Alpha is dropped (RGBA -> RGB / L); 16-bit grey is
+  scaled to 8 bits; JPEGs are decoded at reduced size (PIL draft) when much larger than R.
 - Validation split: the test split where there is one (fashion_mnist, mnist, cifar10, celeba); LSUN's
   `<class>_val` databases when all are present; otherwise (image_folder, LSUN without val) the training set
   itself, which is what GAN metrics such as FID usually compare against.
@@ -224,7 +226,7 @@ class ImageDataModule(pl.LightningDataModule):
         if self.dataset in _IDX_FOLDERS and not self.download:
             self._idx_paths()
         elif self.dataset == "image_folder":
-            self._files, self._labels, self._num_classes = scan_images(self.root)
+            self._files, self._labels, self._num_classes = scan_images(self.root, report=rank_zero_info)
             keep = evenly_spaced(len(self._files), self.limit)  # the classes stay as scanned: labels keep meaning
             if keep is not None:
                 self._files, self._labels = [self._files[i] for i in keep], [self._labels[i] for i in keep]

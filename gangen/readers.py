@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -205,11 +206,43 @@ class TorchvisionImages(Dataset):
         return fit_image(to_mode(image, self.channels), self.resolution, self.crop), label
 
 
-def scan_images(root: Path) -> tuple[list[Path], list[int], int | None]:
-    """Sorted image files under root (recursive), their labels and the number of classes (None if flat)."""
+def _folders(root: Path, skipped: list[str]) -> Iterator[tuple[str, list[str], list[str]]]:
+    """(folder, non-hidden subfolder names, file names) of every folder under root, each real folder once.
+
+    Links to folders are followed, but only after every real folder under root is read, and a folder read
+    already (by (st_dev, st_ino)) is not read again: a link to an ancestor (`up -> ..`) or to a folder
+    scanned through another path would otherwise repeat its images, under the wrong class. The links so
+    skipped are appended to `skipped` (as given under root).
+    """
+    seen: set[tuple[int, int]] = set()
+    pending = [str(root)]  # the root, then links to folders, in the order they are found
+    while pending:
+        for folder, dirs, names in os.walk(pending.pop(0)):  # followlinks=False: links wait in `pending`
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:
+                skipped.append(folder)
+                dirs[:] = []
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # skip hidden (.git, .ipynb_checkpoints)
+            pending += [os.path.join(folder, d) for d in dirs if os.path.islink(os.path.join(folder, d))]
+            yield folder, dirs, names
+
+
+def scan_images(root: Path, report: Callable[[str], None] | None = None) -> tuple[list[Path], list[int], int | None]:
+    """Sorted image files under root (recursive), their labels and the number of classes (None if flat).
+
+    The classes are the top-level subfolders that hold at least one image, sorted (images directly in root
+    are class 0 when there are classes). Each real folder is read once (links to folders are followed,
+    `_folders`). `report` gets one line naming the class folders without images (skipped: they are not
+    classes) and one naming the links to folders read already (not read again).
+    """
     found: list[tuple[tuple[str, ...], Path, str]] = []  # (sort key, file, top-level folder; "" for root)
-    for folder, dirs, names in os.walk(root, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]  # skip hidden folders (.git, .ipynb_checkpoints)
+    skipped: list[str] = []
+    subfolders: list[str] = []  # root's own
+    for folder, dirs, names in _folders(root, skipped):
+        if not subfolders and folder == str(root):
+            subfolders = list(dirs)
         keep = [n for n in names if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)]
         if keep:  # what needs a Path method is done once per folder: per file it cost seconds at CelebA's size
             base = Path(folder)
@@ -224,6 +257,18 @@ def scan_images(root: Path) -> tuple[list[Path], list[int], int | None]:
     found.sort(key=lambda item: item[0])
     files, tops = [f for _, f, _ in found], [t for _, _, t in found]
     classes = sorted(set(tops))
+    if report is not None and skipped:
+        links = [str(Path(s).relative_to(root)) for s in skipped]
+        report(
+            f"gangen: skipped {len(links)} link(s) to folders under {root} read already (each folder is read "
+            f"once): {', '.join(links[:5])}{', ...' if len(links) > 5 else ''}"
+        )
+    empty = [d for d in subfolders if d not in classes and str(Path(root, d)) not in skipped]
+    if report is not None and empty and classes != [""]:
+        report(
+            f"gangen: class folders without images under {root} are skipped, not classes: {', '.join(empty)} "
+            f"(labels 0..{len(classes) - 1} number the {len(classes)} that hold images)"
+        )
     if classes == [""]:
         return files, [0] * len(files), None
     index = {name: i for i, name in enumerate(classes)}

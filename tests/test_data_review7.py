@@ -1,0 +1,47 @@
+"""Image folder scans (links to folders, empty class folders), image modes without an 8-bit scale, and the
+decode cache's key and files (review 7 of the data path)."""
+
+from __future__ import annotations
+
+import logging
+
+from test_data import make_folder
+
+from gangen.data import ImageDataModule
+
+
+def said(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("gangen: ")]
+
+
+def test_links_to_folders_are_followed_and_each_folder_read_once(tmp_path, caplog):
+    """A link to an ancestor (`up -> ..`) was followed to the kernel's 40-link limit: every image 41 times,
+    40 of the copies under the wrong class."""
+    root = make_folder(tmp_path / "imgs", {f"{c}/{c[0]}.png": ("RGB", (12, 12)) for c in ("cats", "dogs", "fish")})
+    make_folder(tmp_path / "elsewhere", {"birds/b.png": ("RGB", (12, 12))})
+    (root / "cats" / "up").symlink_to("..")  # a loop
+    (root / "dogs" / "same").symlink_to("../fish")  # fish, a second time
+    (root / "birds").symlink_to(tmp_path / "elsewhere" / "birds")  # a folder outside root: read
+    with caplog.at_level(logging.INFO):
+        dm = ImageDataModule(dataset="image_folder", root=str(root), resolution=8, batch_size=1, cache=False)
+    assert [str(f.relative_to(root)) for f in dm._files] == ["birds/b.png", "cats/c.png", "dogs/d.png", "fish/f.png"]
+    assert dm._labels == [0, 1, 2, 3] and dm.num_classes == 4
+    assert said(caplog) == [
+        f"gangen: skipped 2 link(s) to folders under {root} read already (each folder is read once): cats/up, dogs/same"
+    ]
+
+
+def test_empty_class_folder_is_named_and_not_a_class(tmp_path, caplog):
+    """An empty class folder was dropped without a word, renumbering the classes after it; the docstring said
+    every top-level subfolder was a class."""
+    root = make_folder(tmp_path / "imgs", {"0_airplane/a.png": ("L", (8, 8)), "2_cat/c.png": ("L", (8, 8))})
+    (root / "1_bird").mkdir()
+    (root / "1_bird" / "notes.txt").write_text("no images yet")
+    (root / ".cache").mkdir()  # hidden: not a class folder, not named
+    with caplog.at_level(logging.INFO):
+        dm = ImageDataModule(dataset="image_folder", root=str(root), resolution=8, batch_size=1, cache=False)
+    assert dm._labels == [0, 1] and dm.num_classes == 2
+    assert said(caplog) == [
+        f"gangen: class folders without images under {root} are skipped, not classes: 1_bird "
+        "(labels 0..1 number the 2 that hold images)"
+    ]
