@@ -35,7 +35,8 @@ from gangen.errors import ConfigError
 from gangen.readers import TensorImageDataset
 
 CACHE_ENV_VAR = "GANGEN_CACHE_DIR"  # gangen's cache root: decoded/ here, real_stats/ for the metrics
-DECODER_VERSION = 2  # bump when readers.fit_image / to_mode change the pixels they produce (2: 16-bit grey scaled)
+DECODER_VERSION = 3  # bump when readers.fit_image / to_mode change the pixels they produce (2: 16-bit grey
+# scaled; 3: 16-bit grey PNGs that older Pillow opens as mode I scaled too)
 _CHUNK = 256  # images per decode task (3 MiB at 64x64 RGB)
 _source: Dataset | None = None  # the dataset decode workers read (inherited through fork, never pickled)
 

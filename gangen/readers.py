@@ -139,14 +139,23 @@ def resize_images(images: Tensor, resolution: int, channels: int) -> Tensor:
     return torch.cat(out)  # (N, channels, R, R) uint8
 
 
-def to_mode(image: Image.Image, channels: int) -> Image.Image:
+def to_mode(image: Image.Image, channels: int, name: str = "an image") -> Image.Image:
     """Apply the EXIF orientation and convert to "L" (channels=1) or "RGB" (channels=3).
 
-    16-bit grey images (PNG, TIFF: modes I;16*) are scaled to 8 bits (65535 -> 255); PIL's convert clips them
-    at 255 instead, which makes nearly every pixel white.
+    16-bit grey images (PNG, TIFF: modes I;16*; a PNG in mode "I", as older Pillow opens them) are scaled to
+    8 bits (65535 -> 255); PIL's convert clips them at 255 instead, which makes nearly every pixel white.
+    32-bit integer ("I", e.g. TIFFs written from numpy arrays) and float ("F") images have no fixed range to
+    scale from, and convert would clip them too (nearly all white, or all black for floats in [0, 1]): they
+    raise ConfigError naming `name`.
     """
+    if image.mode in ("I", "F") and not (image.mode == "I" and image.format == "PNG"):  # PNG: at most 16 bits
+        kind = "32-bit integer" if image.mode == "I" else "floating-point"
+        raise ConfigError(
+            f"{name} has {kind} pixels (PIL mode {image.mode}), which have no fixed 8-bit scale: save it as an 8- or "
+            "16-bit PNG"
+        )
     image = ImageOps.exif_transpose(image)
-    if image.mode.startswith("I;16"):
+    if image.mode.startswith("I;16") or image.mode == "I":
         wide = np.asarray(image).astype(np.float32)  # (H, W) in the file's byte order, native now
         image = Image.fromarray(np.rint(wide / 257.0).astype(np.uint8), "L")
     return image.convert("L" if channels == 1 else "RGB")
@@ -183,7 +192,9 @@ class ImageFileDataset(Dataset):
         try:
             with Image.open(path) as image:
                 image.draft("L" if self.channels == 1 else "RGB", (self.resolution, self.resolution))
-                image = to_mode(image, self.channels)  # decodes the file
+                image = to_mode(image, self.channels, f"image {path}")  # decodes the file
+        except ConfigError:
+            raise
         except Exception as e:  # PIL raises OSError, ValueError, SyntaxError... for bad files
             raise ConfigError(
                 f"cannot decode image {path} ({type(e).__name__}: {e}): delete or replace the file"
@@ -312,7 +323,11 @@ class LmdbImages(Dataset):
             if data is None:
                 raise KeyError("no such key")
             with Image.open(io.BytesIO(data)) as image:
-                image = to_mode(image, self.channels)
+                image = to_mode(
+                    image, self.channels, f"image {key.decode(errors='replace')!r} in {self.folders[label]}"
+                )
+        except ConfigError:
+            raise
         except Exception as e:  # PIL raises OSError, ValueError, SyntaxError... for bad bytes
             raise ConfigError(
                 f"cannot decode image {key.decode(errors='replace')!r} in {self.folders[label]} "

@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
+import pytest
+from PIL import Image
 from test_data import make_folder
+from test_decoded import caches, folder_module
 
+from gangen import decoded
 from gangen.data import ImageDataModule
+from gangen.errors import ConfigError
 
 
 def said(caplog) -> list[str]:
@@ -45,3 +51,30 @@ def test_empty_class_folder_is_named_and_not_a_class(tmp_path, caplog):
         f"gangen: class folders without images under {root} are skipped, not classes: 1_bird "
         "(labels 0..1 number the 2 that hold images)"
     ]
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_32_bit_integer_and_float_images_are_refused_with_one_line(tmp_path, monkeypatch, cache):
+    """PIL's convert clipped them: a 32-bit integer TIFF of 16-bit values came out nearly all white, a float
+    TIFF in [0, 1] all black."""
+    ramp = np.linspace(0, 65535, 16 * 16).reshape(16, 16)
+    root = make_folder(tmp_path / "imgs", {"a.png": ("L", (16, 16))})
+    Image.fromarray(ramp.astype(np.int32)).save(root / "b.tif")
+    Image.fromarray((ramp / 65535).astype(np.float32)).save(root / "c.tif")
+    assert [Image.open(root / n).mode for n in ("b.tif", "c.tif")] == ["I", "F"]
+    monkeypatch.setattr(decoded, "_CHUNK", 1)  # cached: one image per task, decoded in 2 worker processes
+    dm = folder_module(root, tmp_path / "cache", cache=cache)
+    if cache:
+        with pytest.raises(ConfigError) as error:
+            dm.prepare_data()
+        assert str(root / "b.tif") in str(error.value) and caches(tmp_path / "cache") == []  # no half-written cache
+        return
+    dataset = dm._split("train")
+    assert dataset[0][0].shape == (3, 16, 16)
+    for index, name, mode, kind in ((1, "b.tif", "I", "32-bit integer"), (2, "c.tif", "F", "floating-point")):
+        with pytest.raises(ConfigError) as error:
+            dataset[index]
+        assert str(error.value) == (
+            f"image {root / name} has {kind} pixels (PIL mode {mode}), which have no fixed 8-bit scale: save it as "
+            "an 8- or 16-bit PNG"
+        )
