@@ -117,6 +117,7 @@ def build(source: Dataset, path: Path, processes: int = 1, log: bool = True) -> 
     global _source
     count = len(source)
     first, _ = source[0]  # (C, R, R) uint8: the array's shape
+    shape = (count, *first.shape)
     spans = [(i, min(i + _CHUNK, count)) for i in range(0, count, _CHUNK)]
     processes = max(1, min(processes, len(spans)))
     if log:
@@ -130,7 +131,7 @@ def build(source: Dataset, path: Path, processes: int = 1, log: bool = True) -> 
         raise _write_error(path, e) from e
     try:
         try:
-            images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, (count, *first.shape))
+            images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, shape)
             if hasattr(os, "posix_fallocate"):  # reserve the blocks: a full disk fails here, not as a SIGBUS
                 with open(tmp / "images.npy", "r+b") as f:  # when a page of the map is written mid-decode
                     os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
@@ -149,12 +150,12 @@ def build(source: Dataset, path: Path, processes: int = 1, log: bool = True) -> 
             try:
                 tmp.rename(path)  # atomic: the cache appears complete or not at all
             except OSError:
-                if _complete(path):  # another builder's cache is there now
+                if _complete(path, shape):  # another builder's cache is there now
                     return load(path)
                 shutil.rmtree(path, ignore_errors=True)  # a folder left part-removed (by hand, or an older gangen)
                 tmp.rename(path)
         except OSError as e:
-            if not _complete(path):
+            if not _complete(path, shape):
                 raise _write_error(path, e) from e
     finally:
         _source = None
@@ -172,9 +173,29 @@ def _sync(*files: Path) -> None:
             os.close(fd)
 
 
-def _complete(path: Path) -> bool:
-    """Whether the cache folder holds both of its files."""
-    return (path / "images.npy").is_file() and (path / "labels.npy").is_file()
+def _complete(path: Path, shape: tuple[int, ...]) -> bool:
+    """Whether the cache folder holds both of its files, whole, for images of `shape` (N, C, R, R): a file cut
+    short (an interrupted copy, a crash on a file system that does not order the rename after the data) or of
+    another shape is rebuilt, not memory-mapped (numpy: "mmap length is greater than file size") or indexed out
+    of its bounds in the first batch."""
+    return _npy_whole(path / "images.npy", shape, np.uint8) and _npy_whole(path / "labels.npy", shape[:1], np.int64)
+
+
+def _npy_whole(file: Path, shape: tuple[int, ...], dtype: type) -> bool:
+    """Whether `file` is a .npy array of this shape and dtype (C order) and holds all of its bytes."""
+    try:
+        with open(file, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                found, fortran, found_dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                found, fortran, found_dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                return False
+            size = f.tell() + int(np.prod(shape)) * np.dtype(dtype).itemsize
+            return found == shape and found_dtype == dtype and not fortran and os.fstat(f.fileno()).st_size == size
+    except (OSError, ValueError):  # missing, unreadable, or not a .npy file
+        return False
 
 
 def _write_error(path: Path, error: OSError) -> ConfigError:
@@ -187,6 +208,10 @@ def _write_error(path: Path, error: OSError) -> ConfigError:
 def cached(source: Dataset, key: dict, cache_dir: str | Path | None, processes: int) -> TensorImageDataset:
     """The decoded cache of `source` under `key`: loaded when it exists, built first when not."""
     path = cache_path(key, cache_dir)
-    if _complete(path):
+    shape = (key["count"], key["channels"], key["resolution"], key["resolution"])
+    if _complete(path, shape):
         return load(path)
+    if path.exists():
+        print(f"gangen: the decoded dataset {path} is damaged (a file is missing, cut short or of another shape): "
+              "decoding it again", flush=True)  # fmt: skip
     return build(source, path, processes)

@@ -4,9 +4,11 @@ decode cache's key and files (review 7 of the data path)."""
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from test_data import make_folder
 from test_decoded import caches, folder_module
@@ -78,3 +80,25 @@ def test_32_bit_integer_and_float_images_are_refused_with_one_line(tmp_path, mon
             f"image {root / name} has {kind} pixels (PIL mode {mode}), which have no fixed 8-bit scale: save it as "
             "an 8- or 16-bit PNG"
         )
+
+
+@pytest.mark.parametrize("damage", ["images.npy cut short", "labels.npy too short"])
+def test_damaged_cache_folder_is_decoded_again(tmp_path, capsys, damage):
+    """A truncated images.npy gave numpy's "mmap length is greater than file size" at setup, and a labels.npy of
+    the wrong length an IndexError in the first batch, neither naming the cache."""
+    root = make_folder(tmp_path / "imgs", {f"{c}/{i}.png": ("RGB", (20, 20)) for c in "ab" for i in range(4)})
+    built = folder_module(root, tmp_path / "c")._split("train")
+    want = built.images.clone(), built.labels.clone()  # not the memory map of the file cut below (SIGBUS)
+    [name] = caches(tmp_path / "c")
+    folder = tmp_path / "c" / name
+    if damage == "images.npy cut short":
+        os.truncate(folder / "images.npy", (folder / "images.npy").stat().st_size // 2)
+    else:
+        np.save(folder / "labels.npy", np.zeros(7, np.int64))
+    capsys.readouterr()
+    dm = folder_module(root, tmp_path / "c")
+    got = dm._split("train")
+    assert f"gangen: the decoded dataset {folder} is damaged" in capsys.readouterr().out
+    assert caches(tmp_path / "c") == [name]  # rebuilt in place
+    assert torch.equal(got.images, want[0]) and torch.equal(got.labels, want[1])
+    assert len(next(iter(dm.train_dataloader()))[1]) == 2
