@@ -358,7 +358,8 @@ class ImageDataModule(pl.LightningDataModule):
 
     def _cache_key(self, split: str, count: int, cut: bool = False) -> dict:
         """What the decoded pixels of a split depend on (gangen.decoded): settings and source file stats, and
-        whether `limit` cut an evenly spaced subset from the dataset (first-N caches of older versions differ)."""
+        whether `limit` cut an evenly spaced subset from the dataset (first-N caches of older versions differ); for
+        image_folder, the labels."""
         key = {
             "dataset": self.dataset, "root": str(self.root.resolve()), "source": self.source_stats(split),
             "count": count, "resolution": self.resolution, "channels": self.channels,
@@ -366,6 +367,8 @@ class ImageDataModule(pl.LightningDataModule):
         }  # fmt: skip
         if cut:  # only then, so the keys of uncut caches stay as they were
             key["subset"] = "evenly spaced"
+        if self.dataset == "image_folder":  # numbered over every class folder, also those a limit leaves out
+            key["labels"] = self._labels
         return key
 
     def _lsun_names(self, split: str) -> list[str]:

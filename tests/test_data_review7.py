@@ -102,3 +102,23 @@ def test_damaged_cache_folder_is_decoded_again(tmp_path, capsys, damage):
     assert caches(tmp_path / "c") == [name]  # rebuilt in place
     assert torch.equal(got.images, want[0]) and torch.equal(got.labels, want[1])
     assert len(next(iter(dm.train_dataloader()))[1]) == 2
+
+
+def test_limited_cache_follows_the_labels_when_class_folders_are_added(tmp_path):
+    """With --data.limit, class folders added between two runs can leave the kept files (and so the cache key)
+    as they were while their labels change: the old labels.npy was loaded."""
+
+    def add(classes: str) -> None:
+        make_folder(root, {f"{c}/{i}.png": ("RGB", (8, 8)) for c in classes.split() for i in range(4)})
+        for file in root.rglob("*.png"):
+            os.utime(file, ns=(10**18, 10**18))  # the same stats however fast the test runs
+
+    root = tmp_path / "imgs"
+    add("b c")
+    dm = folder_module(root, tmp_path / "c", limit=2)
+    assert [str(f.relative_to(root)) for f in dm._files] == ["b/0.png", "c/0.png"]
+    assert dm._split("train").labels.tolist() == [0, 1]
+    add("bb d")  # bb sorts between b and c; the limit keeps b/0.png and c/0.png
+    dm = folder_module(root, tmp_path / "c", limit=2)
+    assert [str(f.relative_to(root)) for f in dm._files] == ["b/0.png", "c/0.png"] and dm.num_classes == 4
+    assert dm._split("train").labels.tolist() == [0, 2]
