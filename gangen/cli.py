@@ -256,6 +256,15 @@ class GANCLI(LightningCLI):
                     f"logs: {instead} (in the config's trainer.callbacks), or use --metrics.feature_extractor "
                     f"{source} for {monitor}"
                 )
+            # every_kimg leaves the metrics out of some validations, where Lightning keeps the last value logged:
+            # checkpoints were saved (and named) and early stopping counted with a value measured kimg before
+            if monitor and monitor.startswith("metric/") and metrics.every_kimg:
+                raise ConfigError(
+                    f"{type(cb).__name__} monitors {monitor!r} at every validation, and --metrics.every_kimg "
+                    f"{metrics.every_kimg:g} leaves the metrics out of some: it would be handed the last value "
+                    "measured (and a resume stops with a traceback). Thin the validations instead: "
+                    "--metrics.every_kimg 0 with --trainer.check_val_every_n_epoch N or --trainer.val_check_interval N"
+                )
 
     def _check_resume(self) -> None:
         """`--ckpt_path last` means the newest last.ckpt of this run name (any version) or of a configured

@@ -86,6 +86,20 @@ def test_conditional_model_on_an_unlabelled_folder_writes_nothing(capsys, tmp_pa
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.parametrize("callback", ["ModelCheckpoint", "EarlyStopping"])
+def test_a_metric_monitor_with_thinned_metrics_is_refused(capsys, tmp_path, inception_weights, callback):
+    """Validations that every_kimg left without metrics handed the monitors the last value measured: checkpoints
+    saved and named with an FID of kimg before, early stopping after one evaluation, a resume stopped by
+    ModelCheckpoint's missing-key traceback (a metrics review found each)."""
+    (tmp_path / "runs").mkdir()
+    extra = ["--metrics.feature_extractor", "inception", "--metrics.inception_weights", str(inception_weights),
+             "--metrics.every_kimg", "2", f"--trainer.callbacks+={callback}", "--trainer.callbacks.monitor",
+             "metric/fid"]  # fmt: skip
+    needles = [f"{callback} monitors 'metric/fid' at every validation, and --metrics.every_kimg 2 leaves",
+               "--metrics.every_kimg 0 with --trainer.check_val_every_n_epoch N"]  # fmt: skip
+    assert_fit_refused(capsys, tmp_path / "runs", extra, needles)
+
+
 @pytest.mark.parametrize("under", [False, True])
 def test_a_data_cache_dir_that_is_a_file_writes_nothing(capsys, tmp_path, under):
     """It was found at setup, after the run folder was written, and said to lack free space."""
