@@ -194,9 +194,12 @@ def sampler_state(trainer: L.Trainer | None, sampler: ResumableRandomSampler, ba
         # ModelCheckpoint(every_n_train_steps) saves, and equal to completed at a SIGTERM stop)
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         epochs = trainer.fit_loop.epoch_progress.current
-        if epochs.started == epochs.completed:  # between epochs (a stop signal in the last batch or at epoch
+        epoch = trainer.current_epoch
+        if epochs.started == epochs.completed and _epoch_cut_short(trainer):
+            epoch -= 1  # the cut epoch, as keep_epoch_unfinished marks it: a resume finishes it
+        elif epochs.started == epochs.completed:  # between epochs (a stop signal in the last batch or at epoch
             done = 0  # end): current_epoch is the next one, the batch counts are still the finished one's
-        state.update(epoch=trainer.current_epoch, position=done * batch_size)
+        state.update(epoch=epoch, position=done * batch_size)
     return state
 
 
@@ -223,11 +226,23 @@ def keep_epoch_unfinished(checkpoint: dict[str, Any], trainer: L.Trainer) -> Non
     loop = checkpoint.get("loops", {}).get("fit_loop")
     if loop is None or not _fit_running(trainer):
         return
-    epochs, batches = loop["epoch_progress"], loop["epoch_loop.batch_progress"]
-    cut_short = not batches["is_last_batch"] and 0 < batches["current"]["ready"] < trainer.num_training_batches
-    if cut_short and all(epochs[k]["processed"] == epochs[k]["completed"] + 1 for k in ("total", "current")):
+    epochs = loop["epoch_progress"]
+    if not _epoch_cut_short(trainer):
+        return
+    if all(epochs[k]["processed"] == epochs[k]["completed"] + 1 for k in ("total", "current")):
         for k in ("total", "current"):
             epochs[k]["processed"] -= 1
+    elif all(epochs[k]["started"] == epochs[k]["completed"] for k in ("total", "current")):
+        for k in ("total", "current"):  # written at the end of training (Preemption.on_train_end: the last save
+            epochs[k]["processed"] -= 1  # was a validation's), after the epoch loop counted the cut epoch done
+            epochs[k]["completed"] -= 1
+
+
+def _epoch_cut_short(trainer: L.Trainer) -> bool:
+    """Whether max_steps (or a callback's stop) ended the current epoch before its last batch; the batch counts
+    stay that epoch's until the next one starts (also at the end of training, when the epoch is counted done)."""
+    batches = trainer.fit_loop.epoch_loop.batch_progress
+    return not batches.is_last_batch and 0 < batches.current.ready < trainer.num_training_batches
 
 
 # ---- preemption -------------------------------------------------------------------------------------------

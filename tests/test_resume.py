@@ -110,6 +110,26 @@ def test_sigkill_after_mid_epoch_validation_save_resumes_exactly(tmp_path):
     assert_same_state(straight, resumed)
 
 
+def test_max_steps_stop_after_a_mid_epoch_validation_resumes_exactly(tmp_path):
+    """ModelCheckpoint saved at the validation (batch 8); max_steps then stopped the run at batch 9, 3 batches
+    into epoch 1, and Preemption wrote last.ckpt at the end of training: after Lightning had counted the cut
+    epoch done, so the resumed run skipped the rest of it (a metrics review: other kimg for every later
+    evaluation, and no final one)."""
+    every_2 = ["--trainer.val_check_interval", "2"]
+    r = fit(tmp_path / "straight", *every_2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = fit(tmp_path, *every_2, "--trainer.max_steps", str(9 * STEPS_PER_BATCH))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "dcgan_fashion_mnist" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["gangen"]["batches_seen"] == 9
+    assert ckpt["ImageDataModule"] == {"seed": 0, "epoch": 1, "position": 3 * 64, "world_size": 1, "order": 2}
+    r = fit(tmp_path, "--ckpt_path", "last", *every_2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    straight, resumed = (torch.load(d / "params_rank0.pt") for d in (tmp_path / "straight", tmp_path))
+    assert int(resumed["images_seen"]) == 2 * 384
+    assert_same_state(straight, resumed)
+
+
 def test_sigterm_saves_checkpoint_and_resumes_exactly(uninterrupted, tmp_path):
     r = fit(tmp_path, *signal_at(8, signal.SIGTERM))
     assert r.returncode == 128 + signal.SIGTERM, (r.returncode, r.stderr[-3000:])
