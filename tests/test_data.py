@@ -88,7 +88,9 @@ def test_val_order_fixed_and_train_shuffled() -> None:
     torch.manual_seed(0)
     a = first_batch(dm)[1]
     torch.manual_seed(1)
-    assert not torch.equal(a, first_batch(dm)[1])
+    assert torch.equal(a, first_batch(dm)[1])  # --data.seed's order (as on the device), not torch's global seed
+    assert not torch.equal(a, dm._split("train").labels[:16])  # shuffled
+    assert not torch.equal(a, first_batch(ImageDataModule(batch_size=16, limit=64, seed=1))[1])
 
 
 def test_getitems_matches_getitem_and_workers() -> None:
