@@ -290,6 +290,9 @@ class GANMetrics(L.Callback):
         for key, out in _LOGGED_EXTRAS:
             if f"{prefix}{key}" in results:
                 logged[f"metric/{prefix}{out}"] = results[f"{prefix}{key}"]
+        logged["progress/kimg"] = kimg  # the metrics' own kimg: on CUDA the training step logs it only on the
+        # batches whose logs Lightning writes, so a best-checkpoint name (best-kimg{progress/kimg}-fid...) was
+        # up to log_every_n_steps batches behind
         for key, value in logged.items():
             pl_module.log(key, value, sync_dist=True)  # identical on every rank; sync keeps Lightning consistent
         folder = Path(trainer.log_dir or trainer.default_root_dir)  # collective under DDP: every rank calls it
