@@ -244,6 +244,12 @@ class GANCLI(LightningCLI):
 
         metrics = next((cb for cb in self.trainer.callbacks if isinstance(cb, GANMetrics)), None)
         logged = metrics.logged_keys() if metrics is not None else []
+        if logged and self.trainer.limit_val_batches == 0:  # metrics run at validations: none would ever run
+            raise ConfigError(
+                f"--metrics.feature_extractor {metrics.feature_extractor} evaluates at validations, and "
+                "--trainer.limit_val_batches 0 turns them off: use --trainer.limit_val_batches 1 (the metrics draw "
+                "their own samples), or --metrics.feature_extractor none"
+            )
         for cb in self.trainer.callbacks:
             monitor = getattr(cb, "monitor", None) if isinstance(cb, (ModelCheckpoint, EarlyStopping)) else None
             if monitor and monitor.startswith("metric/") and monitor not in logged:

@@ -100,6 +100,16 @@ def test_a_metric_monitor_with_thinned_metrics_is_refused(capsys, tmp_path, ince
     assert_fit_refused(capsys, tmp_path / "runs", extra, needles)
 
 
+def test_metrics_with_validation_off_are_refused(capsys, tmp_path, inception_weights):
+    """The metrics run at validations: with none, a run trained to its end without a single evaluation."""
+    (tmp_path / "runs").mkdir()
+    extra = ["--metrics.feature_extractor", "inception", "--metrics.inception_weights", str(inception_weights),
+             "--trainer.limit_val_batches", "0"]  # fmt: skip
+    needles = ["--metrics.feature_extractor inception evaluates at validations, and --trainer.limit_val_batches 0",
+               "--trainer.limit_val_batches 1"]  # fmt: skip
+    assert_fit_refused(capsys, tmp_path / "runs", extra, needles)
+
+
 @pytest.mark.parametrize("under", [False, True])
 def test_a_data_cache_dir_that_is_a_file_writes_nothing(capsys, tmp_path, under):
     """It was found at setup, after the run folder was written, and said to lack free space."""
