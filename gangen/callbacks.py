@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -251,6 +252,8 @@ class GANMetrics(L.Callback):
 
         self._setup_metrics(trainer, pl_module)
         generator = eval_generator(pl_module)
+        if any(p.dtype in (torch.bfloat16, torch.float16) for p in generator.parameters()):  # bf16-true, 16-true
+            generator = copy.deepcopy(generator).float()  # sampled as `evaluate` and `generate` sample it: float32
         z = latents(self.num_samples, generator.latent_dim, self.seed)  # (N, latent), the same on every rank
         rank, world = trainer.global_rank, trainer.world_size
         start = rank * len(z) // world

@@ -144,6 +144,24 @@ def test_validate_evaluates_the_checkpoint_as_evaluate_does(trained_run, classif
     assert result["fd_fmnist_kid_mean"] == pytest.approx(row["fd_fmnist_kid_mean"], rel=1e-9)
 
 
+def test_bf16_true_metrics_equal_evaluate_of_the_checkpoint(classifier_file, tmp_path):
+    """Under --trainer.precision bf16-true the metrics sampled the bf16 generator, `evaluate` (and `generate`)
+    a float32 one from the same weights: 5e-5 apart (a metrics review). Both sample in float32 now."""
+    r = run_cli(*tiny_fit_args(tmp_path, "--trainer.precision", "bf16-true", "--trainer.max_epochs", "1",
+                               "--metrics.feature_extractor", str(classifier_file), "--metrics.num_samples", "40",
+                               "--metrics.num_real", "40", "--metrics.cache_dir", str(tmp_path / "cache")))  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    run_dir = tmp_path / "dcgan_fashion_mnist" / "version_0"
+    [row] = read_jsonl(run_dir / "metrics.jsonl")
+    out = tmp_path / "m.json"
+    run("evaluate", "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt"), "--feature_extractor",
+        str(classifier_file), "--num_samples", "40", "--num_real", "40", "--cache_dir", str(tmp_path / "cache"),
+        "--output", str(out))  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["real_from_cache"] is True
+    assert result["fd_fmnist"] == pytest.approx(row["fd_fmnist"], rel=1e-9)
+
+
 def test_every_kimg_thins_evaluations_and_a_resume_keeps_the_schedule(classifier_file, tmp_path):
     """--metrics.every_kimg 0.5 with 0.32 kimg epochs: the first validation evaluates, 0.64 kimg is too soon
     after 0.32, 0.96 is due. A run resumed from the checkpoint of epoch 1 evaluates where the uninterrupted
