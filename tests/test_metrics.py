@@ -228,12 +228,29 @@ def test_cache_file_for_other_key_or_corrupt_is_recomputed(extractor, images, tm
     assert real_statistics(batch, extractor, dataset="tiny", cache_dir=tmp_path).from_cache  # rewritten
 
 
+def test_tensor_source_key_holds_the_images(extractor, images, tmp_path) -> None:
+    """Other images under the same name and count were handed the first set's cached statistics."""
+    first, inverted = images["real"][:6], 255 - images["real"][:6]
+    stats = real_statistics(first, extractor, dataset="mine", cache_dir=tmp_path)
+    with ForwardCounter(extractor) as counter:
+        other = real_statistics(inverted, extractor, dataset="mine", cache_dir=tmp_path)
+    assert not other.from_cache and counter.images == 6
+    fresh = real_statistics(inverted, extractor, use_cache=False)
+    torch.testing.assert_close(other.mean, fresh.mean, rtol=0, atol=0)
+    assert stats.key["images_sha256"] == hashlib.sha256(first.numpy().tobytes()).hexdigest()
+    # the images used (the first num_samples) make the key: images after them do not
+    longer = torch.cat([first, inverted])
+    assert real_statistics(longer, extractor, dataset="mine", num_samples=6, cache_dir=tmp_path).from_cache
+    assert real_statistics(first, extractor, dataset="mine", cache_dir=tmp_path).from_cache
+
+
 def test_real_statistics_from_datamodule(extractor, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv(decoded.CACHE_ENV_VAR, str(tmp_path))  # default cache dir: $GANGEN_CACHE_DIR/real_stats
     dm = ImageDataModule(resolution=32, channels=1, limit=50, batch_size=16)
     with ForwardCounter(extractor) as counter:
         stats = real_statistics(dm, extractor, split="val", num_samples=6, batch_size=4)
     assert counter.calls == 2 and stats.key["dataset"] == "fashion_mnist" and stats.key["channels"] == 1
+    assert "images_sha256" not in stats.key  # a datamodule's key is its files': earlier caches stay valid
     spread = [200 * (j * 50 // 6) for j in range(6)]  # limit: every 200th of 10k; num_samples: 6 of those 50
     expected = resize_images(read_idx(FMNIST / "t10k-images-idx3-ubyte.gz")[spread].unsqueeze(1), 32, 1)
     torch.testing.assert_close(stats.features, extractor.features(expected)["pool"], rtol=0, atol=1e-5)
