@@ -264,7 +264,11 @@ class GANMetrics(L.Callback):
             features = {k: _gather_rows(trainer, v, self.num_samples) for k, v in features.items()}
         evaluator = Evaluator(self._extractor, self._real, batch_size=self.batch_size)
         evaluator.update_features(features)
-        return {**evaluator.compute(), "real_from_cache": self._real.from_cache}
+        return {  # what the numbers were measured with, under evaluate's JSON names (num_real: the count used)
+            **evaluator.compute(), "latent_seed": self.seed, "real_split": self.real_split,
+            "num_real_requested": self.num_real, "ema": getattr(pl_module, "generator_ema", None) is not None,
+            "real_from_cache": self._real.from_cache,
+        }  # fmt: skip
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.enabled and self.num_samples < trainer.world_size:  # a rank without images skips the gathers

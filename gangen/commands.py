@@ -322,7 +322,10 @@ def evaluate_command(argv: Sequence[str]) -> None:
         results = evaluator.compute()
     else:
         results = evaluate_generator(generator, args.num_samples, real, extractor, args.batch_size, args.seed)
-    results = {"source": str(source), "real_split": args.split, "real_from_cache": real.from_cache, **results}
+    record = {"source": str(source), "real_split": args.split, "num_real_requested": args.num_real}
+    if ckpt is not None:  # the generator evaluate_generator measured (its results hold latent_seed)
+        record["ema"] = any(str(k).startswith("generator_ema.") for k in ckpt["state_dict"])
+    results = {**record, "real_from_cache": real.from_cache, **results}
     text = json.dumps(results, indent=2)
     atomic_file(output, lambda tmp: Path(tmp).write_text(text + "\n"))  # never a half-written file
     print(text)

@@ -301,7 +301,8 @@ class Evaluator:
     Feed generated uint8 images (N, C, H, W) with `update` (any number of calls, split into `batch_size`
     chunks), then `compute()`. Keys: fid, kid_mean, kid_std, is_mean, is_std (for an extractor other than
     Inception: `<name>`, `<name>_kid_mean`, ... so a domain-classifier distance is never reported as FID),
-    plus num_fake, num_real, kid_subset_size, feature_extractor, weights, weights_sha256_prefix.
+    plus num_fake, num_real, the draws (kid_subsets, kid_subset_size, isc_splits as used, kid_is_seed: `seed`),
+    feature_extractor, weights, weights_sha256_prefix.
     Defaults are torch-fidelity's (kid_subsets=100, kid_subset_size=1000, isc_splits=10, seed=2020).
     """
 
@@ -395,8 +396,9 @@ class Evaluator:
         out[f"{prefix}kid_mean"], out[f"{prefix}kid_std"] = kernel_inception_distance(
             fake, self.real.features, self.kid_subsets, subset, self.seed
         )
+        draws: dict[str, int] = {"kid_subsets": self.kid_subsets, "kid_subset_size": subset}
         if self._logits:
-            splits = _clamped("IS splits", self.isc_splits, n_fake)
+            draws["isc_splits"] = splits = _clamped("IS splits", self.isc_splits, n_fake)
             out[f"{prefix}is_mean"], out[f"{prefix}is_std"] = inception_score(
                 torch.cat(self._logits).to(device), splits, self.seed
             )
@@ -404,7 +406,8 @@ class Evaluator:
             **out,
             "num_fake": n_fake,
             "num_real": n_real,
-            "kid_subset_size": subset,
+            **draws,
+            "kid_is_seed": self.seed,  # the KID subsets' and IS splits' draws
             "feature_extractor": name,
             "weights": str(self.extractor.weights),
             "weights_sha256_prefix": self.extractor.weights_sha256[:8],
@@ -429,7 +432,8 @@ def evaluate_generator(
     """Metrics of `num_samples` images generated from latents(num_samples, seed), batch by batch.
 
     Images are generated with sampling.generate and converted with sampling.to_uint8 (clamp + round) one
-    batch at a time, so only the features are held. `evaluator_options` go to Evaluator.
+    batch at a time, so only the features are held. `evaluator_options` go to Evaluator. The results name
+    `seed` latent_seed.
     """
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ConfigError(f"num_samples {num_samples!r} must be an integer >= 1")
@@ -437,7 +441,7 @@ def evaluate_generator(
     z = latents(num_samples, generator.latent_dim, seed)  # (N, latent_dim)
     features = generated_features(generator, z, extractor, batch_size, check_shape=evaluator.check_shape)
     evaluator.update_features(features)
-    return evaluator.compute()
+    return {**evaluator.compute(), "latent_seed": seed}
 
 
 def generated_features(

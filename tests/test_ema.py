@@ -112,6 +112,7 @@ def test_grids_and_metrics_of_an_ema_run_come_from_the_ema_generator(ema_run, cl
     result = json.loads(out.read_text())
     last = json.loads((ema_run / "metrics.jsonl").read_text().splitlines()[-1])
     assert result["real_from_cache"] is True and last["kimg"] == 0.64  # the same real statistics and weights
+    assert result["ema"] is True and last["ema"] is True  # both measured the EMA generator, and say so
     assert result["fd_fmnist"] == pytest.approx(last["fd_fmnist"], rel=1e-9)
     assert result["fd_fmnist_kid_mean"] == pytest.approx(last["fd_fmnist_kid_mean"], rel=1e-9)
 

@@ -46,6 +46,7 @@ def test_fit_logs_fid_kid_is_and_keeps_the_best_checkpoint(fid_run, inception_we
     for r in results:
         assert r["num_fake"] == 16 and r["num_real"] == 16 and r["weights"] == str(inception_weights)
         assert r["fid"] > 0 and np.isfinite([r["kid_mean"], r["is_mean"]]).all()
+        assert r["isc_splits"] == 10 and r["kid_subset_size"] == 16 and r["latent_seed"] == 0  # the draws used
     with open(run / "metrics.csv") as f:
         rows = [row for row in csv.DictReader(f) if row.get("metric/fid")]
     assert [float(row["metric/fid"]) for row in rows] == pytest.approx([r["fid"] for r in results])
@@ -160,6 +161,44 @@ def test_bf16_true_metrics_equal_evaluate_of_the_checkpoint(classifier_file, tmp
     result = json.loads(out.read_text())
     assert result["real_from_cache"] is True
     assert result["fd_fmnist"] == pytest.approx(row["fd_fmnist"], rel=1e-9)
+
+
+RECORD = ("latent_seed", "real_split", "num_real_requested", "num_fake", "num_real", "kid_subsets",
+          "kid_subset_size", "kid_is_seed", "ema")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def seeded_run(classifier_file, tmp_path_factory):
+    """One epoch with metrics measured at settings other than evaluate's defaults: latent seed 3, the train
+    split's statistics of 16 real images, 16 generated."""
+    save_dir = tmp_path_factory.mktemp("seeded_run")
+    args = tiny_fit_args(
+        save_dir, "--trainer.max_epochs", "1", "--model.generator.base_channels", "8",
+        "--model.discriminator.base_channels", "8", "--metrics.feature_extractor", str(classifier_file),
+        "--metrics.seed", "3", "--metrics.real_split", "train", "--metrics.num_samples", "16",
+        "--metrics.num_real", "16", "--metrics.cache_dir", str(save_dir / "cache"),
+    )  # fmt: skip
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return save_dir / "dcgan_fashion_mnist" / "version_0"
+
+
+def test_rows_and_evaluate_record_what_reproduces_them(seeded_run, classifier_file, tmp_path):
+    """metrics.jsonl rows and evaluate's JSON name the latent seed, the real split, the num_real asked for, the
+    KID / IS draws and whether the EMA generator was measured, under the same names: a seed-3 train-split row
+    looked like a seed-0 val one."""
+    [row] = read_jsonl(seeded_run / "metrics.jsonl")
+    assert {k: row[k] for k in RECORD} == {
+        "latent_seed": 3, "real_split": "train", "num_real_requested": 16, "num_fake": 16, "num_real": 16,
+        "kid_subsets": 100, "kid_subset_size": 16, "kid_is_seed": 2020, "ema": False,
+    }  # fmt: skip
+    assert "isc_splits" not in row  # a classifier has no logits: no IS
+    out = tmp_path / "m.json"
+    run("evaluate", "--ckpt_path", str(seeded_run / "checkpoints" / "last.ckpt"), "--feature_extractor",
+        str(classifier_file), "--num_samples", "16", "--seed", "3", "--split", "train", "--num_real", "16",
+        "--cache_dir", str(seeded_run.parent.parent / "cache"), "--output", str(out))  # fmt: skip
+    result = json.loads(out.read_text())
+    assert {k: result[k] for k in RECORD} == {k: row[k] for k in RECORD} and result["real_from_cache"] is True
 
 
 def test_every_kimg_thins_evaluations_and_a_resume_keeps_the_schedule(classifier_file, tmp_path):
