@@ -221,8 +221,10 @@ class GANMetrics(L.Callback):
         return [f"metric/{fd}", "metric/num_samples", *(f"metric/{prefix}{out}" for _, out in _LOGGED_EXTRAS)]
 
     def state_dict(self) -> dict[str, Any]:
-        """The evaluation schedule, so a resumed run evaluates when the uninterrupted one would have."""
-        return {"last_kimg": self._last_kimg}
+        """The evaluation schedule, so a resumed run evaluates when the uninterrupted one would have, and the
+        settings its rows are measured with (`gangen evaluate --ckpt_path` takes them as its defaults)."""
+        settings = {"num_samples": self.num_samples, "seed": self.seed, "real_split": self.real_split}
+        return {"last_kimg": self._last_kimg, "settings": {**settings, "num_real": self.num_real}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_kimg = state_dict.get("last_kimg")

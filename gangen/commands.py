@@ -260,19 +260,20 @@ def evaluate_command(argv: Sequence[str]) -> None:
 
     p = ArgumentParser(
         prog="gangen evaluate",
-        description="FID / KID / IS or a domain FD of a checkpoint or samples.",
+        description="FID / KID / IS or a domain FD of a checkpoint or samples. (*) With --ckpt_path, the default "
+        "is the run's --metrics.* setting when the checkpoint records it (it prints them).",
         exit_on_error=False,
     )
     p.add_argument("--ckpt_path", type=str | None, default=None, help="gangen checkpoint to generate from")
     p.add_argument("--samples", type=str | None, default=None, help="folder of images or .npz, instead of a ckpt")
     p.add_class_arguments(ImageDataModule, "data", sub_configs=True)
-    p.add_argument("--num_samples", type=int, default=10_000, help="images generated from the checkpoint")
+    p.add_argument("--num_samples", type=int, default=10_000, help="images generated from the checkpoint (*)")
     p.add_argument("--feature_extractor", type=str, default="inception", help="inception | classifier path")
     p.add_argument("--inception_weights", type=str | None, default=None, help="Inception weights file")
-    p.add_argument("--split", type=str, default="val", help="real split: val or train")
-    p.add_argument("--num_real", type=int | None, default=None, help="real images (default: the whole split)")
+    p.add_argument("--split", type=str, default="val", help="real split: val or train (*)")
+    p.add_argument("--num_real", type=int | None, default=None, help="real images (default: the whole split) (*)")
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0, help="latent seed of the generated images")
+    p.add_argument("--seed", type=int, default=0, help="latent seed of the generated images (*)")
     p.add_argument("--device", type=str, default="cpu", help="cpu | cuda")
     p.add_argument("--cache_dir", type=str | None, default=None, help="real statistics cache")
     p.add_argument("--output", type=str | None, default=None, help="metrics .json file (default: beside the input)")
@@ -289,6 +290,8 @@ def evaluate_command(argv: Sequence[str]) -> None:
     if ckpt is not None:  # the checkpoint's data settings are the defaults; --data.* still overrides them
         given = any(arg.startswith("--data") for arg in argv)  # a checkpoint without them needs them given
         p.set_defaults({f"data.{k}": v for k, v in _checkpoint_data(ckpt, known.ckpt_path, given).items()})
+    run_metrics = _checkpoint_metrics(ckpt) if ckpt is not None else {}
+    p.set_defaults(run_metrics)  # and the run's --metrics.* settings, so the rows it wrote are reproduced
     args = p.parse_args(list(argv))
     _usable_device(args.device)
     if args.num_samples < 2:
@@ -301,6 +304,11 @@ def evaluate_command(argv: Sequence[str]) -> None:
     check_cache_dir(args.cache_dir, "--cache_dir")
     if args.cache_dir is None:
         cache_root()  # $GANGEN_CACHE_DIR a file: said now, not after the real images went through the extractor
+    if run_metrics:
+        used = " ".join(f"--{k} {_option_text(v)}" for k, v in run_metrics.items())
+        changed = [f"--{k} {_option_text(getattr(args, k))}" for k, v in run_metrics.items() if getattr(args, k) != v]
+        instead = f"; given instead: {' '.join(changed)}" if changed else ""
+        print(f"gangen: the run's metrics settings (from the checkpoint): {used}{instead}")
     source = Path(args.ckpt_path or args.samples)
     samples = load_samples(args.samples) if args.samples else None  # (N, C, H, W) uint8
     generator = load_generator(ckpt, args.device, source=args.ckpt_path) if ckpt is not None else None  # checked early
@@ -338,6 +346,24 @@ def _check_json_output(output: str) -> None:
     if Path(output).suffix.lower() != ".json":
         example = Path(output).with_suffix(".json")
         raise ConfigError(f"--output {output!r}: evaluate writes JSON; end it with .json (e.g. {example})")
+
+
+_RUN_METRICS = {"num_samples": "num_samples", "seed": "seed", "split": "real_split", "num_real": "num_real"}
+
+
+def _checkpoint_metrics(ckpt: dict) -> dict:
+    """evaluate's --num_samples, --seed, --split and --num_real as the run's --metrics.* settings (GANMetrics'
+    state in the checkpoint); {} where the checkpoint holds none (an older gangen, a fit without GANMetrics,
+    an export)."""
+    for key, state in (ckpt.get("callbacks") or {}).items():
+        settings = state.get("settings") if str(key).startswith("GANMetrics") and isinstance(state, dict) else None
+        if isinstance(settings, dict):
+            return {option: settings[name] for option, name in _RUN_METRICS.items() if name in settings}
+    return {}
+
+
+def _option_text(value: object) -> str:
+    return "null" if value is None else str(value)
 
 
 def _checkpoint_data(ckpt: dict, ckpt_path: str, given: bool = False) -> dict:

@@ -59,7 +59,8 @@ def test_fit_logs_fid_kid_is_and_keeps_the_best_checkpoint(fid_run, inception_we
     assert len(list((fid_run / "cache").glob("*.pt"))) == 1  # real statistics cached once
     callbacks = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]
     (schedule,) = [v for k, v in callbacks.items() if k.startswith("GANMetrics")]
-    assert schedule == {"last_kimg": results[-1]["kimg"]}  # a resumed run keeps the evaluation schedule
+    assert schedule["last_kimg"] == results[-1]["kimg"]  # a resumed run keeps the evaluation schedule
+    assert schedule["settings"] == {"num_samples": 16, "seed": 0, "real_split": "val", "num_real": 16}
 
 
 def test_evaluate_checkpoint_reuses_the_cache(fid_run, inception_weights, tmp_path):
@@ -199,6 +200,29 @@ def test_rows_and_evaluate_record_what_reproduces_them(seeded_run, classifier_fi
         "--cache_dir", str(seeded_run.parent.parent / "cache"), "--output", str(out))  # fmt: skip
     result = json.loads(out.read_text())
     assert {k: result[k] for k in RECORD} == {k: row[k] for k in RECORD} and result["real_from_cache"] is True
+
+
+def test_evaluate_defaults_to_the_runs_metrics_settings(seeded_run, classifier_file, tmp_path, capsys):
+    """evaluate --ckpt_path used seed 0, the val split and 10000 samples whatever the run measured with: its
+    number silently differed from the rows. The checkpoint's --metrics.* settings are now its defaults, said in
+    one line; an option given still wins, and the line names it."""
+    [row] = read_jsonl(seeded_run / "metrics.jsonl")
+    ckpt, cache = str(seeded_run / "checkpoints" / "last.ckpt"), str(seeded_run.parent.parent / "cache")
+    capsys.readouterr()
+    run("evaluate", "--ckpt_path", ckpt, "--feature_extractor", str(classifier_file), "--cache_dir", cache,
+        "--output", str(tmp_path / "m.json"))  # fmt: skip
+    settings = "--num_samples 16 --seed 3 --split train --num_real 16"
+    assert f"gangen: the run's metrics settings (from the checkpoint): {settings}\n" in capsys.readouterr().out
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert {k: result[k] for k in RECORD} == {k: row[k] for k in RECORD} and result["real_from_cache"] is True
+    assert result["fd_fmnist"] == pytest.approx(row["fd_fmnist"], rel=1e-9)
+
+    run("evaluate", "--ckpt_path", ckpt, "--feature_extractor", str(classifier_file), "--cache_dir", cache,
+        "--seed", "0", "--output", str(tmp_path / "seed0.json"))  # fmt: skip
+    line = f"gangen: the run's metrics settings (from the checkpoint): {settings}; given instead: --seed 0\n"
+    assert line in capsys.readouterr().out
+    other = json.loads((tmp_path / "seed0.json").read_text())
+    assert other["latent_seed"] == 0 and other["num_fake"] == 16 and other["fd_fmnist"] != result["fd_fmnist"]
 
 
 def test_every_kimg_thins_evaluations_and_a_resume_keeps_the_schedule(classifier_file, tmp_path):
