@@ -172,13 +172,14 @@ class ImageDataModule(pl.LightningDataModule):
             raise ConfigError(f"lsun_classes {lsun_classes!r} is invalid: use a list of names, e.g. ['bedroom']")
         self.on_device, self.hflip, self.seed = on_device, hflip, seed
         self.cache, self.cache_dir = cache, cache_dir
-        if name in _FILE_DATASETS and cache is not False and cache_dir is None:
-            decoded.cache_root()  # $GANGEN_CACHE_DIR a file: said now, not at setup after the run folder is written
-        elif name in _FILE_DATASETS and cache is not False and not_a_folder(cache_dir) is not None:
-            blocker = not_a_folder(cache_dir)
-            what = "is a file" if blocker == Path(cache_dir).expanduser().absolute() else f"is under the file {blocker}"
-            fix = "pass a folder for the decoded images, or --data.cache false"
-            raise ConfigError(f"--data.cache_dir {cache_dir!r} {what}: {fix}")
+        if name in _FILE_DATASETS and cache is not False:  # a file in the way: said now, not at setup after the
+            if cache_dir is None:  # run folder is written
+                decoded.cache_root()  # $GANGEN_CACHE_DIR
+            elif (blocker := not_a_folder(cache_dir)) is not None:
+                itself = blocker == Path(cache_dir).expanduser().absolute()
+                what = "is a file" if itself else f"is under the file {blocker}"
+                fix = "pass a folder for the decoded images, or --data.cache false"
+                raise ConfigError(f"--data.cache_dir {cache_dir!r} {what}: {fix}")
         self.lsun_classes = list(lsun_classes or ["bedroom"])
         self.root = self._resolve_root(root)
         self._num_classes: int | None = {"fashion_mnist": 10, "mnist": 10, "cifar10": 10}.get(name)

@@ -3,6 +3,8 @@ line naming the value and the fix, exit status 2, nothing written (a CLI fuzz fo
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from conftest import assert_fit_refused
 from PIL import Image
@@ -70,13 +72,19 @@ def test_data_root_that_is_a_file_is_said_to_be_a_file(capsys, tmp_path):
     assert_fit_refused(capsys, tmp_path / "runs", ["--data.root", str(gz)], needles)
 
 
-def test_conditional_model_on_an_unlabelled_folder_writes_nothing(capsys, tmp_path):
-    """Refused before, but only once the data was set up: after config.yaml was written and the folder decoded
-    into the cache."""
+def flat_folder(tmp_path) -> Path:
+    """An image folder without class subfolders: 8 grey 32x32 PNGs."""
     root = tmp_path / "flat"
     root.mkdir()
     for i in range(8):
         Image.new("L", (32, 32), color=30 * i).save(root / f"{i}.png")
+    return root
+
+
+def test_conditional_model_on_an_unlabelled_folder_writes_nothing(capsys, tmp_path):
+    """Refused before, but only once the data was set up: after config.yaml was written and the folder decoded
+    into the cache."""
+    root = flat_folder(tmp_path)
     (tmp_path / "runs").mkdir()
     extra = ["--data.dataset", "image_folder", "--data.root", str(root), "--data.batch_size", "4",
              "--data.cache_dir", str(tmp_path / "cache"), "--model.generator.num_classes", "10",
@@ -113,10 +121,7 @@ def test_metrics_with_validation_off_are_refused(capsys, tmp_path, inception_wei
 @pytest.mark.parametrize("under", [False, True])
 def test_a_data_cache_dir_that_is_a_file_writes_nothing(capsys, tmp_path, under):
     """It was found at setup, after the run folder was written, and said to lack free space."""
-    root = tmp_path / "flat"
-    root.mkdir()
-    for i in range(8):
-        Image.new("L", (32, 32), color=30 * i).save(root / f"{i}.png")
+    root = flat_folder(tmp_path)
     blocker = tmp_path / "cachefile"
     blocker.write_bytes(b"x")
     cache_dir = blocker / "sub" if under else blocker
