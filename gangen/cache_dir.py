@@ -120,6 +120,45 @@ def physical_memory() -> int | None:
         return None
 
 
+def cgroup_memory_limit(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+    """The lowest memory limit in bytes set on this process's cgroup or any cgroup above it (Linux cgroup v1
+    memory.limit_in_bytes or v2 memory.max; a container or a batch job's allocation), None where none is set or
+    readable. A cgroup mounted as the container's own (the path in /proc/self/cgroup absent under the mount) is
+    read at the mount's top."""
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    limits = []
+    for line in lines:
+        hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if hierarchy == "0" and controllers == "":  # v2: the unified hierarchy
+            base = Path(root) if (Path(root) / "cgroup.controllers").exists() else Path(root) / "unified"
+            name = "memory.max"
+        elif "memory" in controllers.split(","):  # v1: the memory controller's own hierarchy
+            base, name = Path(root) / "memory", "memory.limit_in_bytes"
+        else:
+            continue
+        parts = [p for p in path.split("/") if p]
+        for depth in range(len(parts), -1, -1):  # this cgroup, then each one above it
+            try:
+                value = (base.joinpath(*parts[:depth]) / name).read_text().strip()
+            except OSError:
+                continue
+            if value.isdigit() and int(value) < 2**62:  # "max" (v2), or v1's "unlimited" 2**63 - page
+                limits.append(int(value))
+    return min(limits, default=None)
+
+
+def usable_memory() -> tuple[int, str] | None:
+    """(bytes, words) for the memory this process may use: this machine's RAM, or its cgroup's limit where that is
+    lower. The words finish "more than ..." in messages. None where neither is known (not POSIX)."""
+    ram, limit = physical_memory(), cgroup_memory_limit()
+    if limit is not None and (ram is None or limit < ram):
+        return limit, f"the {human(limit)} this process may use (its cgroup's memory limit)"
+    return (ram, f"this machine's {human(ram)} of memory") if ram is not None else None
+
+
 def human(size: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from gangen.cache_dir import human, physical_memory
+from gangen.cache_dir import human, usable_memory
 from gangen.errors import ConfigError
 from gangen.layers import (
     D_NORMS,
@@ -181,17 +181,17 @@ def _pairs(widths: list[int]) -> int:
 
 def check_weight_memory(network: nn.Module, channel_pairs: int, embedding: int) -> None:
     """ConfigError before any allocation when the network's float32 weights alone (4x4 kernels: 16 per channel
-    pair, plus the class embedding) would not fit in this machine's memory: the widths (latent_dim,
-    base_channels, max_channels) are too large, and torch's allocator would fail with a traceback, or the
-    system would kill the process while initialising the weights."""
+    pair, plus the class embedding) would not fit in the memory this process may use (`usable_memory`): the
+    widths (latent_dim, base_channels, max_channels) are too large, and torch's allocator would fail with a
+    traceback, or the system would kill the process while initialising the weights."""
     weights = 16 * channel_pairs + embedding
-    memory = physical_memory()  # None (not POSIX): torch's own error remains
-    if memory is not None and weights * 4 > memory:
+    usable = usable_memory()  # None (not POSIX): torch's own error remains
+    if usable is not None and weights * 4 > usable[0]:
         names = [k for k in ("latent_dim", "base_channels", "max_channels") if k in network.config]
         config = ", ".join(f"{k}={network.config[k]}" for k in names)
         raise ConfigError(
             f"{type(network).__name__}({config}) has about {weights / 1e9:,.1f} billion weights, "
-            f"{human(weights * 4)} as float32, more than this machine's {human(memory)} of memory: "
+            f"{human(weights * 4)} as float32, more than {usable[1]}: "
             f"lower {', '.join(names[:-1])} or {names[-1]}"
         )
 

@@ -207,19 +207,20 @@ def check_generate_size(
 ) -> None:
     """ConfigError when `count` images of (C, H, W) `image_shape` cannot be written here. generate() holds them all
     in memory at once with their latents (float32): uint8 for an npz or a folder, float32 for a grid, plus the grid
-    itself (3 channels, float32); that must fit in this machine's RAM. An npz (uncompressed) must fit in its folder's
-    free disk space. Both counts are lower bounds: only what cannot fit is refused. `what` names the request."""
-    from gangen.cache_dir import human, physical_memory
+    itself (3 channels, float32); that must fit in the memory this process may use (`usable_memory`). An npz
+    (uncompressed) must fit in its folder's free disk space. Both counts are lower bounds: only what cannot fit is
+    refused. `what` names the request."""
+    from gangen.cache_dir import human, usable_memory
 
     values = math.prod(image_shape)  # C * H * W
     per_image = 4 * latent_dim + (4 * values + 12 * math.prod(image_shape[-2:]) if kind == "grid" else values)
     shape = "x".join(str(n) for n in image_shape) + (" float32" if kind == "grid" else " uint8")
-    ram = physical_memory()
-    if ram is not None and count * per_image > ram:
+    usable = usable_memory()
+    if usable is not None and count * per_image > usable[0]:
         raise ConfigError(
             f"{what}: generate holds all {count} images ({shape}) and their latents in memory, about "
-            f"{human(count * per_image)}, and this machine has {human(ram)}: lower --num_samples (at most about "
-            f"{ram // per_image} images fit), or run generate several times with different --seed values"
+            f"{human(count * per_image)}, more than {usable[1]}: lower --num_samples (at most about "
+            f"{usable[0] // per_image} images fit), or run generate several times with different --seed values"
         )
     if kind == "npz":
         parent = Path(output).absolute().parent
