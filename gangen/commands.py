@@ -216,7 +216,7 @@ def load_samples(path: str) -> torch.Tensor:
     from PIL import Image
 
     from gangen.errors import DataNotFoundError
-    from gangen.readers import IMAGE_EXTENSIONS
+    from gangen.readers import IMAGE_EXTENSIONS, to_mode
 
     source = Path(path)
     if source.suffix.lower() == ".npz" and source.is_file():
@@ -230,8 +230,14 @@ def load_samples(path: str) -> torch.Tensor:
             raise DataNotFoundError(f"no images in {path}: write some with `gangen generate --output {path}/`")
         arrays = []
         for f in files:
-            with Image.open(f) as im:
-                arrays.append(np.asarray(im.convert("L" if im.mode in ("L", "I", "I;16", "1") else "RGB")))
+            with Image.open(f) as im:  # 16-bit grey scaled to 8 bits (convert clipped it at 255), as training reads it
+                grey = im.mode in ("1", "L", "LA", "I", "F") or im.mode.startswith("I;16")
+                arrays.append(np.asarray(to_mode(im, 1 if grey else 3, name=str(f))))
+            if arrays[-1].shape != arrays[0].shape:
+                raise ConfigError(
+                    f"samples {path!r}: {f.name} is {_size(arrays[-1])} and {files[0].name} {_size(arrays[0])}: "
+                    "every image must have one size and one colour mode (grey or RGB)"
+                )
         array = np.stack(arrays)
         array = array[..., None] if array.ndim == 3 else array
     elif source.is_file():  # a file, but not one this reads
@@ -248,6 +254,11 @@ def load_samples(path: str) -> torch.Tensor:
     return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
 
 
+def _size(array) -> str:
+    """'32x32 grey' / '64x64 RGB' for an (H, W) or (H, W, 3) uint8 array."""
+    return f"{array.shape[1]}x{array.shape[0]} {'RGB' if array.ndim == 3 else 'grey'}"
+
+
 def evaluate_command(argv: Sequence[str]) -> None:
     """`gangen evaluate --ckpt_path PATH | --samples DIR_OR_NPZ [--data.* ...]`: metrics printed and as JSON."""
     import json
@@ -256,7 +267,7 @@ def evaluate_command(argv: Sequence[str]) -> None:
 
     from gangen.decoded import cache_root
     from gangen.inception import make_feature_extractor
-    from gangen.metrics import Evaluator, check_cache_dir, evaluate_generator, real_statistics
+    from gangen.metrics import Evaluator, check_cache_dir, check_evaluate_memory, evaluate_generator, real_statistics
 
     p = ArgumentParser(
         prog="gangen evaluate",
@@ -316,6 +327,8 @@ def evaluate_command(argv: Sequence[str]) -> None:
     extractor = make_feature_extractor(
         args.feature_extractor, args.inception_weights, device=args.device, option="--inception_weights PATH"
     )
+    if generator is not None:  # before the real images' pass, which can take minutes
+        check_evaluate_memory(generator, extractor, args.num_samples, option="--num_samples")
     count = args.num_samples if samples is None else len(samples)
     output = Path(args.output) if args.output else source.parent / f"metrics-{extractor.name}-n{count}.json"
     if not output.parent.is_dir():

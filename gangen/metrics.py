@@ -437,11 +437,36 @@ def evaluate_generator(
     """
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ConfigError(f"num_samples {num_samples!r} must be an integer >= 1")
+    check_evaluate_memory(generator, extractor, num_samples)
     evaluator = Evaluator(extractor, real, batch_size=batch_size, **evaluator_options)
     z = latents(num_samples, generator.latent_dim, seed)  # (N, latent_dim)
     features = generated_features(generator, z, extractor, batch_size, check_shape=evaluator.check_shape)
     evaluator.update_features(features)
     return {**evaluator.compute(), "latent_seed": seed}
+
+
+def check_evaluate_memory(
+    generator: nn.Module, extractor: FeatureExtractor, num_samples: int, option: str = "num_samples"
+) -> None:
+    """ConfigError when scoring `num_samples` generated images cannot fit in the memory this process may use: the
+    latents (float32) and every feature of every image (float32, twice: gathered per batch, then joined for KID and
+    IS) are held at once. The feature sizes come from one generated image. A lower bound: only what cannot fit is
+    refused (it was an allocator traceback, or the kernel killing the process, after the real images' pass)."""
+    from gangen.cache_dir import human, usable_memory
+
+    usable = usable_memory()
+    if usable is None:
+        return
+    image = _from_float(generate(generator, 1, seed=0, check_finite=False))  # (1, C, H, W) uint8
+    widths = {key: value[0].numel() for key, value in extractor.features(image).items()}  # e.g. pool 2048, logits
+    per_image = 4 * generator.latent_dim + 2 * 4 * sum(widths.values())
+    if num_samples * per_image > usable[0]:
+        features = ", ".join(f"{key} {width}" for key, width in widths.items())
+        raise ConfigError(
+            f"{option} {num_samples}: scoring holds every image's latent and features ({features}) in memory, about "
+            f"{human(num_samples * per_image)}, more than {usable[1]}: lower it (at most about "
+            f"{usable[0] // per_image} images fit; 10000-50000 is usual)"
+        )
 
 
 def generated_features(

@@ -118,3 +118,62 @@ def test_real_statistics_refuses_one_sample_and_batch_size_zero(classifier_file)
         real_statistics(images, extractor, num_samples=1, use_cache=False)
     with pytest.raises(ConfigError, match=r"batch_size 0 is invalid: use an integer >= 1"):
         real_statistics(images, extractor, batch_size=0, use_cache=False)
+
+
+def test_evaluate_more_samples_than_memory_holds_is_one_line_before_the_real_pass(
+    capsys, tmp_path, classifier_file, trained_ckpt
+):
+    """evaluate holds every latent and feature at once: --num_samples 10**12 was an allocator traceback (or the
+    kernel's kill) after the real images had gone through the extractor."""
+    line = fails(capsys, "evaluate", "--ckpt_path", str(trained_ckpt), "--feature_extractor", str(classifier_file),
+                 "--num_samples", str(10**12), "--num_real", "8", "--cache_dir", str(tmp_path / "cache"),
+                 "--output", str(tmp_path / "m.json"))  # fmt: skip
+    start = f"gangen: error: --num_samples {10**12}: scoring holds every image's latent and features ("
+    assert line.startswith(start), line
+    assert "more than this machine's " in line and "images fit; 10000-50000 is usual)" in line, line
+    assert list(tmp_path.iterdir()) == []  # no real statistics cached, no m.json
+
+
+def test_evaluate_generator_refuses_more_samples_than_memory_holds(classifier_file, trained_ckpt):
+    from gangen.classifier import ClassifierExtractor
+    from gangen.metrics import evaluate_generator, real_statistics
+    from gangen.sampling import load_generator, read_checkpoint
+
+    generator = load_generator(read_checkpoint(str(trained_ckpt)), "cpu")
+    extractor = ClassifierExtractor(classifier_file)
+    noise = torch.randint(0, 256, (8, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    real = real_statistics(noise, extractor, use_cache=False)
+    with pytest.raises(ConfigError, match=r"^num_samples 1000000000000: scoring holds every image's latent"):
+        evaluate_generator(generator, 10**12, real, extractor)
+
+
+def test_evaluate_reads_16_bit_grey_samples_scaled_as_training_reads_them(tmp_path):
+    """A folder of 16-bit grey PNGs was clipped at 255 (PIL's convert): nearly every pixel white."""
+    from PIL import Image
+
+    from gangen.commands import load_samples
+
+    values = np.array([[0, 257, 40000, 65535]], dtype=np.uint16).repeat(4, axis=0)  # (4, 4)
+    (tmp_path / "s").mkdir()
+    Image.fromarray(values).save(tmp_path / "s" / "000000.png")
+    assert Image.open(tmp_path / "s" / "000000.png").mode == "I;16"
+    samples = load_samples(str(tmp_path / "s"))
+    assert samples.shape == (1, 1, 4, 4) and samples.dtype == torch.uint8
+    assert samples[0, 0, 0].tolist() == [0, 1, 156, 255]
+
+
+def test_evaluate_samples_of_mixed_sizes_are_one_line_naming_both(capsys, tmp_path, classifier_file):
+    """Images of two sizes in one --samples folder were numpy's stack ValueError traceback."""
+    from PIL import Image
+
+    folder = tmp_path / "s"
+    folder.mkdir()
+    Image.new("L", (32, 32)).save(folder / "000000.png")
+    Image.new("RGB", (32, 32)).save(folder / "000001.png")
+    line = fails(capsys, "evaluate", "--samples", str(folder), "--data.dataset", "fashion_mnist",
+                 "--feature_extractor", str(classifier_file), "--output", str(tmp_path / "m.json"))  # fmt: skip
+    assert line == (
+        f"gangen: error: samples {str(folder)!r}: 000001.png is 32x32 RGB and 000000.png 32x32 grey: every image "
+        "must have one size and one colour mode (grey or RGB)"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
