@@ -25,6 +25,7 @@ from gangen.sampling import (
     generator_state,
     interpolation_latents,
     load_generator,
+    metrics_settings,
     output_kind,
     read_checkpoint,
     save_grid,
@@ -366,13 +367,10 @@ _RUN_METRICS = {"num_samples": "num_samples", "seed": "seed", "split": "real_spl
 
 def _checkpoint_metrics(ckpt: dict) -> dict:
     """evaluate's --num_samples, --seed, --split and --num_real as the run's --metrics.* settings (GANMetrics'
-    state in the checkpoint); {} where the checkpoint holds none (an older gangen, a fit without GANMetrics,
-    an export)."""
-    for key, state in (ckpt.get("callbacks") or {}).items():
-        settings = state.get("settings") if str(key).startswith("GANMetrics") and isinstance(state, dict) else None
-        if isinstance(settings, dict):
-            return {option: settings[name] for option, name in _RUN_METRICS.items() if name in settings}
-    return {}
+    state in the checkpoint, or an export's copy); {} where it holds none (an older gangen, a fit without
+    GANMetrics)."""
+    settings = metrics_settings(ckpt)
+    return {option: settings[name] for option, name in _RUN_METRICS.items() if name in settings}
 
 
 def _option_text(value: object) -> str:

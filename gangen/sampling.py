@@ -420,12 +420,23 @@ def checkpoint_data(ckpt: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def metrics_settings(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The --metrics.* settings the run measured with (num_samples, seed, real_split, num_real): GANMetrics' state
+    in a checkpoint, or an export's copy of it; {} where there are none (an older gangen, a fit without metrics)."""
+    for key, state in (ckpt.get("callbacks") or {}).items():
+        settings = state.get("settings") if str(key).startswith("GANMetrics") and isinstance(state, dict) else None
+        if isinstance(settings, dict):
+            return dict(settings)
+    settings = (ckpt.get("gangen") or {}).get("metrics_settings")
+    return dict(settings) if isinstance(settings, dict) else {}
+
+
 def export_safetensors(
     ckpt: dict[str, Any], output: str | Path, ema: bool = True, source: str = "the checkpoint"
 ) -> tuple[Path, bool]:
-    """Write the generator (EMA if present) as safetensors; its network spec and data settings go in the
-    metadata as JSON; its weights must match that spec. Atomic: nothing is left at `output` on failure.
-    `source` names the file in errors."""
+    """Write the generator (EMA if present) as safetensors; its network spec, data settings and the run's metrics
+    settings go in the metadata as JSON; its weights must match that spec. Atomic: nothing is left at `output` on
+    failure. `source` names the file in errors."""
     import json
 
     from safetensors.torch import save_file
@@ -440,6 +451,8 @@ def export_safetensors(
         "ema": json.dumps(is_ema),
         "images_seen": json.dumps(int((ckpt.get("gangen") or {}).get("images_seen", 0))),
     }
+    if settings := metrics_settings(ckpt):  # evaluate of the export measures as the run's rows did
+        metadata["metrics_settings"] = json.dumps(settings)
     path = Path(output)
     atomic_file(path, lambda tmp: save_file(state, tmp, metadata=metadata))
     return path, is_ema
@@ -461,6 +474,7 @@ def read_safetensors(path: Path) -> dict[str, Any]:
         spec = json.loads(metadata["generator"])
         data = json.loads(metadata.get("data", "{}"))
         images_seen = int(json.loads(metadata.get("images_seen", "0")))
+        settings = json.loads(metadata.get("metrics_settings", "{}"))
     except (SafetensorError, OSError, KeyError, ValueError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ConfigError(
@@ -470,7 +484,8 @@ def read_safetensors(path: Path) -> dict[str, Any]:
         "hyper_parameters": {"generator": spec},
         "state_dict": state,
         "datamodule_hyper_parameters": data,
-        "gangen": {"images_seen": images_seen},  # a re-export keeps it, and the EMA flag (the weights' prefix)
+        # a re-export keeps these, and the EMA flag (the weights' prefix)
+        "gangen": {"images_seen": images_seen, **({"metrics_settings": settings} if settings else {})},
     }
 
 

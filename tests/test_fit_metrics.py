@@ -225,6 +225,23 @@ def test_evaluate_defaults_to_the_runs_metrics_settings(seeded_run, classifier_f
     assert other["latent_seed"] == 0 and other["num_fake"] == 16 and other["fd_fmnist"] != result["fd_fmnist"]
 
 
+def test_an_export_carries_the_runs_metrics_settings_to_evaluate(seeded_run, classifier_file, tmp_path, capsys):
+    """An export recorded no --metrics.* settings: evaluate of it used 10k samples, seed 0 and the val split
+    whatever the run measured with. They are in its metadata now (and a re-export keeps them)."""
+    [row] = read_jsonl(seeded_run / "metrics.jsonl")
+    first, second = tmp_path / "g.safetensors", tmp_path / "again.safetensors"
+    run("export", "--ckpt_path", str(seeded_run / "checkpoints" / "last.ckpt"), "--output", str(first))
+    run("export", "--ckpt_path", str(first), "--output", str(second))
+    capsys.readouterr()
+    run("evaluate", "--ckpt_path", str(second), "--feature_extractor", str(classifier_file),
+        "--cache_dir", str(seeded_run.parent.parent / "cache"), "--output", str(tmp_path / "m.json"))  # fmt: skip
+    settings = "--num_samples 16 --seed 3 --split train --num_real 16"
+    assert f"gangen: the run's metrics settings (from the checkpoint): {settings}\n" in capsys.readouterr().out
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert {k: result[k] for k in RECORD} == {k: row[k] for k in RECORD}
+    assert result["fd_fmnist"] == pytest.approx(row["fd_fmnist"], rel=1e-9)
+
+
 def test_every_kimg_thins_evaluations_and_a_resume_keeps_the_schedule(classifier_file, tmp_path):
     """--metrics.every_kimg 0.5 with 0.32 kimg epochs: the first validation evaluates, 0.64 kimg is too soon
     after 0.32, 0.96 is due. A run resumed from the checkpoint of epoch 1 evaluates where the uninterrupted
