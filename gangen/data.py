@@ -17,7 +17,7 @@ function turns each batch into float32 (B, C, H, W) in [-1, 1] plus int64 labels
   top-level folder without images is not a class, and one line names those skipped. With no subfolders
   every label is 0 and num_classes is None. An image that fails to decode raises ConfigError naming the
   file (at setup when cached, else when it is loaded). Alpha is dropped (RGBA -> RGB / L); 16-bit grey is
-  scaled to 8 bits; 32-bit integer and float images (PIL modes I, F) raise ConfigError; JPEGs are decoded at
+  scaled to 8 bits; 32-bit or signed integer and float images (PIL modes I, F) raise ConfigError; JPEGs are decoded at
   reduced size (PIL draft) when much larger than R.
 - Validation split: the test split where there is one (fashion_mnist, mnist, cifar10, celeba); LSUN's
   `<class>_val` databases when all are present; otherwise (image_folder, LSUN without val) the training set

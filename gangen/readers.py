@@ -144,12 +144,12 @@ def to_mode(image: Image.Image, channels: int, name: str = "an image") -> Image.
 
     16-bit grey images (PNG, TIFF: modes I;16*; a PNG in mode "I", as older Pillow opens them) are scaled to
     8 bits (65535 -> 255); PIL's convert clips them at 255 instead, which makes nearly every pixel white.
-    32-bit integer ("I", e.g. TIFFs written from numpy arrays) and float ("F") images have no fixed range to
-    scale from, and convert would clip them too (nearly all white, or all black for floats in [0, 1]): they
-    raise ConfigError naming `name`.
+    32-bit and signed integer ("I", e.g. TIFFs written from numpy arrays; Pillow opens signed 16-bit TIFFs as "I"
+    too) and float ("F") images have no fixed range to scale from, and convert would clip them too (nearly all
+    white, or all black for floats in [0, 1]): they raise ConfigError naming `name`.
     """
     if image.mode in ("I", "F") and not (image.mode == "I" and image.format == "PNG"):  # PNG: at most 16 bits
-        kind = "32-bit integer" if image.mode == "I" else "floating-point"
+        kind = "32-bit or signed integer" if image.mode == "I" else "floating-point"  # I;16S TIFFs open as I
         raise ConfigError(
             f"{name} has {kind} pixels (PIL mode {image.mode}), which have no fixed 8-bit scale: save it as an 8- or "
             "16-bit PNG"

@@ -63,7 +63,8 @@ def test_32_bit_integer_and_float_images_are_refused_with_one_line(tmp_path, mon
     root = make_folder(tmp_path / "imgs", {"a.png": ("L", (16, 16))})
     Image.fromarray(ramp.astype(np.int32)).save(root / "b.tif")
     Image.fromarray((ramp / 65535).astype(np.float32)).save(root / "c.tif")
-    assert [Image.open(root / n).mode for n in ("b.tif", "c.tif")] == ["I", "F"]
+    Image.fromarray(ramp.astype(np.uint16)).save(root / "d.tif", tiffinfo={339: 2})  # SampleFormat 2: signed
+    assert [Image.open(root / n).mode for n in ("b.tif", "c.tif", "d.tif")] == ["I", "F", "I"]
     monkeypatch.setattr(decoded, "_CHUNK", 1)  # cached: one image per task, decoded in 2 worker processes
     dm = folder_module(root, tmp_path / "cache", cache=cache)
     if cache:
@@ -73,7 +74,12 @@ def test_32_bit_integer_and_float_images_are_refused_with_one_line(tmp_path, mon
         return
     dataset = dm._split("train")
     assert dataset[0][0].shape == (3, 16, 16)
-    for index, name, mode, kind in ((1, "b.tif", "I", "32-bit integer"), (2, "c.tif", "F", "floating-point")):
+    cases = (
+        (1, "b.tif", "I", "32-bit or signed integer"),
+        (2, "c.tif", "F", "floating-point"),
+        (3, "d.tif", "I", "32-bit or signed integer"),
+    )
+    for index, name, mode, kind in cases:
         with pytest.raises(ConfigError) as error:
             dataset[index]
         assert str(error.value) == (
