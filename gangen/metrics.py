@@ -241,8 +241,8 @@ def real_statistics(
     over it, so a class-sorted image folder keeps every class) or uint8 images (N, C, H, W; the first
     `num_samples`); `dataset` names a tensor source in the cache key (without it a tensor source is not
     cached), next to a sha256 of the images used. The key also holds a datamodule's source files (paths,
-    sizes, mtimes). The cache
-    lives in `cache_dir` (default: default_cache_dir()); a hit runs no extractor pass at all.
+    sizes, mtimes). The cache lives in `cache_dir` (default: default_cache_dir()); a hit runs no extractor pass
+    at all.
     """
     if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 2):
         raise ConfigError(f"num_samples {num_samples!r} is invalid: use an integer >= 2 (FID needs 2) or None (all)")
