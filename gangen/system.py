@@ -7,6 +7,9 @@ the latent sampling and the images-seen counter that schedules count in.
 from __future__ import annotations
 
 import functools
+import os
+import pickle
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
@@ -19,13 +22,14 @@ from gangen.augment import DiffAugment, augment_seed
 from gangen.callbacks import writes_logs_now
 from gangen.distributed import broadcast_buffers_
 from gangen.ema import ema_beta, make_ema, recalibrate_batchnorm_, update_ema_
-from gangen.errors import ConfigError
+from gangen.errors import ConfigError, GanGenError
 from gangen.graphs import StepGraphs, gradient_hook_owners
 from gangen.layers import check_choice, nhwc_strides
 from gangen.losses import REGULARIZERS, gradient_penalty, loss_name, make_loss, r1_penalty
 from gangen.networks import build_network, network_spec
 from gangen.optim import default_adam, keep_configured_settings, make_capturable, use_fused
 from gangen.reliability import keep_epoch_unfinished
+from gangen.sampling import read_checkpoint
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -638,6 +642,27 @@ class GAN(L.LightningModule):
         # own copies: a row view of the gathered (world, S) tensor is saved with its storage offset, and
         # Generator.set_state misreads such a view ("Invalid mt19937 state" on rank 1 at resume)
         return [s.cpu().clone() for s in self.all_gather(rng_state.to(self.device))]
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> GAN:  # type: ignore[override]
+        """Lightning's, with gangen's one-line errors for a file that is not a gangen checkpoint: an export
+        (`gangen export`, the generator only: `gangen.load_generator` reads it), a missing, damaged or foreign file
+        (Lightning raised KeyError 'pytorch-lightning_version', or torch's unpickling error)."""
+        local = isinstance(checkpoint_path, (str, os.PathLike)) and "://" not in str(checkpoint_path)
+        if local and Path(checkpoint_path).suffix == ".safetensors":
+            raise ConfigError(
+                f"{str(checkpoint_path)!r} is an export (the generator only), not a training checkpoint: load it "
+                f"with gangen.load_generator({str(checkpoint_path)!r})"
+            )
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        except (KeyError, EOFError, OSError, RuntimeError, pickle.UnpicklingError):
+            if local:
+                try:
+                    read_checkpoint(checkpoint_path)  # one line naming the file: missing, damaged or foreign
+                except GanGenError as clear:
+                    raise clear from None
+            raise
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._weights_set = True  # the checkpoint's weights, not init_from's

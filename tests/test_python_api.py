@@ -199,3 +199,27 @@ def test_torch_streams_are_restored_by_a_resume_only(tmp_path):
     probe = _GlobalStream()
     trainer(callbacks=[probe], max_steps=4).fit(GAN(*nets()), loader, ckpt_path=tmp_path / "a.ckpt")
     assert torch.equal(probe.states[0][1], saved) and all(torch.equal(a, b) for a, b in probe.states[1:])
+
+
+def test_load_from_checkpoint_of_files_that_are_no_training_checkpoint_is_one_line(tmp_path, trained_ckpt):
+    """GAN.load_from_checkpoint gave Lightning's KeyError 'pytorch-lightning_version' for a torch file of
+    something else, and torch's long unpickling error for an export; gangen.load_generator says one line."""
+    from gangen.errors import DataNotFoundError
+    from gangen.sampling import export_safetensors, read_checkpoint
+
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(ConfigError, match=r"^'.*other\.pt' is not a gangen checkpoint \(no generator config\)") as err:
+        GAN.load_from_checkpoint(other)
+    assert err.value.__cause__ is None and err.value.__suppress_context__  # no chained KeyError traceback
+    text = tmp_path / "text.ckpt"
+    text.write_text("not a checkpoint")
+    with pytest.raises(ConfigError, match=r"could not be loaded \(not a torch file"):
+        GAN.load_from_checkpoint(text)
+    with pytest.raises(DataNotFoundError, match=r"missing\.ckpt' not found"):
+        GAN.load_from_checkpoint(tmp_path / "missing.ckpt")
+    export, _ = export_safetensors(read_checkpoint(trained_ckpt), tmp_path / "g.safetensors")
+    with pytest.raises(ConfigError, match=r"is an export \(the generator only\), not a training checkpoint: load it "
+                       r"with gangen\.load_generator\("):  # fmt: skip
+        GAN.load_from_checkpoint(str(export))
+    assert isinstance(GAN.load_from_checkpoint(trained_ckpt), GAN)  # a real one still loads
