@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gangen.errors import ConfigError, DataNotFoundError
+from gangen.sampling import full_float32
 
 FORMAT = "gangen-domain-classifier-v1"
 
@@ -176,5 +177,5 @@ class ClassifierExtractor:
                 f"images, got {tuple(images.shape[1:])}: train a classifier at this resolution and channels"
             )
         x = images.to(self.device).float().div_(127.5).sub_(1.0)  # the datamodule's [-1, 1] scaling
-        with torch.autocast(self.device.type, enabled=False):
+        with torch.autocast(self.device.type, enabled=False), full_float32():  # as Inception's (no TF32)
             return {"pool": self.classifier.features(x).float()}

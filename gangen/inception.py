@@ -25,8 +25,6 @@ import os
 import re
 import urllib.request
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -34,7 +32,7 @@ import torch
 from torch import Tensor
 
 from gangen.errors import ConfigError, DataNotFoundError
-from gangen.sampling import atomic_file
+from gangen.sampling import atomic_file, full_float32
 
 INCEPTION_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 # the URL torch-fidelity (and torchmetrics through it) downloads from: URL_INCEPTION_V3 in its source
@@ -212,20 +210,9 @@ class InceptionExtractor:
         images = check_uint8(images).to(self.device, non_blocking=True)
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)  # greyscale as RGB, as PIL's convert("RGB")
-        with torch.autocast(self.device.type, enabled=False), _no_tf32():
+        with torch.autocast(self.device.type, enabled=False), full_float32():
             pool, logits = self.net(images)  # resized to 299 inside, like torch-fidelity
         return {"pool": pool, "logits": logits}
-
-
-@contextmanager
-def _no_tf32() -> Iterator[None]:
-    """Full float32 convolutions and matmuls on CUDA (cuDNN defaults to TF32 convolutions on Ampere+)."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def check_uint8(images: Tensor) -> Tensor:

@@ -10,7 +10,8 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,19 @@ def latents(num_samples: int, latent_dim: int, seed: int = 0) -> torch.Tensor:
     if not -(2**63) <= seed < 2**64:
         raise ConfigError(f"seed {seed} is out of range: use 0 to 2**64 - 1")
     return torch.randn(rows, latent_dim, generator=torch.Generator().manual_seed(seed))[:num_samples]
+
+
+@contextmanager
+def full_float32() -> Iterator[None]:
+    """Full float32 convolutions and matmuls on CUDA: cuDNN defaults to TF32 convolutions on Ampere and later (10
+    mantissa bits), which moved generated images and features by ~1e-3 relative against the CPU, enough to flip
+    uint8 pixels and so an FID between cards. Sampling and the feature extractors run inside it."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @torch.no_grad()
@@ -89,10 +103,11 @@ def generate(
     try:
         for start in range(0, num_samples, batch_size):
             zb = z[start : start + batch_size].to(param.device, param.dtype)
-            if labels is None:
-                raw = generator(zb)
-            else:
-                raw = generator(zb, labels[start : start + batch_size].to(param.device))
+            with full_float32():  # the same images on any card (TF32 flipped uint8 pixels)
+                if labels is None:
+                    raw = generator(zb)
+                else:
+                    raw = generator(zb, labels[start : start + batch_size].to(param.device))
             if check_finite:
                 nonfinite += (~torch.isfinite(raw)).flatten(1).any(1).sum()
             images = convert(raw)

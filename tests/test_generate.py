@@ -174,6 +174,34 @@ def _angles(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.arccos(cos.clamp(-1, 1))
 
 
+def test_generate_and_the_extractors_run_without_tf32_whatever_the_global_setting(classifier_file):
+    """cuDNN's default TF32 convolutions (Ampere and later) moved generated images by ~1e-3 relative against the CPU,
+    enough to flip uint8 pixels and so the FID of one checkpoint between cards. The flags are off while the
+    generator and the classifier extractor run, and restored after (on this CPU machine only the flags can be
+    checked, not TF32 itself)."""
+    from gangen.classifier import ClassifierExtractor
+
+    seen = []
+
+    def record(module, inputs):
+        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+
+    generator = DCGANGenerator(resolution=16, channels=1, latent_dim=4, base_channels=4)
+    generator.register_forward_pre_hook(record)
+    extractor = ClassifierExtractor(classifier_file)
+    extractor.classifier.register_forward_pre_hook(record)
+    extractor.classifier.body.register_forward_pre_hook(record)  # features() runs the body alone
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        generate(generator, 3, batch_size=2)
+        extractor.features(torch.zeros(2, 1, 32, 32, dtype=torch.uint8))
+        assert seen == [(False, False)] * 3  # two generator batches, one extractor pass
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)  # restored
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def test_slerp_walks_the_arc_between_its_end_points_at_constant_speed():
     a, b = latents(2, 64, seed=1).double()
     b = b * a.norm() / b.norm()  # equal norms: slerp's path is the arc of radius |a| from a to b
