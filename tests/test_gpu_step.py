@@ -336,3 +336,17 @@ def test_intermittent_scalars_are_logged_when_they_happen():
     assert intermittent_scalars(every, d_steps_per_g_step=2).keys() == {"loss/g"}
     r1 = {**every, "loss/d_r1": t, "d/r1_grad_norm": t}
     assert intermittent_scalars(r1, d_steps_per_g_step=1).keys() == {"loss/d_r1", "d/r1_grad_norm"}
+
+
+@gpu
+def test_generate_on_cuda_matches_the_cpu_without_tf32():
+    """generate() turns cuDNN's default TF32 convolutions off: the same images on a GPU as on the CPU, to float32
+    rounding (TF32's 10 mantissa bits would put them ~1e-3 apart and flip uint8 pixels)."""
+    from gangen.sampling import generate
+
+    torch.manual_seed(0)
+    g = DCGANGenerator(latent_dim=64, resolution=32, channels=3, base_channels=64)
+    cpu = generate(g, 64, seed=1)
+    on_gpu = generate(copy.deepcopy(g).cuda(), 64, seed=1)
+    torch.testing.assert_close(on_gpu, cpu, rtol=1e-4, atol=2e-5)
+    assert torch.backends.cudnn.allow_tf32  # torch's default, restored after sampling
