@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import os
@@ -217,18 +218,27 @@ class TorchvisionImages(Dataset):
         return fit_image(to_mode(image, self.channels), self.resolution, self.crop), label
 
 
+def _unreadable(root: Path, err: OSError) -> None:
+    """os.walk's onerror: a folder it cannot list (permissions, a vanished mount) left its images out silently."""
+    raise DataNotFoundError(
+        f"cannot read folder {err.filename} under {root} ({err.strerror}): its images would be left out; make it "
+        "readable (chmod), or move it out of --data.root"
+    ) from None
+
+
 def _folders(root: Path, skipped: list[str]) -> Iterator[tuple[str, list[str], list[str]]]:
     """(folder, non-hidden subfolder names, file names) of every folder under root, each real folder once.
 
     Links to folders are followed, but only after every real folder under root is read, and a folder read
     already (by (st_dev, st_ino)) is not read again: a link to an ancestor (`up -> ..`) or to a folder
     scanned through another path would otherwise repeat its images, under the wrong class. The links so
-    skipped are appended to `skipped` (as given under root).
+    skipped are appended to `skipped` (as given under root). A folder that cannot be listed (permissions)
+    raises DataNotFoundError naming it: os.walk skipped it, and its images, silently.
     """
     seen: set[tuple[int, int]] = set()
     pending = [str(root)]  # the root, then links to folders, in the order they are found
     while pending:
-        for folder, dirs, names in os.walk(pending.pop(0)):  # followlinks=False: links wait in `pending`
+        for folder, dirs, names in os.walk(pending.pop(0), onerror=functools.partial(_unreadable, root)):
             st = os.stat(folder)
             if (st.st_dev, st.st_ino) in seen:
                 skipped.append(folder)

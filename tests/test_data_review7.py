@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,3 +129,50 @@ def test_limited_cache_follows_the_labels_when_class_folders_are_added(tmp_path)
     dm = folder_module(root, tmp_path / "c", limit=2)
     assert [str(f.relative_to(root)) for f in dm._files] == ["b/0.png", "c/0.png"] and dm.num_classes == 4
     assert dm._split("train").labels.tolist() == [0, 2]
+
+
+def test_a_class_folder_that_cannot_be_read_is_named_not_left_out(tmp_path):
+    """os.walk skipped a folder it could not list (no read permission): its class and images were left out
+    without a word. Run as an unprivileged user (root reads any folder): the scan runs in a forked child that
+    drops to nobody, in a folder nobody can reach, and sends back what it raised."""
+    import shutil
+    import tempfile
+
+    from gangen.readers import scan_images
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to another user (as a user, make a folder unreadable and scan it)")
+    top = Path(tempfile.mkdtemp(dir="/tmp"))  # pytest's tmp_path is root's 0700
+    try:
+        top.chmod(0o755)
+        root = make_folder(top / "imgs", {f"{c}/{i}.png": ("L", (8, 8)) for c in "ab" for i in range(2)})
+        for path in [root, *root.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        (root / "b").chmod(0o000)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            try:
+                os.close(read)
+                os.setgid(65534)
+                os.setuid(65534)
+                try:
+                    files, labels, classes = scan_images(root)
+                    message = f"scanned {len(files)} files, {classes} classes"
+                except Exception as err:  # the line the user would see
+                    message = f"{type(err).__name__}: {err}"
+                os.write(write, message.encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        with os.fdopen(read) as pipe:
+            message = pipe.read()
+        os.waitpid(pid, 0)
+        assert message == (
+            f"DataNotFoundError: cannot read folder {root / 'b'} under {root} (Permission denied): its images would "
+            "be left out; make it readable (chmod), or move it out of --data.root"
+        )
+        assert scan_images(root)[2] == 2  # root reads it: both classes
+    finally:
+        (top / "imgs" / "b").chmod(0o755)
+        shutil.rmtree(top)
