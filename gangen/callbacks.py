@@ -308,8 +308,20 @@ class GANMetrics(L.Callback):
         if trainer.is_global_zero:
             folder.mkdir(parents=True, exist_ok=True)
             with open(folder / "metrics.jsonl", "a") as f:
-                row = {"kimg": kimg, "step": logging_step(trainer), "global_step": trainer.global_step}
+                row = {"kimg": kimg, **_steps(trainer, pl_module)}
                 f.write(json.dumps(row | results) + "\n")  # step: the loggers' step (batches trained)
+
+
+def _steps(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int]:
+    """A metrics row's step (batches trained) and global_step (optimizer steps). Lightning restores no loop
+    progress in `validate`, where both were 0 next to the checkpoint's kimg: the checkpoint's are used there."""
+    if trainer.state.fn == "fit":
+        return {"step": logging_step(trainer), "global_step": trainer.global_step}
+    loaded = getattr(pl_module, "checkpoint_global_step", None)
+    return {
+        "step": int(getattr(pl_module, "batches_seen", 0)),
+        "global_step": trainer.global_step if loaded is None else loaded,
+    }
 
 
 def _check_counts(num_samples: Any, num_real: Any, batch_size: Any) -> None:

@@ -159,6 +159,7 @@ class GAN(L.LightningModule):
         self.register_buffer("grid_z", torch.randn(num_grid_samples, self.latent_dim, generator=grid_rng))
         self.images_seen = 0  # global count (all ranks), restored from checkpoints
         self.batches_seen = 0  # training batches (= D steps) on this rank, from checkpoints (G-step, R1/GP schedules)
+        self.checkpoint_global_step: int | None = None  # a loaded checkpoint's, for validate's metrics rows
         self._finite: torch.Tensor | None = None  # () bool on the device: every loss since the last check finite
         if compile not in (True, False) and compile not in COMPILE_MODES:
             modes = ", ".join(COMPILE_MODES)
@@ -666,6 +667,7 @@ class GAN(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._weights_set = True  # the checkpoint's weights, not init_from's
+        self.checkpoint_global_step = int(checkpoint.get("global_step", 0))  # for validate's metrics rows
         self._fit_state_dict(checkpoint.get("state_dict", {}))
         state = checkpoint.get("gangen", {})
         self.images_seen = int(state.get("images_seen", 0))

@@ -135,6 +135,8 @@ def test_validate_evaluates_the_checkpoint_as_evaluate_does(trained_run, classif
     assert r.returncode == 0, r.stderr[-3000:]
     [row] = read_jsonl(tmp_path / "runs" / "dcgan_fashion_mnist" / "version_0" / "metrics.jsonl")
     assert row["kimg"] == 1.28 and row["num_fake"] == 16 and row["real_from_cache"] is False
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert (row["step"], row["global_step"]) == (20, saved["global_step"])  # were 0, 0: validate restores no loops
     printed = float(re.search(r"metric/fd_fmnist\W+([0-9.e+-]+)", r.stdout).group(1))  # the table: float32
     assert printed == pytest.approx(row["fd_fmnist"], rel=1e-6)
     out = tmp_path / "m.json"
