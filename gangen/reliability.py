@@ -199,6 +199,9 @@ def sampler_state(trainer: L.Trainer | None, sampler: ResumableRandomSampler, ba
             epoch -= 1  # the cut epoch, as keep_epoch_unfinished marks it: a resume finishes it
         elif epochs.started == epochs.completed:  # between epochs (a stop signal in the last batch or at epoch
             done = 0  # end): current_epoch is the next one, the batch counts are still the finished one's
+        elif done >= trainer.num_training_batches:  # at the epoch's end (ModelCheckpoint in on_train_epoch_end, a
+            epoch, done = epoch + 1, 0  # validation after its last batch): Lightning resumes at the next epoch, so
+            # this is the next epoch's start, which any number of processes can resume (it was the whole shard)
         state.update(epoch=epoch, position=done * batch_size)
     return state
 

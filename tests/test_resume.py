@@ -327,6 +327,28 @@ def test_sigterm_in_the_batch_before_validation_lets_it_run_whole_and_resumes_ex
     assert_same_state(uninterrupted, torch.load(tmp_path / "params_rank0.pt"))
 
 
+@pytest.mark.parametrize("worlds", [(1, 2), (2, 1)], ids=["1_to_2", "2_to_1"])
+def test_an_epoch_end_checkpoint_resumes_on_another_number_of_processes(tmp_path, worlds):
+    """The epoch-end last.ckpt (ModelCheckpoint in on_train_epoch_end) recorded the finished epoch as 'position =
+    the whole shard', and the world-size check refused it on another process count, whose message suggested
+    an epoch-end checkpoint (a resume review). It now records the next epoch's start."""
+
+    def devices(n: int) -> list[str]:
+        return ["--trainer.devices", str(n), "--trainer.accelerator", "cpu"]
+
+    first, second = worlds
+    r = fit(tmp_path, *devices(first), "--trainer.max_epochs", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = tmp_path / "dcgan_fashion_mnist" / "version_0" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["ImageDataModule"] == {"seed": 0, "epoch": 1, "position": 0, "world_size": first, "order": 2}
+    r = fit(tmp_path, *devices(second), "--ckpt_path", "last")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resuming from {last}" in r.stdout
+    resumed = tmp_path / "dcgan_fashion_mnist" / "version_1" / "checkpoints" / "last.ckpt"
+    assert torch.load(resumed, weights_only=True)["gangen"]["images_seen"] == 2 * 384  # epoch 1 trained whole
+
+
 def test_sigterm_on_one_rank_in_the_sanity_check_stops_both_after_the_first_batch(tmp_path):
     """Before training started Lightning's handler was still in place: it broadcast inside the signal handler
     and the two ranks crashed on a collective mismatch (or hung)."""
