@@ -274,6 +274,7 @@ class Preemption(Checkpoint):
     def __init__(self) -> None:
         self._requeued = False  # SLURM requeue done in this fit
         self._stop = False  # the ranks agreed to stop: at the next batch start
+        self._saving = False  # writing the stop's checkpoint (on_exception)
         self.saved: Path | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -339,12 +340,25 @@ class Preemption(Checkpoint):
         if not isinstance(exception, SIGTERMException) or trainer.global_step == 0:
             return
         path = self.checkpoint_path(trainer)
-        trainer.save_checkpoint(path)  # every rank takes part; rank 0 writes (atomically)
+        self._saving = True
+        try:
+            trainer.save_checkpoint(path)  # every rank takes part; rank 0 writes (atomically)
+        finally:
+            self._saving = False
         self.saved = path
         if trainer.is_global_zero:
             name = signal.Signals(received_signal() or signal.SIGTERM).name
             print(f"gangen: {name} received: saved {path} at kimg {pl_module.images_seen / 1000:g}; "
                   "resume with `fit ... --ckpt_path last`", flush=True)  # fmt: skip
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """The stop's checkpoint is written at the next batch's start, after Lightning counted the finished batch
+        in the loggers' step (_batches_that_stepped); Lightning adds that count again at a restart, as for any
+        checkpoint not written at a batch end, so every later row was logged one step too high (and other
+        batches logged). Saved as a batch-end checkpoint would have it."""
+        loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict")
+        if self._saving and loop and loop.get("_batches_that_stepped", 0) > 0:
+            loop["_batches_that_stepped"] -= 1
 
     @staticmethod
     def checkpoint_path(trainer: L.Trainer) -> Path:

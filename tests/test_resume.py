@@ -327,6 +327,34 @@ def test_sigterm_in_the_batch_before_validation_lets_it_run_whole_and_resumes_ex
     assert_same_state(uninterrupted, torch.load(tmp_path / "params_rank0.pt"))
 
 
+def logged_steps(run: Path) -> list[tuple[int, int]]:
+    """(step, epoch) of the training rows of a run folder's metrics.csv (none before the first row)."""
+    if not (run / "metrics.csv").exists():
+        return []
+    rows = (run / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    logged = [dict(zip(header, row.split(","), strict=False)) for row in rows[1:]]
+    return [(int(row["step"]), int(row["epoch"])) for row in logged if row.get("loss/d")]
+
+
+@pytest.mark.parametrize("batch", [3, 5], ids=["mid_epoch", "last_batch"])
+def test_a_run_resumed_after_sigterm_logs_at_the_uninterrupted_runs_steps(tmp_path, batch):
+    """The stop's checkpoint is written at the next batch start, after Lightning counted the batch in the
+    loggers' step; a restart added it again: every later row was one step too high, and other batches were
+    logged (a resume review). Rows every 5 batches: 4, 9 (epoch 1) in both runs."""
+    straight = fit(tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    r = fit(tmp_path, *signal_at(batch, signal.SIGTERM))
+    assert r.returncode == 128 + signal.SIGTERM, (r.returncode, r.stderr[-3000:])
+    r = fit(tmp_path, "--ckpt_path", "last")
+    assert r.returncode == 0, r.stderr[-3000:]
+    want = logged_steps(tmp_path / "straight" / "dcgan_fashion_mnist" / "version_0")
+    before, after = (logged_steps(tmp_path / "dcgan_fashion_mnist" / f"version_{v}") for v in (0, 1))
+    assert want == [(4, 0), (9, 1)] and before + after == want, (before, after)
+    final = torch.load(tmp_path / "dcgan_fashion_mnist" / "version_1" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert final["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"] == 12  # 12 batches trained
+
+
 @pytest.mark.parametrize("worlds", [(1, 2), (2, 1)], ids=["1_to_2", "2_to_1"])
 def test_an_epoch_end_checkpoint_resumes_on_another_number_of_processes(tmp_path, worlds):
     """The epoch-end last.ckpt (ModelCheckpoint in on_train_epoch_end) recorded the finished epoch as 'position =
