@@ -284,14 +284,24 @@ class GANCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         if ckpt_path is None:
             return
+        adopted = None  # the earlier W&B run `last` continues, when no run id was given
         if ckpt_path == "last":
+            from gangen.tracking import WandbLogger
+
             logger = self.trainer.logger  # default_root_dir holds the checkpoints only when no logger has a folder
             # (searched anyway, a stray checkpoints/last.ckpt in the working directory could win over the run's)
             root = getattr(logger, "root_dir", None) if logger is not None else None
             folders = [Path(root or self.trainer.default_root_dir)]
             folders[:0] = [Path(cb.dirpath) for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
-            found = find_last_checkpoint(folders)
-            where = ", ".join(map(str, folders))
+            where = [*map(str, folders), f"{self.trainer.default_root_dir}/hpc_ckpt_*.ckpt"]
+            runs = logger.project_dir if isinstance(logger, WandbLogger) and logger.new_id else None
+            if runs is not None:  # no run id given: every start is a new run, so continue the project's newest
+                folders += sorted(p for p in runs.glob("*") if p.is_dir())
+                where.append(f"{runs}/*/checkpoints")
+            # hpc_ckpt_*: what Lightning saves on SLURM's requeue signal (it resumes one itself only without a
+            # ckpt_path); a SIGTERM save or an epoch's last.ckpt after it is newer and wins
+            found = find_last_checkpoint(folders, Path(self.trainer.default_root_dir))
+            where = ", ".join(where)
             if found is None and not fit:
                 raise ConfigError(f"--ckpt_path last: no last.ckpt under {where}: pass --ckpt_path PATH")
             said = self.trainer.global_rank == 0  # every DDP process runs this: one line, not one per rank
@@ -301,8 +311,13 @@ class GANCLI(LightningCLI):
                 config["ckpt_path"] = None
                 return
             ckpt_path = config["ckpt_path"] = str(found)
+            if runs is not None and found.parent.name == "checkpoints" and found.parent.parent.parent == runs:
+                adopted = found.parent.parent.name
+                logger.continue_run(adopted)
             if said:
-                print(f"gangen: {'resuming from' if fit else 'validating'} {found}", flush=True)
+                verb = "resuming from" if fit else "validating"
+                of = f" (W&B run {adopted}, the newest of {runs} with a last.ckpt)" if adopted else ""
+                print(f"gangen: {verb} {found}{of}", flush=True)
         _refuse_export(ckpt_path)
         cached_path, ckpt = getattr(self, "_read_ckpt", (None, None))
         self._read_ckpt = (None, None)  # not kept alive during training
@@ -331,15 +346,27 @@ class GANCLI(LightningCLI):
                         f"{was!r}, the config has {now!r}: resume with --{section}.seed {was!r} (a new seed is a "
                         "new run)"
                     )
-        if not fit or self.trainer.global_rank != 0:
+        if not fit:
             return
-        for section, saved, now in (("model", hparams, self.model.hparams), ("data", data_saved, data_now)):
-            for key, value in saved.items():  # other changes train as configured: said, never silent
-                if (
-                    key not in ("generator", "discriminator", "_instantiator", "init_from")
-                    and now.get(key, value) != value
-                ):
-                    print(f"gangen: resuming with {section}.{key} {now[key]!r} as configured (checkpoint: {value!r})")
+        changes = [
+            (f"{section}.{key}", now[key], value)
+            for section, saved, now in (("model", hparams, self.model.hparams), ("data", data_saved, data_now))
+            for key, value in saved.items()
+            if key not in ("generator", "discriminator", "_instantiator", "init_from") and now.get(key, value) != value
+        ]
+        if adopted and changes:  # found, not named: maybe another experiment of the project, whose folder and
+            name, now, was = changes[0]  # W&B run would be continued with these settings
+            err = ConfigError(
+                f"--ckpt_path last found W&B run {adopted} ({ckpt_path}), trained with {name} {was!r}, the config has "
+                f"{now!r}: pass --trainer.logger.init_args.id {adopted} to continue that run with this config, or "
+                "--trainer.logger.init_args.id <new id> for a new run"
+            )
+            err.on_every_rank = True  # type: ignore[attr-defined]
+            raise err
+        if self.trainer.global_rank != 0:
+            return
+        for name, now, was in changes:  # other changes train as configured: said, never silent
+            print(f"gangen: resuming with {name} {now!r} as configured (checkpoint: {was!r})")
         sys.stdout.flush()
 
 

@@ -114,14 +114,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return safe_load(path, map_location=map_location or "cpu")
 
 
-def find_last_checkpoint(folders: list[Path]) -> Path | None:
-    """The newest last*.ckpt in `folders` and their version_*/checkpoints subfolders (by modification time)."""
+def find_last_checkpoint(folders: list[Path], hpc_folder: Path | None = None) -> Path | None:
+    """The newest checkpoint to resume: last*.ckpt in `folders` and their checkpoints/ and version_*/checkpoints
+    subfolders, and Lightning's SLURM hpc_ckpt_*.ckpt in `hpc_folder` (the trainer's default_root_dir, where
+    Lightning writes them on the requeue signal), whichever was written last (modification time; on a tie a
+    last*.ckpt, which ModelCheckpoint writes after the batch end where the hpc one was saved).
+
+    By time, not by training progress (images_seen): `last` spans every version_* of a run name, and a run
+    resumed from an earlier checkpoint (a rollback after a divergence, a new run of the same config) has less
+    progress than the run it replaced while being the one to continue. Within one run the two orders agree:
+    every save has more progress than the ones before it."""
     found: list[Path] = []
     for folder in folders:
         found += folder.glob("last*.ckpt")
         found += folder.glob("checkpoints/last*.ckpt")
         found += folder.glob("version_*/checkpoints/last*.ckpt")
-    return max(found, key=lambda p: p.stat().st_mtime_ns, default=None)
+    if hpc_folder is not None:
+        found += sorted(hpc_folder.glob("hpc_ckpt_*.ckpt"))
+    return max(found, key=lambda p: p.stat().st_mtime_ns, default=None)  # max keeps the first of equals
 
 
 # ---- exactly resumable data order -------------------------------------------------------------------------

@@ -104,8 +104,12 @@ class WandbLogger(_LightningWandbLogger):
         mode = wandb_mode(offline)
         launched = "LOCAL_RANK" in os.environ  # a process started by a DDP launcher: reuse the parent's id
         run_id = id or (os.environ.get("GANGEN_WANDB_RUN_ID") if launched else None) or generate_id()
+        # a new id made here (not given, not the launching process's): `--ckpt_path last` may continue an
+        # earlier run of the project instead (continue_run)
+        self.new_id = not id and run_id != (os.environ.get("GANGEN_WANDB_RUN_ID") if launched else None)
         os.environ["GANGEN_WANDB_RUN_ID"] = run_id  # inherited by the processes DDP launches
-        self._run_dir = str(Path(save_dir) / project / run_id)
+        self._project_dir = Path(save_dir) / project
+        self._run_dir = str(self._project_dir / run_id)
         if mode != "online":
             if mode == "offline" and offline is None and not os.environ.get("WANDB_MODE") and rank_zero_only.rank == 0:
                 print(
@@ -124,6 +128,22 @@ class WandbLogger(_LightningWandbLogger):
         self.init_timeout = init_timeout
         if self._wandb_init.get("anonymous") is None:
             self._wandb_init.pop("anonymous", None)  # wandb warns about the setting even when it is None
+
+    @property
+    def project_dir(self) -> Path:
+        """<save_dir>/<project>: one folder per run of the project in it, named by the run id."""
+        return self._project_dir
+
+    def continue_run(self, run_id: str) -> None:
+        """Log into the earlier run `run_id` (its folder and W&B run), as `--trainer.logger.init_args.id run_id`
+        would; before the run started (wandb.init), on every process."""
+        if self._experiment is not None:
+            raise RuntimeError("continue_run after the W&B run started")  # a bug, not user input
+        self._run_dir = str(self._project_dir / run_id)
+        self._save_dir = self._wandb_init["dir"] = self._run_dir
+        self._id = self._wandb_init["id"] = run_id
+        self.new_id = False
+        os.environ["GANGEN_WANDB_RUN_ID"] = run_id  # the processes DDP launches continue it too
 
     @property
     def root_dir(self) -> str:

@@ -239,3 +239,72 @@ def test_cluster_configs_combine(cluster, tmp_path, monkeypatch):
         assert f"--ntasks-per-node={trainer['devices']}" in sbatch and f"--nodes={trainer['num_nodes']}" in sbatch
         assert re.search(r"#SBATCH --signal=SIGUSR1@\d+", sbatch) and "srun python cli.py fit" in sbatch
     assert not any(tmp_path.iterdir())
+
+
+def sbatch(tmp_path, job_id: str, *extra: str) -> subprocess.CompletedProcess:
+    """configs/cluster/slurm.sbatch itself, as SLURM runs it for a one-task job (srun runs the command once, here
+    on the CPU), with `extra` fit options after the config; runs go to tmp_path/runs/slurm-<job_id>."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in (("srun", 'exec "$@"'), ("python", f'exec {sys.executable} "$@"')):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, **SLURM_ENV, "SLURM_JOB_ID": job_id, "SLURM_JOB_NUM_NODES": "1", "PYTHONUNBUFFERED": "1",
+           "PATH": f"{bin_dir}:{os.environ['PATH']}", "RUN_ROOT": str(tmp_path / "runs"),
+           "PYTHONPATH": str(ROOT / "tests")}  # fmt: skip
+    for key in ("GANGEN_DEBUG", "LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK"):
+        env.pop(key, None)
+    tiny = ["--trainer.accelerator", "cpu", "--trainer.max_epochs", "2", "--trainer.limit_val_batches", "1",
+            "--trainer.enable_progress_bar", "false", "--data.limit", "256", "--data.batch_size", "64",
+            "--trainer.callbacks+=ddp_probe.DumpParams", "--trainer.callbacks.folder",
+            str(tmp_path / "runs" / f"slurm-{job_id}")]  # fmt: skip
+    script = ROOT / "configs" / "cluster" / "slurm.sbatch"
+    return subprocess.run(["bash", str(script), str(DEMO_CONFIG), *tiny, *extra], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def signal_at(batch: int, signum: int) -> list[str]:
+    return ["--trainer.callbacks+=fault_probe.SignalAt", "--trainer.callbacks.step", str(2 * batch),
+            "--trainer.callbacks.signum", str(int(signum))]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def straight_job(tmp_path_factory) -> dict:
+    """The sbatch job that never stopped: its final parameters."""
+    tmp_path = tmp_path_factory.mktemp("straight_job")
+    r = sbatch(tmp_path, "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "no last.ckpt under" in r.stdout and "training from scratch" in r.stdout  # a first start
+    return torch.load(tmp_path / "runs" / "slurm-1" / "params_rank0.pt")
+
+
+@pytest.mark.parametrize("stop", ["preempted", "time_limit"])
+def test_requeued_sbatch_job_resumes_from_the_newest_checkpoint(stop, straight_job, tmp_path):
+    """A requeued job runs the sbatch command again. Preempted (SIGTERM): gangen saved last.ckpt in the run
+    folder, and an older hpc_ckpt from an earlier time-limit requeue lies in the job folder; the time limit
+    (SIGUSR1, then killed): Lightning saved hpc_ckpt_1.ckpt after the epoch's last.ckpt. The requeued job
+    resumes from the newest and ends as the job that never stopped (it used to train from scratch, or from a
+    stale hpc_ckpt)."""
+    straight = straight_job
+    job = tmp_path / "runs" / "slurm-2"
+    run = job / "dcgan_fashion_mnist" / "version_0" / "checkpoints"
+    if stop == "preempted":
+        r = sbatch(tmp_path, "2", *signal_at(6, signal.SIGTERM))  # 2 batches into epoch 1
+        assert r.returncode == 128 + signal.SIGTERM, r.stderr[-3000:]
+        stale = job / "hpc_ckpt_1.ckpt"
+        stale.write_bytes((run / "epoch=0-step=8.ckpt").read_bytes())  # as an earlier requeue leaves it
+        os.utime(stale, (os.path.getmtime(run / "last.ckpt") - 60,) * 2)
+        newest = run / "last.ckpt"
+    else:
+        r = sbatch(tmp_path, "2", *signal_at(6, signal.SIGUSR1), *signal_at(7, signal.SIGKILL))
+        assert r.returncode == 128 + signal.SIGKILL, r.stderr[-3000:]
+        assert "Handling auto-requeue signal" in r.stdout
+        newest = job / "hpc_ckpt_1.ckpt"
+    assert not (job / "params_rank0.pt").exists()
+    r = sbatch(tmp_path, "2")  # the requeue: the same command
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"gangen: resuming from {newest}\n" in r.stdout
+    resumed = torch.load(job / "params_rank0.pt")
+    assert int(resumed["images_seen"]) == 2 * 256
+    assert straight.keys() == resumed.keys()
+    assert not [key for key in straight if not torch.equal(straight[key], resumed[key])]  # bitwise

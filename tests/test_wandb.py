@@ -7,6 +7,7 @@ import struct
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from conftest import DEMO_CONFIG, ROOT, SilentServer, fails, run_cli, tiny_fit_args
 from PIL import Image
@@ -240,3 +241,36 @@ def test_a_pattern_over_two_runs_is_refused(tmp_path):
     with pytest.raises(DataNotFoundError, match="matches the W&B runs aaa, bbb: pass one run's folders"):
         read_run(tmp_path / "offline-run-*")
     assert read_run(tmp_path / "offline-run-*-bbb").history == []
+
+
+def test_last_without_a_run_id_continues_the_newest_run(tmp_path, wandb_env):
+    """Every start without --trainer.logger.init_args.id is a new run id and folder, so `--ckpt_path last`
+    searched only the new, empty folder and trained from scratch. It continues the project's newest run with a
+    last.ckpt now, in its folder and W&B run, as passing its id does; one with other settings is one line."""
+    runs = tmp_path / "runs"
+    args = tiny_fit_args(runs, "--config", WANDB_CONFIG, "--trainer.logger.init_args.save_dir", str(runs),
+                         "--trainer.logger.init_args.offline", "true", "--trainer.limit_val_batches", "1",
+                         "--data.limit", "320", "--ckpt_path", "last")  # fmt: skip
+    r = run_cli(*args, "--trainer.max_epochs", "1", env=wandb_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "training from scratch" in r.stdout
+    [run] = list((runs / "gangen").iterdir())
+    r = run_cli(*args, env=wandb_env)  # the same command again (a requeued job), to epoch 2
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = run / "checkpoints" / "last.ckpt"
+    assert f"gangen: resuming from {last} (W&B run {run.name}, the newest of {runs / 'gangen'}" in r.stdout
+    assert [p.name for p in (runs / "gangen").iterdir()] == [run.name]  # no second run folder
+    assert torch.load(last, weights_only=True)["gangen"]["batches_seen"] == 10  # 5 + 5, not 5 from scratch
+    assert len(list((run / "wandb").glob(f"offline-run-*-{run.name}"))) == 2  # the same W&B run, resumed
+    line = fails_cli(run_cli(*args, "--trainer.max_epochs", "3", "--model.loss", "hinge", env=wandb_env))
+    assert f"--ckpt_path last found W&B run {run.name}" in line and "model.loss 'non_saturating'" in line
+    assert f"--trainer.logger.init_args.id {run.name} to continue that run" in line
+    assert [p.name for p in (runs / "gangen").iterdir()] == [run.name]
+    assert torch.load(last, weights_only=True)["gangen"]["batches_seen"] == 10  # untouched
+
+
+def fails_cli(r) -> str:
+    """A CLI subprocess refused with exit 2 and exactly one line on stderr: that line."""
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
+    return lines[0]
