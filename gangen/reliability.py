@@ -134,6 +134,18 @@ def find_last_checkpoint(folders: list[Path], hpc_folder: Path | None = None) ->
     return max(found, key=lambda p: p.stat().st_mtime_ns, default=None)  # max keeps the first of equals
 
 
+def save_last_after_top_k(trainer: L.Trainer) -> None:
+    """Run the ModelCheckpoints that write last.ckpt after the other ModelCheckpoints (otherwise in their order).
+
+    Each ModelCheckpoint saves in turn at the same validation (or epoch end): one listed before a best-by-metric
+    one (as in the shipped configs) wrote last.ckpt with that one's state from before this evaluation, so a
+    resume from it forgot the newest best (Lightning keeps the order given). Lightning's PR 10995 notes it.
+    """
+    trainer.callbacks[:] = sorted(
+        trainer.callbacks, key=lambda cb: isinstance(cb, ModelCheckpoint) and bool(cb.save_last)
+    )
+
+
 # ---- exactly resumable data order -------------------------------------------------------------------------
 class ResumableRandomSampler(DistributedSampler):
     """A random permutation that depends only on (seed, epoch); it can start part-way through an epoch.

@@ -28,7 +28,7 @@ from gangen.layers import check_choice, nhwc_strides
 from gangen.losses import REGULARIZERS, gradient_penalty, loss_name, make_loss, r1_penalty
 from gangen.networks import build_network, network_spec
 from gangen.optim import default_adam, keep_configured_settings, make_capturable, use_fused
-from gangen.reliability import keep_epoch_unfinished
+from gangen.reliability import keep_epoch_unfinished, save_last_after_top_k
 from gangen.sampling import read_checkpoint
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -269,6 +269,7 @@ class GAN(L.LightningModule):
         rank_zero_info(f"gangen: {', '.join(states)} start from {self.init_from} (init_from){fresh}")
 
     def on_fit_start(self) -> None:
+        save_last_after_top_k(self.trainer)  # last.ckpt holds this validation's best-by-metric states
         if self._trainer is None or self.trainer.ckpt_path is None:  # torch's saved streams are a resumed fit's,
             self._global_rng_state = None  # not a new fit's of a module from load_from_checkpoint (its own seed)
         if self.init_from and not self._weights_set:  # a resumed fit takes its weights from the checkpoint

@@ -266,6 +266,60 @@ def test_every_kimg_thins_evaluations_and_a_resume_keeps_the_schedule(classifier
     assert resumed["fd_fmnist"] == pytest.approx(straight[1]["fd_fmnist"], rel=1e-9)  # an exact resume
 
 
+def best_by_fd(mode: str) -> list[str]:
+    """A best-by-metric ModelCheckpoint (as configs/dcgan_cifar10.yaml has), top 1, files named <mode>-kimg..."""
+    return ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.monitor", "metric/fd_fmnist",
+            "--trainer.callbacks.mode", mode, "--trainer.callbacks.filename", mode + "-kimg{progress/kimg:.2f}",
+            "--trainer.callbacks.auto_insert_metric_name", "false"]  # fmt: skip
+
+
+def best_states(run) -> dict:
+    """{mode: (best_model_score, {file name: score}, their folders)} of the best-by-FD ModelCheckpoints in the
+    run's last.ckpt."""
+    callbacks = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]
+    return {
+        mode: (float(v["best_model_score"]), {os.path.basename(p): float(s) for p, s in v["best_k_models"].items()},
+               {os.path.dirname(p) for p in v["best_k_models"]})
+        for mode in ("min", "max") for k, v in callbacks.items() if "fd_fmnist" in k and f"'mode': '{mode}'" in k
+    }  # fmt: skip
+
+
+def best_files(run, mode: str) -> list[str]:
+    return sorted(p.name for p in (run / "checkpoints").glob(f"{mode}-*"))
+
+
+@pytest.fixture(scope="module")
+def fd_args(classifier_file, tmp_path_factory) -> list[str]:
+    """Two evaluations (0.32, 0.64 kimg) with a best-by-FD ModelCheckpoint of each mode after the demo config's
+    last.ckpt one: whichever way the FD moves, one of the two keeps its first value as the best."""
+    cache = tmp_path_factory.mktemp("fd_cache")
+    return ["--data.limit", "320", "--model.generator.base_channels", "8", "--model.discriminator.base_channels", "8",
+            "--trainer.limit_val_batches", "1", "--metrics.feature_extractor", str(classifier_file),
+            "--metrics.num_samples", "16", "--metrics.num_real", "16", "--metrics.cache_dir", str(cache),
+            *best_by_fd("min"), *best_by_fd("max")]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fd_straight(fd_args, tmp_path_factory):
+    """The run folder of 2 epochs that never stopped."""
+    save_dir = tmp_path_factory.mktemp("fd_straight")
+    r = run_cli(*tiny_fit_args(save_dir, *fd_args))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return save_dir / "dcgan_fashion_mnist" / "version_0"
+
+
+def test_last_ckpt_holds_the_best_by_metric_states_of_its_validation(fd_straight):
+    """The config's last.ckpt ModelCheckpoint comes before the best-by-metric ones, and each saves in turn: it wrote
+    their states from before the evaluation (a resume from it forgot the newest best). It now saves after them."""
+    rows = read_jsonl(fd_straight / "metrics.jsonl")
+    assert [row["kimg"] for row in rows] == [0.32, 0.64]
+    states = best_states(fd_straight)
+    for mode, better in (("min", min), ("max", max)):
+        best = better(rows, key=lambda row: row["fd_fmnist"])
+        assert states[mode][0] == pytest.approx(best["fd_fmnist"], rel=1e-6)
+        assert list(states[mode][1]) == best_files(fd_straight, mode) == [f"{mode}-kimg{best['kimg']:.2f}.ckpt"]
+
+
 def test_fit_without_weights_fails_before_training(tmp_path):
     env_home = tmp_path / "torch"
     args = tiny_fit_args(tmp_path / "runs", "--metrics.feature_extractor", "inception")
