@@ -18,7 +18,9 @@ import glob
 import os
 import pickle
 import re
+import shutil
 import signal
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -134,6 +136,48 @@ def find_last_checkpoint(folders: list[Path], hpc_folder: Path | None = None) ->
     return max(found, key=lambda p: p.stat().st_mtime_ns, default=None)  # max keeps the first of equals
 
 
+def carry_best_checkpoints(checkpoint: dict[str, Any], trainer: L.Trainer) -> None:
+    """Continue each ModelCheckpoint's best score and top k across a resume into another folder.
+
+    A plain `fit --ckpt_path last` writes into a new version_N folder, and Lightning restores best_model_score,
+    best_k_models and kth_value only when the dirpath is unchanged: the first evaluation after the resume became
+    "best" whatever its value. Called before Lightning restores the callbacks (GAN.on_load_checkpoint), this
+    rewrites each saved state whose dirpath differs as if it had been written in the new folder: the top-k files
+    are hard-linked there (copied where linking fails) and the paths point to the links, so the new folder holds
+    the run's best and top-k pruning removes links, never a file of the old folder. last_model_path is not
+    carried (the new folder writes its own last.ckpt). The state depends only on the checkpoint and the
+    dirpath (broadcast in setup), so every DDP rank restores the same one; rank 0 alone touches files.
+    A top-k file that is gone keeps its score (the run reached it: a worse evaluation must not become the best)
+    and that is said in one line.
+    """
+    states = checkpoint.get("callbacks") or {}
+    for callback in trainer.checkpoint_callbacks:
+        if not isinstance(callback, ModelCheckpoint) or not callback.dirpath:
+            continue
+        state = states.get(callback.state_key, states.get(callback._legacy_state_key))
+        if not state or state.get("dirpath") in (None, callback.dirpath):
+            continue  # resumed into the same folder: Lightning restores everything
+        folder = Path(callback.dirpath)
+        moved = {old: str(folder / Path(old).name) for old in state.get("best_k_models") or {}}
+        if trainer.is_global_zero and moved:
+            folder.mkdir(parents=True, exist_ok=True)
+            for old, new in moved.items():
+                if not _link_or_copy(Path(old), Path(new)):
+                    score = float(state["best_k_models"][old])
+                    print(f"gangen: warning: {old} is gone; its {callback.monitor} {score:g} stays in the top "
+                          f"{callback.save_top_k} of {folder} (a worse evaluation does not replace it)",
+                          file=sys.stderr, flush=True)  # fmt: skip
+        state["best_k_models"] = {moved[old]: score for old, score in (state.get("best_k_models") or {}).items()}
+        for key in ("best_model_path", "kth_best_model_path"):
+            state[key] = moved.get(state.get(key), state.get(key))
+        state.pop("last_model_path", None)
+        state["dirpath"] = callback.dirpath
+        if trainer.is_global_zero and state.get("best_model_score") is not None:
+            best = float(state["best_model_score"])
+            print(f"gangen: ModelCheckpoint(monitor={callback.monitor}) continues from the run's best {best:g}; "
+                  f"its top {len(moved)} linked into {folder}", flush=True)  # fmt: skip
+
+
 def save_last_after_top_k(trainer: L.Trainer) -> None:
     """Run the ModelCheckpoints that write last.ckpt after the other ModelCheckpoints (otherwise in their order).
 
@@ -144,6 +188,28 @@ def save_last_after_top_k(trainer: L.Trainer) -> None:
     trainer.callbacks[:] = sorted(
         trainer.callbacks, key=lambda cb: isinstance(cb, ModelCheckpoint) and bool(cb.save_last)
     )
+
+
+def _link_or_copy(source: Path, target: Path) -> bool:
+    """Hard-link source to target, or copy it (atomically) where linking fails; False when source is gone.
+    An existing target is kept (a resume that ran before, or the same file)."""
+    if target.exists():
+        return True
+    if not source.is_file():
+        return False
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or one without hard links
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        try:
+            shutil.copyfile(source, tmp)
+            os.chmod(tmp, creation_mode(0o666))  # as any file the user writes, not mkstemp's 0600
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return True
 
 
 # ---- exactly resumable data order -------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from gangen.layers import check_choice, nhwc_strides
 from gangen.losses import REGULARIZERS, gradient_penalty, loss_name, make_loss, r1_penalty
 from gangen.networks import build_network, network_spec
 from gangen.optim import default_adam, keep_configured_settings, make_capturable, use_fused
-from gangen.reliability import keep_epoch_unfinished, save_last_after_top_k
+from gangen.reliability import carry_best_checkpoints, keep_epoch_unfinished, save_last_after_top_k
 from gangen.sampling import read_checkpoint
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -669,6 +669,8 @@ class GAN(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._weights_set = True  # the checkpoint's weights, not init_from's
         self.checkpoint_global_step = int(checkpoint.get("global_step", 0))  # for validate's metrics rows
+        if self._trainer is not None and self.trainer.state.fn == "fit":  # before Lightning restores the callbacks
+            carry_best_checkpoints(checkpoint, self.trainer)
         self._fit_state_dict(checkpoint.get("state_dict", {}))
         state = checkpoint.get("gangen", {})
         self.images_seen = int(state.get("images_seen", 0))

@@ -320,6 +320,55 @@ def test_last_ckpt_holds_the_best_by_metric_states_of_its_validation(fd_straight
         assert list(states[mode][1]) == best_files(fd_straight, mode) == [f"{mode}-kimg{best['kimg']:.2f}.ckpt"]
 
 
+def test_a_resume_into_a_new_version_keeps_the_runs_best_checkpoints(fd_args, fd_straight, tmp_path):
+    """`fit --ckpt_path last` writes into version_1: each best-by-metric ModelCheckpoint continues from the
+    run's best and top k as the run that never stopped does (Lightning dropped them at the changed dirpath, and
+    the first evaluation after the resume became the best whatever its value). The new folder holds the run's
+    best files (hard links to version_0's), and top-k pruning there never removed a file of version_0."""
+    want = best_states(fd_straight)
+    r = run_cli(*tiny_fit_args(tmp_path, *fd_args, "--trainer.max_epochs", "1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    first, second = (tmp_path / "dcgan_fashion_mnist" / f"version_{v}" for v in (0, 1))
+    before = sorted(p.name for p in (first / "checkpoints").iterdir())
+    r = run_cli(*tiny_fit_args(tmp_path, *fd_args, "--ckpt_path", "last"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in (first / "checkpoints").iterdir()) == before  # nothing removed in version_0
+    got = best_states(second)
+    for mode in ("min", "max"):
+        assert got[mode][0] == pytest.approx(want[mode][0], rel=1e-9)  # an exact resume: the same values
+        assert got[mode][1].keys() == want[mode][1].keys() and got[mode][2] == {str(second / "checkpoints")}
+        assert best_files(second, mode) == list(got[mode][1])
+        (name,) = got[mode][1]
+        if name in before:  # the best came before the resume: version_1 holds it, linked
+            assert os.path.samefile(first / "checkpoints" / name, second / "checkpoints" / name)
+    assert "continues from the run's best" in r.stdout
+
+
+def test_a_ddp_resume_whose_best_files_are_gone_keeps_their_scores(fd_args, tmp_path):
+    """2 CPU processes; the user deleted version_0's best files before the resume. Their scores stay the run's
+    best (a worse evaluation after the resume does not become the best), one line per file says so (rank 0's
+    only), and a better evaluation is saved into version_1 as usual."""
+    ddp = ["--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    r = run_cli(*tiny_fit_args(tmp_path, *fd_args, *ddp, "--trainer.max_epochs", "1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    first, second = (tmp_path / "dcgan_fashion_mnist" / f"version_{v}" for v in (0, 1))
+    gone = [first / "checkpoints" / name for mode in ("min", "max") for name in best_files(first, mode)]
+    assert len(gone) == 2
+    for path in gone:
+        path.unlink()
+    r = run_cli(*tiny_fit_args(tmp_path, *fd_args, *ddp, "--ckpt_path", "last"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [line for line in r.stderr.splitlines() if line.startswith("gangen: warning:")]
+    assert [line.split()[2] for line in lines] == [str(path) for path in gone]  # once each, not once per rank
+    (old,), (new,) = read_jsonl(first / "metrics.jsonl"), read_jsonl(second / "metrics.jsonl")
+    got = best_states(second)
+    for mode, better in (("min", min), ("max", max)):
+        best = better(old, new, key=lambda row: row["fd_fmnist"])
+        assert got[mode][0] == pytest.approx(best["fd_fmnist"], rel=1e-6)
+        assert list(got[mode][1]) == [f"{mode}-kimg{best['kimg']:.2f}.ckpt"]
+        assert best_files(second, mode) == ([] if best is old else list(got[mode][1]))
+
+
 def test_fit_without_weights_fails_before_training(tmp_path):
     env_home = tmp_path / "torch"
     args = tiny_fit_args(tmp_path / "runs", "--metrics.feature_extractor", "inception")
