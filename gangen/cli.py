@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -47,14 +48,26 @@ DESCRIPTION = (
 
 
 def keep_previous_config(path: Path) -> None:
-    """A run resumed into its own folder (a W&B run id, a fixed logger version) writes its config.yaml again;
-    the earlier one is kept as config.1.yaml, config.2.yaml, ... in the order the segments ran."""
+    """A run resumed into its own folder (a W&B run id, a fixed logger version) writes its config.yaml (and a CSV
+    logger its metrics.csv) again; the earlier one is kept as config.1.yaml, config.2.yaml, ... in the order the
+    segments ran."""
     if not path.is_file():
         return
     n = 1
     while (kept := path.with_name(f"{path.stem}.{n}{path.suffix}")).exists():
         n += 1
     path.rename(kept)
+
+
+def _keep_previous_csv(trainer: Trainer) -> None:
+    """A CSV logger resumed into its own folder (a fixed version) deletes the earlier segments' metrics.csv when
+    it starts (before any callback's setup), with only a warning: it is kept as metrics.1.csv, ... instead."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger) and (Path(logger.log_dir) / "metrics.csv").is_file():
+            keep_previous_config(Path(logger.log_dir) / "metrics.csv")
+            warnings.filterwarnings("ignore", message="Experiment logs directory .* will be deleted")
 
 
 class SaveFitConfig(SaveConfigCallback):
@@ -200,6 +213,7 @@ class GANCLI(LightningCLI):
         if trainer.global_rank == 0:  # ranks are known once the Trainer exists, before any process is launched
             line = global_batch(self.datamodule.hparams["batch_size"], trainer.num_devices, trainer.num_nodes)
             print(line, flush=True)  # information on stdout; stderr carries errors only
+            _keep_previous_csv(trainer)
 
     def before_validate(self) -> None:
         self._check_shapes()

@@ -355,6 +355,22 @@ def test_a_run_resumed_after_sigterm_logs_at_the_uninterrupted_runs_steps(tmp_pa
     assert final["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"] == 12  # 12 batches trained
 
 
+def test_a_resume_into_the_same_csv_folder_keeps_the_earlier_rows(tmp_path, capsys):
+    """With a fixed logger version (one folder across resumes) Lightning's CSV logger deleted the earlier
+    segments' metrics.csv when it started, with only a warning (a resume review). It is kept as metrics.1.csv,
+    as config.yaml is kept as config.1.yaml."""
+    same = ["--trainer.logger.init_args.version", "0"]
+    r = fit(tmp_path, *same, "--trainer.max_epochs", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "dcgan_fashion_mnist" / "version_0"
+    first = (run / "metrics.csv").read_text()
+    r = fit(tmp_path, *same, "--ckpt_path", "last")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (run / "metrics.1.csv").read_text() == first
+    assert logged_steps(run) == [(9, 1)] and "will be deleted" not in r.stderr
+    assert sorted(p.name for p in run.glob("config*.yaml")) == ["config.1.yaml", "config.yaml"]
+
+
 @pytest.mark.parametrize("worlds", [(1, 2), (2, 1)], ids=["1_to_2", "2_to_1"])
 def test_an_epoch_end_checkpoint_resumes_on_another_number_of_processes(tmp_path, worlds):
     """The epoch-end last.ckpt (ModelCheckpoint in on_train_epoch_end) recorded the finished epoch as 'position =
