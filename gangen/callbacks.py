@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,10 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 
 from gangen.errors import ConfigError
-from gangen.sampling import generate, grid_pixels, latents, save_pixels
+from gangen.sampling import atomic_file, generate, grid_pixels, latents, save_pixels
 
 
 def logging_step(trainer: L.Trainer) -> int:
@@ -279,6 +281,29 @@ class GANMetrics(L.Callback):
                 f"share them: use --metrics.num_samples {trainer.world_size} or more (10000+ is usual)"
             )
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A resumed fit (the checkpoint restored) drops the metrics.jsonl rows written after its checkpoint: a
+        run killed after an evaluation but before the checkpoint of it evaluates that kimg again, and a resume
+        into the same folder (a fixed logger version, a W&B id) appended a second row for it. A last line cut
+        short by a kill goes too."""
+        if not self.enabled or trainer.ckpt_path is None:
+            return
+        path = Path(trainer.log_dir or trainer.default_root_dir) / "metrics.jsonl"  # collective: every rank
+        if not trainer.is_global_zero or not path.is_file():
+            return
+        text = path.read_text()
+        lines = text.splitlines(keepends=True)
+        # in whole images: the checkpoint's last evaluation and the rows up to it stay; a checkpoint without the
+        # schedule (an older gangen) keeps the rows before its images
+        last = round(self._last_kimg * 1000) if self._last_kimg is not None else pl_module.images_seen - 1
+        kept = [line for line in lines if line.endswith("\n") and _row_kimg(line) * 1000 < last + 0.5]
+        if len(kept) < len(lines):
+            atomic_file(path, lambda tmp: Path(tmp).write_text("".join(kept)))
+            rank_zero_info(
+                f"gangen: {len(lines) - len(kept)} row(s) of {path} written after the checkpoint were dropped "
+                "(the resumed run evaluates those kimg again)"
+            )
+
     def due(self, images_seen: int) -> bool:
         """Whether a fit's validation at `images_seen` evaluates: every_kimg after the last evaluation, compared
         in whole images (in float kimg, 9.6 - 6.4 < 3.2 skipped an evaluation)."""
@@ -322,6 +347,14 @@ def _steps(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int]:
         "step": int(getattr(pl_module, "batches_seen", 0)),
         "global_step": trainer.global_step if loaded is None else loaded,
     }
+
+
+def _row_kimg(line: str) -> float:
+    """A metrics.jsonl row's kimg; inf for a line that does not parse (cut short), so it is dropped."""
+    try:
+        return float(json.loads(line)["kimg"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _check_counts(num_samples: Any, num_real: Any, batch_size: Any) -> None:

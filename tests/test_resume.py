@@ -3,6 +3,7 @@ the same weights as a run that never stopped; SIGTERM / SIGINT write a checkpoin
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 
@@ -369,6 +370,29 @@ def test_a_resume_into_the_same_csv_folder_keeps_the_earlier_rows(tmp_path, caps
     assert (run / "metrics.1.csv").read_text() == first
     assert logged_steps(run) == [(9, 1)] and "will be deleted" not in r.stderr
     assert sorted(p.name for p in run.glob("config*.yaml")) == ["config.1.yaml", "config.yaml"]
+
+
+def test_a_kill_after_an_evaluation_leaves_one_metrics_row_per_kimg(tmp_path, classifier_file):
+    """Killed after epoch 1's evaluation wrote its row but before the checkpoint of it, the run resumed into the
+    same folder (a fixed version) from the epoch-0 checkpoint evaluated kimg 0.768 again and appended a second
+    row for it. Rows past the checkpoint are dropped at the resume; the re-evaluation equals the first."""
+    same = ["--trainer.logger.init_args.version", "0", "--trainer.max_epochs", "3"]
+    metrics = ["--metrics.feature_extractor", str(classifier_file), "--metrics.num_samples", "16",
+               "--metrics.num_real", "16", "--metrics.cache_dir", str(tmp_path / "cache")]  # fmt: skip
+    kill = ["--trainer.callbacks+=fault_probe.KillAfterValidation", "--trainer.callbacks.n", "2"]
+    r = fit(tmp_path, *same, *metrics, *kill)
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-3000:])
+    jsonl = tmp_path / "dcgan_fashion_mnist" / "version_0" / "metrics.jsonl"
+    killed = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [row["kimg"] for row in killed] == [0.384, 0.768]
+    with open(jsonl, "a") as f:
+        f.write('{"kimg": 0.9')  # a row cut short by the kill
+    r = fit(tmp_path, *same, *metrics, "--ckpt_path", "last")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"gangen: 2 row(s) of {jsonl} written after the checkpoint were dropped" in r.stdout
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [row["kimg"] for row in rows] == [0.384, 0.768, 1.152]
+    assert rows[1]["fd_fmnist"] == killed[1]["fd_fmnist"]  # the exact resume re-evaluates the same value
 
 
 @pytest.mark.parametrize("worlds", [(1, 2), (2, 1)], ids=["1_to_2", "2_to_1"])
