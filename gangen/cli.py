@@ -349,6 +349,14 @@ class GANCLI(LightningCLI):
             # --seed_everything (a plain resume of such a run was refused): older ones continue unchecked
             order_seed = order.get("seed") if order.get("order", 1) >= ORDER_VERSION else None
             check_same_world(order, self.trainer.world_size, f"checkpoint {ckpt_path}")
+            was, now = data_saved.get("batch_size"), data_now.get("batch_size")
+            if order.get("position") and was is not None and now is not None and was != now:
+                raise ConfigError(  # Lightning restores the epoch's progress in batches, the position is in images
+                    f"checkpoint {ckpt_path} was taken {order['position']} images into epoch {order.get('epoch')} "
+                    f"with --data.batch_size {was}, this run has {now}: a mid-epoch resume with another batch size "
+                    f"skips or repeats images; resume with --data.batch_size {was} (change it from a checkpoint "
+                    "taken at an epoch end)"
+                )
             seeds = (
                 ("model", hparams.get("seed"), self.model.hparams.get("seed")),
                 ("data", order_seed, getattr(self.datamodule, "seed", None)),  # None: not a gangen datamodule

@@ -395,6 +395,22 @@ def test_a_kill_after_an_evaluation_leaves_one_metrics_row_per_kimg(tmp_path, cl
     assert rows[1]["fd_fmnist"] == killed[1]["fd_fmnist"]  # the exact resume re-evaluates the same value
 
 
+def test_a_mid_epoch_resume_with_another_batch_size_is_refused(tmp_path):
+    """Lightning restores the epoch's progress in batches, the checkpoint's position is in images: a larger batch
+    ended the epoch early (96 of 256 images never trained), a smaller one left the next checkpoint's position
+    wrong (48 images trained twice on a later resume), and the two data paths disagreed (a resume review)."""
+    r = fit(tmp_path, *signal_at(2, signal.SIGTERM))
+    assert r.returncode == 128 + signal.SIGTERM, (r.returncode, r.stderr[-3000:])
+    last = tmp_path / "dcgan_fashion_mnist" / "version_0" / "checkpoints" / "last.ckpt"
+    r = fit(tmp_path, "--ckpt_path", "last", "--data.batch_size", "32")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"gangen: error: checkpoint {last} was taken 192 images into epoch 0 with --data.batch_size 64, this run "
+        "has 32: a mid-epoch resume with another batch size skips or repeats images; resume with "
+        "--data.batch_size 64 (change it from a checkpoint taken at an epoch end)"
+    ], r.stderr[-3000:]
+    assert sorted(p.name for p in last.parent.parent.parent.iterdir()) == ["version_0"]  # no new run folder
+
+
 @pytest.mark.parametrize("worlds", [(1, 2), (2, 1)], ids=["1_to_2", "2_to_1"])
 def test_an_epoch_end_checkpoint_resumes_on_another_number_of_processes(tmp_path, worlds):
     """The epoch-end last.ckpt (ModelCheckpoint in on_train_epoch_end) recorded the finished epoch as 'position =
