@@ -264,7 +264,8 @@ def build_network(spec: dict[str, Any] | nn.Module) -> nn.Module:
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise ConfigError(
             f"network class_path {class_path!r} is not a torch.nn.Module subclass of an imported module: "
-            "import the module that defines it before loading"
+            "import the module that defines it before loading (gangen's commands load gangen's own networks only: "
+            "from Python, import it, then gangen.load_generator)"
         )
     return cls(**spec.get("init_args", {}))
 

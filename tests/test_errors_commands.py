@@ -325,3 +325,18 @@ def test_an_npz_larger_than_the_free_disk_is_one_line_with_the_size(capsys, tmp_
         f"{tmp_path} has 9.8 KiB free: lower --num_samples (at most about 9 images fit), or write it to another disk"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_of_a_network_outside_gangen_names_the_python_way(capsys, tmp_path, trained_ckpt):
+    """A checkpoint of the user's own generator class: the CLI never imports a module a checkpoint names, and its
+    line said "import the module that defines it", which a CLI user cannot do (a README review)."""
+    ckpt = torch.load(trained_ckpt, weights_only=True)
+    ckpt["hyper_parameters"]["generator"]["class_path"] = "mynets.MyGenerator"
+    torch.save(ckpt, tmp_path / "own.ckpt")
+    line = fails(capsys, "generate", "--ckpt_path", str(tmp_path / "own.ckpt"), "--output", str(tmp_path / "g.png"))
+    assert line == (
+        "gangen: error: network class_path 'mynets.MyGenerator' is not a torch.nn.Module subclass of an imported "
+        "module: import the module that defines it before loading (gangen's commands load gangen's own networks "
+        "only: from Python, import it, then gangen.load_generator)"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["own.ckpt"]
