@@ -7,7 +7,7 @@
 
 User errors (gangen.errors.GanGenError) are printed as one line and exit with status 2 (divergence: 3;
 SIGTERM / SIGINT during fit: a checkpoint, then 128 + the signal number; Ctrl-C at any other time: 130).
-Set GANGEN_DEBUG=1 to get the traceback instead.
+Set GANGEN_DEBUG=1 to get the traceback too (before that line; the same exit status).
 """
 
 from __future__ import annotations
@@ -556,6 +556,15 @@ def _close_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _debug_traceback() -> None:
+    """GANGEN_DEBUG=1: the traceback of the exception being handled, on stderr, before its one line; the exit
+    status stays the one without it (2, 3, 130: a bare `raise` made every one 1)."""
+    if os.environ.get("GANGEN_DEBUG"):
+        import traceback
+
+        traceback.print_exc()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     _lightning_info_to_stdout()
@@ -566,16 +575,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             run_lightning_cli(argv)  # None: Lightning reads sys.argv itself
         _close_process_group()
     except ArgumentError as err:  # jsonargparse: unknown keys, bad types; its usage dump becomes one line
-        if os.environ.get("GANGEN_DEBUG"):
-            raise
+        _debug_traceback()
         message = summarize(str(err)) or " ".join(str(err).split())
         command = args[0] if args and (args[0] in GANCLI.subcommands() or args[0] in COMMANDS) else ""
         message = message if len(message) <= 400 else message[:400] + " ..."
         print(f"gangen: error: {message} (see `gangen {command + ' ' if command else ''}--help`)", file=sys.stderr)
         sys.exit(2)
     except GanGenError as err:
-        if os.environ.get("GANGEN_DEBUG"):
-            raise
+        _debug_traceback()
         from lightning.pytorch.utilities import rank_zero_only
 
         if rank_zero_only.rank == 0 or not getattr(err, "on_every_rank", False):  # the same error on every
@@ -588,8 +595,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         _close_process_group()
         sys.exit(128 + (received_signal() or 15))
     except KeyboardInterrupt:  # Ctrl-C before Lightning ran (parsing, building the model or data) or in a command
-        if os.environ.get("GANGEN_DEBUG"):
-            raise
+        _debug_traceback()
         print("gangen: interrupted", file=sys.stderr)
         _close_process_group()
         sys.exit(128 + signal.SIGINT)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
-from conftest import DEMO_CONFIG, assert_fit_refused, fails, run_cli
+from conftest import DEMO_CONFIG, ROOT, assert_fit_refused, fails, run_cli
 
 FIT_CASES = [
     (["--data.dataset", "imagenet"], ["'imagenet'", "fashion_mnist"]),
@@ -194,11 +199,45 @@ def test_config_parse_errors_are_one_line(tmp_path, args, named):
     ],
     ids=["gangen_error", "parse_error"],
 )
-def test_gangen_debug_gives_the_traceback_instead_of_the_line(tmp_path, args, final):
-    """GANGEN_DEBUG=1: the error propagates (traceback, exit status 1) instead of one `gangen: error:` line."""
+def test_gangen_debug_gives_the_traceback_and_keeps_the_exit_status(tmp_path, args, final):
+    """GANGEN_DEBUG=1: the traceback, then the one `gangen: error:` line, and exit status 2 as without it
+    (a bare `raise` made it 1, so a script checking for 2 saw another failure)."""
     r = run_cli("fit", "--config", str(DEMO_CONFIG), *args, cwd=tmp_path, env={"GANGEN_DEBUG": "1"})
-    assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
-    assert "Traceback (most recent call last):" in r.stderr and "gangen: error:" not in r.stderr
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback (most recent call last):" in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("gangen: error: ")
     raised = [line for line in r.stderr.splitlines() if re.match(r"[\w.]+(Error|Exception): ", line)]
-    assert raised and raised[-1].startswith(final), raised  # the exception the one line would have named
+    assert raised and raised[-1].startswith(final), raised  # the exception the one line names
     assert list(tmp_path.iterdir()) == []  # refused before anything is written, as without GANGEN_DEBUG
+
+
+@pytest.mark.parametrize("debug", [None, "1"], ids=["plain", "GANGEN_DEBUG"])
+def test_ctrl_c_in_a_command_exits_130_with_or_without_debug(tmp_path, debug):
+    """Ctrl-C while `evaluate` reads its samples (here a FIFO no one writes: a hung file) exits 130, the
+    shell's status for Ctrl-C; with GANGEN_DEBUG=1 after the traceback (it exited 1)."""
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    fifo = samples / "a.png"
+    os.mkfifo(fifo)
+    cmd = [sys.executable, str(ROOT / "cli.py"), "evaluate", "--samples", str(samples), "--data.dataset",
+           "fashion_mnist", "--feature_extractor", "none.pt"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "GANGEN_DEBUG"} | ({"GANGEN_DEBUG": debug} if debug else {})
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # opening the FIFO for writing succeeds once evaluate has opened it to read
+            try:
+                writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+                time.sleep(0.05)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        os.close(writer)
+    finally:
+        proc.kill() if proc.poll() is None else None
+    assert proc.returncode == 130, (proc.returncode, err[-2000:])
+    assert err.strip().splitlines()[-1] == "gangen: interrupted"
+    assert ("Traceback (most recent call last):" in err and "KeyboardInterrupt" in err) == bool(debug), err

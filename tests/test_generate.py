@@ -248,6 +248,24 @@ def _conditional_checkpoint(tmp_path):
     return g.eval(), tmp_path / "c.ckpt"
 
 
+def test_gangen_debug_keeps_the_divergence_exit_status(capsys, monkeypatch, tmp_path):
+    """GANGEN_DEBUG=1 on a diverged generator: the traceback, the one line, and exit status 3 as without it
+    (a bare `raise` made it 1)."""
+    from gangen.cli import main
+
+    g, ckpt = _conditional_checkpoint(tmp_path)
+    saved = torch.load(ckpt, weights_only=True)
+    saved["state_dict"]["generator_ema.net.0.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(saved, ckpt)
+    monkeypatch.setenv("GANGEN_DEBUG", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--ckpt_path", str(ckpt), "--num_samples", "10", "--output", str(tmp_path / "s.npz")])
+    assert exit_info.value.code == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "Traceback (most recent call last):" and any("DivergenceError" in line for line in err), err
+    assert err[-1].startswith("gangen: error: ") and not (tmp_path / "s.npz").exists()
+
+
 def test_conditional_strips_keep_one_class_and_no_ema_takes_the_trained_weights(capsys, tmp_path):
     """Strips of a conditional model changed class at every frame (image i had class i mod classes)."""
     g, ckpt = _conditional_checkpoint(tmp_path)
