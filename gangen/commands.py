@@ -46,11 +46,11 @@ def generate_command(argv: Sequence[str]) -> None:
     p.add_argument(
         "--num_samples", type=int, default=None, help="images (default 64); with --interpolate: strips (default 8)"
     )
-    p.add_argument("--seed", type=int, default=0, help="latent seed: same seed, same images")
+    p.add_argument("--seed", type=int, default=0, help="latent seed (default %(default)s): same seed, same images")
     p.add_argument("--interpolate", type=int, default=0, metavar="K", help="write strips of K images along slerp paths")
     p.add_argument("--nrow", type=int, default=None, help="images per grid row (default 8, or K with --interpolate)")
-    p.add_argument("--batch_size", type=int, default=256, help="images generated per forward pass")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--batch_size", type=int, default=256, help="images per forward pass (default %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default %(default)s)")
     p.add_argument("--class_label", type=int, default=None, help="class of every image (conditional models)")
     p.add_argument("--no_ema", action="store_true", help="use the trained generator, not its EMA (if it has one)")
     args = p.parse_args(argv)
@@ -391,7 +391,7 @@ def download_weights_command(argv: Sequence[str]) -> None:
 
     p = _OneLineParser(prog="gangen download-weights", description="Fetch the FID Inception weights (network).")
     p.add_argument("--dest", default=None, help=f"file to write (default: {hub_cache_path()})")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds before giving up")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds before giving up (default %(default)g)")
     args = p.parse_args(argv)
     if not 0 < args.timeout < float("inf"):  # 0 makes every socket non-blocking, a negative one is refused late
         raise ConfigError(f"--timeout {args.timeout:g} must be a finite number of seconds > 0 (default 30)")

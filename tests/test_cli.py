@@ -125,6 +125,26 @@ def test_help_lists_generate():
     assert r.returncode == 0 and "--interpolate" in r.stdout
 
 
+@pytest.mark.parametrize(
+    "command, shown",
+    [
+        ("generate", ["--seed SEED latent seed (default 0)", "per forward pass (default 256)", "cuda:N (default cpu)"]),
+        ("download-weights", ["seconds before giving up (default 30)"]),
+    ],
+)
+def test_help_shows_the_defaults(capsys, command, shown):
+    """`--help` left out the defaults of generate's --seed, --batch_size, --device and download-weights'
+    --timeout: which seed a run without --seed used was nowhere to read."""
+    from gangen.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines at the terminal's width
+    for needle in shown:
+        assert needle in text, (needle, text)
+
+
 def test_generate_device_option(trained_ckpt, tmp_path):
     out = tmp_path / "g.png"
     r = run_cli("generate", "--ckpt_path", str(trained_ckpt), "--output", str(out), "--device", "cuda")
