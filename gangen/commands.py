@@ -288,7 +288,12 @@ def evaluate_command(argv: Sequence[str]) -> None:
     p.add_argument("--seed", type=int, default=0, help="latent seed of the generated images (*)")
     p.add_argument("--device", type=str, default="cpu", help="cpu | cuda")
     p.add_argument("--cache_dir", type=str | None, default=None, help="real statistics cache")
-    p.add_argument("--output", type=str | None, default=None, help="metrics .json file (default: beside the input)")
+    p.add_argument(
+        "--output",
+        type=str | None,
+        default=None,
+        help="metrics .json file (default: beside the input, <stem>.metrics-<extractor>-n<count>.json)",
+    )
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--ckpt_path", default=None)
     pre.add_argument("--samples", default=None)
@@ -331,7 +336,8 @@ def evaluate_command(argv: Sequence[str]) -> None:
     if generator is not None:  # before the real images' pass, which can take minutes
         check_evaluate_memory(generator, extractor, args.num_samples, option="--num_samples")
     count = args.num_samples if samples is None else len(samples)
-    output = Path(args.output) if args.output else source.parent / f"metrics-{extractor.name}-n{count}.json"
+    seed = args.seed if args.ckpt_path else None  # samples given: no latents drawn
+    output = Path(args.output or source.parent / _default_output_name(source, extractor.name, count, args.split, seed))
     if not output.parent.is_dir():
         raise ConfigError(f"--output {str(output)!r}: folder {output.parent} does not exist; create it first")
     real = real_statistics(
@@ -352,6 +358,14 @@ def evaluate_command(argv: Sequence[str]) -> None:
     atomic_file(output, lambda tmp: Path(tmp).write_text(text + "\n"))  # never a half-written file
     print(text)
     print(f"wrote {output}")
+
+
+def _default_output_name(source: Path, extractor: str, count: int, split: str, seed: int | None) -> str:
+    """evaluate's JSON beside its input, named after it: `<stem>.metrics-<extractor>-n<count>.json`, with the
+    split and the latent seed where they are not the defaults (val, 0). Without the stem, a.npz and b.npz (or
+    last.ckpt and epoch=...ckpt) in one folder wrote one file, and the second result replaced the first."""
+    extras = ("" if split == "val" else f"-{split}") + ("" if seed in (None, 0) else f"-seed{seed}")
+    return f"{source.stem}.metrics-{extractor}-n{count}{extras}.json"
 
 
 def _check_json_output(output: str) -> None:

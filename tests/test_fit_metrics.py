@@ -86,8 +86,33 @@ def test_evaluate_samples(trained_ckpt, inception_weights, tmp_path):
     r = run_cli("evaluate", "--samples", str(npz), "--data.dataset", "fashion_mnist", "--num_real", "12",
                 "--inception_weights", str(inception_weights), "--cache_dir", str(tmp_path / "cache"))  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
-    result = json.loads((tmp_path / "metrics-inception-n12.json").read_text())
+    result = json.loads((tmp_path / "s.metrics-inception-n12.json").read_text())
     assert result["num_fake"] == 12 and result["feature_extractor"] == "inception" and result["fid"] > 0
+
+
+def test_evaluate_names_its_default_output_after_the_input(trained_ckpt, classifier_file, tmp_path, capsys):
+    """The default JSON beside the input was metrics-<extractor>-n<count>.json: a.npz then b.npz in one folder
+    (or last.ckpt then epoch=...ckpt) wrote one file, and the second result silently replaced the first. The
+    input's stem now leads the name, with the split and seed where they are not the defaults."""
+    common = ["--feature_extractor", str(classifier_file), "--num_real", "12", "--cache_dir", str(tmp_path / "cache")]
+    (tmp_path / "col").mkdir()
+    for name, seed in (("a", "0"), ("b", "1")):
+        npz = str(tmp_path / "col" / f"{name}.npz")
+        run("generate", "--ckpt_path", str(trained_ckpt), "--num_samples", "12", "--seed", seed, "--output", npz)
+        run("evaluate", "--samples", npz, "--data.dataset", "fashion_mnist", "--data.limit", "640", *common)
+    a, b = (json.loads((tmp_path / "col" / f"{n}.metrics-fd_fmnist-n12.json").read_text()) for n in "ab")
+    assert a["source"].endswith("a.npz") and b["source"].endswith("b.npz") and a["fd_fmnist"] != b["fd_fmnist"]
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {tmp_path}/col/b.metrics-fd_fmnist-n12.json"
+    (tmp_path / "ck").mkdir()
+    for name in ("last.ckpt", "epoch=1-step=40.ckpt"):
+        (tmp_path / "ck" / name).write_bytes(trained_ckpt.read_bytes())
+        run("evaluate", "--ckpt_path", str(tmp_path / "ck" / name), "--num_samples", "12", *common)
+    run("evaluate", "--ckpt_path", str(tmp_path / "ck" / "last.ckpt"), "--num_samples", "12", "--seed", "3",
+        "--split", "train", *common)  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "ck").glob("*.json")) == [
+        "epoch=1-step=40.metrics-fd_fmnist-n12.json", "last.metrics-fd_fmnist-n12-train-seed3.json",
+        "last.metrics-fd_fmnist-n12.json",
+    ]  # fmt: skip
 
 
 def test_evaluate_a_png_folder_equals_its_npz(trained_ckpt, classifier_file, tmp_path, capsys):
