@@ -441,12 +441,14 @@ def cache_command(argv: Sequence[str]) -> None:
     p = _OneLineParser(prog="gangen cache", description=about)
     p.add_argument("folders", nargs="*", type=Path,
                    help=f"where to look (default: {root / 'decoded'} and {root / 'real_stats'}; add any "
-                   "--data.cache_dir or --metrics.cache_dir you used)")  # fmt: skip
+                   "--data.cache_dir or --metrics.cache_dir you used; a cache root stands for its decoded/ and "
+                   "real_stats/)")  # fmt: skip
     p.add_argument("--clean", action="store_true", help="remove them (unfinished builds once untouched for an hour)")
     p.add_argument("--unused_days", type=float, default=0.0, help="only the entries not used for this many days")
     args = p.parse_args(argv)
     cache_dir.check_days(args.unused_days)
-    folders = args.folders or [cache_root() / "decoded", cache_root() / "real_stats"]
+    default = [cache_root() / "decoded", cache_root() / "real_stats"]
+    folders = [sub for f in args.folders for sub in _cache_folders(f)] or default
     where = ", ".join(str(f) for f in folders)
     chosen = [e for e in cache_dir.entries(folders) if e.age_s >= args.unused_days * 86400]
     if not args.clean:
@@ -462,6 +464,14 @@ def cache_command(argv: Sequence[str]) -> None:
     busy = len(chosen) - len(removed)
     note = f"; kept {busy} unfinished written in the last hour (a build may be running)" if busy else ""
     print(f"removed {len(removed)} entries, {cache_dir.human(sum(e.size for e in removed))} freed in {where}{note}")
+
+
+def _cache_folders(folder: Path) -> list[Path]:
+    """A folder `gangen cache` was given: a cache root ($GANGEN_CACHE_DIR, ~/.cache/gangen) stands for its
+    decoded/ and real_stats/ (its entries are there: it said "removed 0 entries" about a full cache); any
+    other folder (a --data.cache_dir or --metrics.cache_dir) for itself."""
+    subfolders = [folder / name for name in ("decoded", "real_stats") if (folder / name).is_dir()]
+    return subfolders or [folder]
 
 
 COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {

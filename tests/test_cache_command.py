@@ -123,3 +123,21 @@ def test_bad_unused_days_is_one_line(tmp_path):
     r = run_cli("cache", "--clean", "--unused_days", "-3", str(tmp_path))
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert "--unused_days -3.0 must be >= 0" in r.stderr
+
+
+def test_a_cache_root_stands_for_its_decoded_and_real_stats_folders(tmp_path, capsys):
+    """`gangen cache --clean X` with X what $GANGEN_CACHE_DIR points to (holding decoded/ and real_stats/) said
+    "removed 0 entries" and left every entry there; now it lists and cleans those two folders."""
+    from gangen.cli import main
+
+    root = tmp_path / "cache_copy"
+    caches = decoded_caches(make_folder(tmp_path / "imgs", TREE), root / "decoded", (8,))
+    stats = real_stats_file(root / "real_stats")
+    main(["cache", str(root)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].startswith("2 entries, ") and lines[-1].endswith(f"in {root / 'decoded'}, {root / 'real_stats'}")
+    main(["cache", "--clean", str(root)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].startswith("removed 2 entries, "), lines
+    assert not stats.exists() and not any(p.exists() for p in caches)
+    assert sorted(p.name for p in root.iterdir()) == ["decoded", "real_stats"]  # the folders themselves stay
