@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import shlex
 import signal
 import sys
 import warnings
@@ -266,15 +268,29 @@ class GANCLI(LightningCLI):
             )
         for cb in self.trainer.callbacks:
             monitor = getattr(cb, "monitor", None) if isinstance(cb, (ModelCheckpoint, EarlyStopping)) else None
+            what = metrics.feature_extractor if metrics is not None else "none"
+            unlogged = _unlogged_placeholders(cb, logged)
+            fixed = _filename_for(cb.filename, unlogged, logged[0]) if unlogged and logged else None
             if monitor and monitor.startswith("metric/") and monitor not in logged:
-                what = metrics.feature_extractor if metrics is not None else "none"
                 instead = f"monitor {logged[0]}" if logged else "drop that callback"
+                instead += f" with filename {shlex.quote(fixed)}" if fixed else ""
                 wanted = monitor.removeprefix("metric/").split("_")[0]  # fid, kid, is, or fd (a classifier's)
                 source = "a classifier file (gangen train-classifier)" if wanted == "fd" else "inception"
                 raise ConfigError(
                     f"{type(cb).__name__} monitors {monitor!r}, which --metrics.feature_extractor {what} never "
                     f"logs: {instead} (in the config's trainer.callbacks), or use --metrics.feature_extractor "
                     f"{source} for {monitor}"
+                )
+            if unlogged:  # Lightning names the file with 0 for a key never logged: best-kimg000000-fid0.00.ckpt
+                fix = (
+                    f"pass --trainer.callbacks.filename {shlex.quote(fixed)} (it sets the last of trainer.callbacks; "
+                    "for another, edit the config)"
+                    if fixed
+                    else f"drop {{{unlogged[0]}...}} from it"
+                )
+                raise ConfigError(
+                    f"ModelCheckpoint filename {cb.filename!r} names {unlogged[0]!r}, which "
+                    f"--metrics.feature_extractor {what} never logs (the file would say 0 for it): {fix}"
                 )
             # every_kimg leaves the metrics out of some validations, where Lightning keeps the last value logged:
             # checkpoints were saved (and named) and early stopping counted with a value measured kimg before
@@ -554,6 +570,26 @@ def _close_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _unlogged_placeholders(callback: object, logged: list[str]) -> list[str]:
+    """The `{metric/...}` keys of a ModelCheckpoint's filename that the run never logs (found as Lightning
+    finds them, which fills a missing one with 0)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    filename = getattr(callback, "filename", None) if isinstance(callback, ModelCheckpoint) else None
+    keys = re.findall(r"\{(.*?)[:}]", filename or "")
+    return [k for k in dict.fromkeys(keys) if k.startswith("metric/") and k not in logged]
+
+
+def _filename_for(filename: str, unlogged: list[str], key: str) -> str:
+    """The filename with each unlogged `{metric/...}` (and a label before it naming it: fid{metric/fid}) turned
+    into the logged `key`: best-kimg{progress/kimg:06.0f}-fid{metric/fid:.2f} -> ...-fd_clf{metric/fd_clf:.2f}."""
+    short = key.removeprefix("metric/")
+    for old in unlogged:
+        label = re.escape(old.removeprefix("metric/"))
+        filename = re.sub(rf"(?:{label})?\{{{re.escape(old)}(?=[:}}])", f"{short}{{{key}", filename)
+    return filename
 
 
 def _debug_traceback() -> None:

@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import DEMO_CONFIG, run_cli, tiny_fit_args
+from conftest import DEMO_CONFIG, ROOT, run_cli, tiny_fit_args
 
 
 def read_jsonl(path):
@@ -322,6 +322,48 @@ def fd_args(classifier_file, tmp_path_factory) -> list[str]:
             "--trainer.limit_val_batches", "1", "--metrics.feature_extractor", str(classifier_file),
             "--metrics.num_samples", "16", "--metrics.num_real", "16", "--metrics.cache_dir", str(cache),
             *best_by_fd("min"), *best_by_fd("max")]  # fmt: skip
+
+
+def test_a_checkpoint_filename_naming_a_metric_never_logged_is_refused(classifier_file, tmp_path, capsys):
+    """Following the monitor refusal's advice (monitor metric/fd_fmnist) kept the config's filename
+    best-...-fid{metric/fid:.2f}, and Lightning filled the missing key with 0: best-kimg000000-fid0.00.ckpt. The
+    filename is refused in one line naming the fix; that fix, given on the CLI, names the file with the FD."""
+    from conftest import fails
+
+    save_dir = tmp_path / "runs"
+    args = tiny_fit_args(save_dir, "--data.limit", "320", "--trainer.max_epochs", "1", "--trainer.limit_val_batches",
+                         "1", "--metrics.feature_extractor", str(classifier_file), "--metrics.num_samples", "16",
+                         "--metrics.num_real", "16", "--metrics.cache_dir", str(tmp_path / "cache"),
+                         "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                         "--trainer.callbacks.monitor", "metric/fd_fmnist",
+                         "--trainer.callbacks.auto_insert_metric_name", "false")  # fmt: skip
+    line = fails(capsys, *args, "--trainer.callbacks.filename", "best-kimg{progress/kimg:06.0f}-fid{metric/fid:.2f}")
+    fixed = "best-kimg{progress/kimg:06.0f}-fd_fmnist{metric/fd_fmnist:.2f}"
+    assert line == (
+        "gangen: error: ModelCheckpoint filename 'best-kimg{progress/kimg:06.0f}-fid{metric/fid:.2f}' names "
+        f"'metric/fid', which --metrics.feature_extractor {classifier_file} never logs (the file would say 0 for "
+        f"it): pass --trainer.callbacks.filename '{fixed}' (it sets the last of trainer.callbacks; for another, "
+        "edit the config)"
+    )
+    assert not save_dir.exists()
+    run(*args, "--trainer.callbacks.filename", fixed)
+    [row] = read_jsonl(save_dir / "dcgan_fashion_mnist" / "version_0" / "metrics.jsonl")
+    [best] = (save_dir / "dcgan_fashion_mnist" / "version_0" / "checkpoints").glob("best-*.ckpt")
+    assert best.name == f"best-kimg000000-fd_fmnist{row['fd_fmnist']:.2f}.ckpt" and row["fd_fmnist"] > 0.005
+
+
+def test_the_monitor_refusal_names_the_filename_too(classifier_file, tmp_path, capsys):
+    """configs/dcgan_mnist.yaml with a classifier: the monitor refusal now gives the filename to use with the
+    monitor it suggests (its filename names metric/fid as well)."""
+    from conftest import fails
+
+    line = fails(capsys, "fit", "--config", str(ROOT / "configs" / "dcgan_mnist.yaml"), "--data.root",
+                 "/usr/share/datasets/fashion-mnist", "--metrics.feature_extractor", str(classifier_file),
+                 "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"))  # fmt: skip
+    fixed = "best-kimg{progress/kimg:06.0f}-fd_fmnist{metric/fd_fmnist:.2f}"
+    assert "ModelCheckpoint monitors 'metric/fid'" in line
+    assert f"monitor metric/fd_fmnist with filename '{fixed}'" in line
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.fixture(scope="module")
