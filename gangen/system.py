@@ -269,7 +269,8 @@ class GAN(L.LightningModule):
         rank_zero_info(f"gangen: {', '.join(states)} start from {self.init_from} (init_from){fresh}")
 
     def on_fit_start(self) -> None:
-        save_last_after_top_k(self.trainer)  # last.ckpt holds this validation's best-by-metric states
+        if self._trainer is not None:
+            save_last_after_top_k(self.trainer)  # last.ckpt holds this validation's best-by-metric states
         if self._trainer is None or self.trainer.ckpt_path is None:  # torch's saved streams are a resumed fit's,
             self._global_rng_state = None  # not a new fit's of a module from load_from_checkpoint (its own seed)
         if self.init_from and not self._weights_set:  # a resumed fit takes its weights from the checkpoint
