@@ -268,7 +268,14 @@ def evaluate_command(argv: Sequence[str]) -> None:
 
     from gangen.decoded import cache_root
     from gangen.inception import make_feature_extractor
-    from gangen.metrics import Evaluator, check_cache_dir, check_evaluate_memory, evaluate_generator, real_statistics
+    from gangen.metrics import (
+        Evaluator,
+        check_cache_dir,
+        check_evaluate_memory,
+        evaluate_generator,
+        feature_widths,
+        real_statistics,
+    )
 
     p = ArgumentParser(
         prog="gangen evaluate",
@@ -334,7 +341,8 @@ def evaluate_command(argv: Sequence[str]) -> None:
         args.feature_extractor, args.inception_weights, device=args.device, option="--inception_weights PATH"
     )
     if generator is not None:  # before the real images' pass, which can take minutes
-        check_evaluate_memory(generator, extractor, args.num_samples, option="--num_samples")
+        widths = feature_widths(generator, extractor)
+        check_evaluate_memory(generator.latent_dim, widths, args.num_samples, option="--num_samples")
     count = args.num_samples if samples is None else len(samples)
     seed = args.seed if args.ckpt_path else None  # samples given: no latents drawn
     output = Path(args.output or source.parent / _default_output_name(source, extractor.name, count, args.split, seed))

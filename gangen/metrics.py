@@ -437,36 +437,46 @@ def evaluate_generator(
     """
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ConfigError(f"num_samples {num_samples!r} must be an integer >= 1")
-    check_evaluate_memory(generator, extractor, num_samples)
+    check_evaluate_memory(generator.latent_dim, {}, num_samples)  # the latents alone, before they are drawn
     evaluator = Evaluator(extractor, real, batch_size=batch_size, **evaluator_options)
     z = latents(num_samples, generator.latent_dim, seed)  # (N, latent_dim)
-    features = generated_features(generator, z, extractor, batch_size, check_shape=evaluator.check_shape)
+
+    def check_first(features: dict[str, Tensor]) -> None:  # with the features, after the first batch
+        widths = {key: value[0].numel() for key, value in features.items()}
+        check_evaluate_memory(generator.latent_dim, widths, num_samples)
+
+    features = generated_features(
+        generator, z, extractor, batch_size, check_shape=evaluator.check_shape, check_features=check_first
+    )
     evaluator.update_features(features)
     return {**evaluator.compute(), "latent_seed": seed}
 
 
 def check_evaluate_memory(
-    generator: nn.Module, extractor: FeatureExtractor, num_samples: int, option: str = "num_samples"
+    latent_dim: int, widths: dict[str, int], num_samples: int, option: str = "num_samples"
 ) -> None:
     """ConfigError when scoring `num_samples` generated images cannot fit in the memory this process may use: the
-    latents (float32) and every feature of every image (float32, twice: gathered per batch, then joined for KID and
-    IS) are held at once. The feature sizes come from one generated image. A lower bound: only what cannot fit is
-    refused (it was an allocator traceback, or the kernel killing the process, after the real images' pass)."""
+    latents (float32) and every feature of every image (`widths`, e.g. {"pool": 2048, "logits": 1008}; float32,
+    twice: gathered per batch, then joined for KID and IS) are held at once. A lower bound: only what cannot fit
+    is refused (it was an allocator traceback, or the kernel killing the process, after the real images' pass)."""
     from gangen.cache_dir import human, usable_memory
 
     usable = usable_memory()
-    if usable is None:
+    per_image = 4 * latent_dim + 2 * 4 * sum(widths.values())
+    if usable is None or num_samples * per_image <= usable[0]:
         return
+    held = "latent and features (" + ", ".join(f"{k} {w}" for k, w in widths.items()) + ")" if widths else "latent"
+    raise ConfigError(
+        f"{option} {num_samples}: scoring holds every image's {held} in memory, about "
+        f"{human(num_samples * per_image)}, more than {usable[1]}: lower it (at most about "
+        f"{usable[0] // per_image} images fit; 10000-50000 is usual)"
+    )
+
+
+def feature_widths(generator: nn.Module, extractor: FeatureExtractor) -> dict[str, int]:
+    """The extractor's feature sizes per image ({"pool": 2048, "logits": 1008}), from one generated image."""
     image = _from_float(generate(generator, 1, seed=0, check_finite=False))  # (1, C, H, W) uint8
-    widths = {key: value[0].numel() for key, value in extractor.features(image).items()}  # e.g. pool 2048, logits
-    per_image = 4 * generator.latent_dim + 2 * 4 * sum(widths.values())
-    if num_samples * per_image > usable[0]:
-        features = ", ".join(f"{key} {width}" for key, width in widths.items())
-        raise ConfigError(
-            f"{option} {num_samples}: scoring holds every image's latent and features ({features}) in memory, about "
-            f"{human(num_samples * per_image)}, more than {usable[1]}: lower it (at most about "
-            f"{usable[0] // per_image} images fit; 10000-50000 is usual)"
-        )
+    return {key: value[0].numel() for key, value in extractor.features(image).items()}
 
 
 def generated_features(
@@ -476,13 +486,15 @@ def generated_features(
     batch_size: int = 64,
     label_offset: int = 0,
     check_shape: Callable[[tuple[int, ...]], None] | None = None,
+    check_features: Callable[[dict[str, Tensor]], None] | None = None,
 ) -> dict[str, Tensor]:
     """Extractor features of generator(z), one batch at a time: {"pool": (N, D), ...} on the extractor's device.
 
     Each batch is generated (sampling.generate, eval mode) and converted to uint8 by clamping and rounding
     (sampling.to_uint8), so only features are held, never the images. A conditional generator's image i gets
     class (label_offset + i) % num_classes (label_offset: the index of z[0] in the whole evaluated set).
-    `check_shape`: called with the first batch's (C, H, W) (Evaluator.check_shape: another size scored silently).
+    `check_shape`: called with the first batch's (C, H, W) (Evaluator.check_shape: another size scored silently);
+    `check_features`: with the first batch's features.
     """
     chunks: dict[str, list[Tensor]] = {}
     for start in range(0, len(z), batch_size):
@@ -493,6 +505,8 @@ def generated_features(
         if start == 0 and check_shape is not None:
             check_shape(tuple(images.shape[1:]))
         features = extractor.features(_from_float(images))
+        if start == 0 and check_features is not None:
+            check_features(features)
         for key, value in features.items():
             chunks.setdefault(key, []).append(value)
     return {key: torch.cat(values) for key, values in chunks.items()}
