@@ -291,8 +291,7 @@ class GANMetrics(L.Callback):
         path = Path(trainer.log_dir or trainer.default_root_dir) / "metrics.jsonl"  # collective: every rank
         if not trainer.is_global_zero or not path.is_file():
             return
-        text = path.read_text()
-        lines = text.splitlines(keepends=True)
+        lines = path.read_text().splitlines(keepends=True)
         # in whole images: the checkpoint's last evaluation and the rows up to it stay; a checkpoint without the
         # schedule (an older gangen) keeps the rows before its images
         last = round(self._last_kimg * 1000) if self._last_kimg is not None else pl_module.images_seen - 1

@@ -442,8 +442,7 @@ def evaluate_generator(
     z = latents(num_samples, generator.latent_dim, seed)  # (N, latent_dim)
 
     def check_first(features: dict[str, Tensor]) -> None:  # with the features, after the first batch
-        widths = {key: value[0].numel() for key, value in features.items()}
-        check_evaluate_memory(generator.latent_dim, widths, num_samples)
+        check_evaluate_memory(generator.latent_dim, _widths(features), num_samples)
 
     features = generated_features(
         generator, z, extractor, batch_size, check_shape=evaluator.check_shape, check_features=check_first
@@ -476,7 +475,12 @@ def check_evaluate_memory(
 def feature_widths(generator: nn.Module, extractor: FeatureExtractor) -> dict[str, int]:
     """The extractor's feature sizes per image ({"pool": 2048, "logits": 1008}), from one generated image."""
     image = _from_float(generate(generator, 1, seed=0, check_finite=False))  # (1, C, H, W) uint8
-    return {key: value[0].numel() for key, value in extractor.features(image).items()}
+    return _widths(extractor.features(image))
+
+
+def _widths(features: dict[str, Tensor]) -> dict[str, int]:
+    """Values per image of each extractor output ({"pool": (B, 2048), ...} -> {"pool": 2048, ...})."""
+    return {key: value[0].numel() for key, value in features.items()}
 
 
 def generated_features(

@@ -101,19 +101,19 @@ def generate(
     was_training = generator.training
     generator.eval()
     try:
-        for start in range(0, num_samples, batch_size):
-            zb = z[start : start + batch_size].to(param.device, param.dtype)
-            with full_float32():  # the same images on any card (TF32 flipped uint8 pixels)
+        with full_float32():  # the same images on any card (TF32 flipped uint8 pixels)
+            for start in range(0, num_samples, batch_size):
+                zb = z[start : start + batch_size].to(param.device, param.dtype)
                 if labels is None:
                     raw = generator(zb)
                 else:
                     raw = generator(zb, labels[start : start + batch_size].to(param.device))
-            if check_finite:
-                nonfinite += (~torch.isfinite(raw)).flatten(1).any(1).sum()
-            images = convert(raw)
-            if out is None:
-                out = torch.empty((num_samples, *images.shape[1:]), dtype=images.dtype)
-            out[start : start + len(images)] = images
+                if check_finite:
+                    nonfinite += (~torch.isfinite(raw)).flatten(1).any(1).sum()
+                images = convert(raw)
+                if out is None:
+                    out = torch.empty((num_samples, *images.shape[1:]), dtype=images.dtype)
+                out[start : start + len(images)] = images
     finally:
         generator.train(was_training)
     if check_finite and nonfinite.item():  # uint8 would turn NaN into black pixels, FID would score them
