@@ -62,8 +62,9 @@ def keep_previous_config(path: Path) -> None:
 
 
 def _keep_previous_csv(trainer: Trainer) -> None:
-    """A CSV logger resumed into its own folder (a fixed version) deletes the earlier segments' metrics.csv when
-    it starts (before any callback's setup), with only a warning: it is kept as metrics.1.csv, ... instead."""
+    """A CSV logger started in a folder that holds a metrics.csv (a fixed version: a resume into the run's own
+    folder, a validate of it) deletes that file when it starts (before any callback's setup), with only a
+    warning: it is kept as metrics.1.csv, ... instead."""
     from lightning.pytorch.loggers import CSVLogger
 
     for logger in trainer.loggers:
@@ -229,6 +230,8 @@ class GANCLI(LightningCLI):
                 "(this run's newest last.ckpt) or a .ckpt file",
                 file=sys.stderr, flush=True,
             )  # fmt: skip
+        if self.trainer.global_rank == 0:  # validate into the run's own folder: training's metrics.csv is kept
+            _keep_previous_csv(self.trainer)
 
     def _check_run_folders(self) -> None:
         """One line for a run folder that cannot be created (a file in its path, no write permission) and for
@@ -316,21 +319,27 @@ class GANCLI(LightningCLI):
             return
         adopted = None  # the earlier W&B run `last` continues, when no run id was given
         if ckpt_path == "last":
+            from lightning.pytorch.plugins.environments import SLURMEnvironment
+
             from gangen.tracking import WandbLogger
 
             logger = self.trainer.logger  # default_root_dir holds the checkpoints only when no logger has a folder
             # (searched anyway, a stray checkpoints/last.ckpt in the working directory could win over the run's)
             root = getattr(logger, "root_dir", None) if logger is not None else None
             folders = [Path(root or self.trainer.default_root_dir)]
+            if root and getattr(logger, "_version", None) is not None and not isinstance(logger, WandbLogger):
+                folders.append(Path(logger.log_dir))  # a fixed version: a string one names the folder as given
             folders[:0] = [Path(cb.dirpath) for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
-            where = [*map(str, folders), f"{self.trainer.default_root_dir}/hpc_ckpt_*.ckpt"]
+            # hpc_ckpt_*: what Lightning saves on SLURM's requeue signal (it resumes one itself only without a
+            # ckpt_path, and only under SLURM, as here: elsewhere one in the working directory is another job's);
+            # a SIGTERM save or an epoch's last.ckpt after it is newer and wins
+            hpc = Path(self.trainer.default_root_dir) if SLURMEnvironment.detect() else None
+            where = [*map(str, folders), *([f"{hpc}/hpc_ckpt_*.ckpt"] if hpc else [])]
             runs = logger.project_dir if isinstance(logger, WandbLogger) and logger.new_id else None
             if runs is not None:  # no run id given: every start is a new run, so continue the project's newest
                 folders += sorted(p for p in runs.glob("*") if p.is_dir())
                 where.append(f"{runs}/*/checkpoints")
-            # hpc_ckpt_*: what Lightning saves on SLURM's requeue signal (it resumes one itself only without a
-            # ckpt_path); a SIGTERM save or an epoch's last.ckpt after it is newer and wins
-            found = find_last_checkpoint(folders, Path(self.trainer.default_root_dir))
+            found = find_last_checkpoint(folders, hpc)
             where = ", ".join(where)
             if found is None and not fit:
                 raise ConfigError(f"--ckpt_path last: no last.ckpt under {where}: pass --ckpt_path PATH")

@@ -4,6 +4,7 @@ the same weights as a run that never stopped; SIGTERM / SIGINT write a checkpoin
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 
@@ -459,3 +460,40 @@ def test_latent_rng_state_restores_from_a_row_view():
     model.on_load_checkpoint({"gangen": {"latent_rng_device": "cpu", "latent_rng_states": [view, gathered[0]]}})
     want = torch.randn(4, 8, generator=torch.Generator().manual_seed(6))
     assert torch.equal(model.sample_latents(4), want)
+
+
+def test_a_string_version_folder_resumes_and_validates_without_losing_its_csv(tmp_path):
+    """A string logger version names the folder as given (no version_ prefix): `last` never looked there and
+    trained from scratch in the run's own folder; a validate into it then let the CSV logger delete the
+    training rows (a review of the resume fixes)."""
+    same = ["--trainer.logger.init_args.version", "fixed"]
+    r = fit(tmp_path, *same, "--trainer.max_epochs", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "dcgan_fashion_mnist" / "fixed"
+    first = (run / "metrics.csv").read_text()
+    r = fit(tmp_path, *same, "--ckpt_path", "last")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"gangen: resuming from {run / 'checkpoints' / 'last.ckpt'}" in r.stdout
+    assert logged_steps(run) == [(9, 1)] and (run / "metrics.1.csv").read_text() == first
+    trained = (run / "metrics.csv").read_text()
+    args = tiny_fit_args(tmp_path, "--data.limit", "384", "--trainer.limit_val_batches", "1", *same)
+    r = run_cli("validate", *args[1:], "--ckpt_path", "last")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (run / "metrics.2.csv").read_text() == trained and (run / "metrics.1.csv").read_text() == first
+    assert "val/loss_d" in (run / "metrics.csv").read_text()  # validate's own row
+
+
+def test_a_stray_hpc_checkpoint_is_not_resumed_outside_slurm(tmp_path, trained_ckpt):
+    """Lightning's hpc_ckpt_*.ckpt lie in default_root_dir (the working directory by default): outside SLURM one
+    there is another job's, and a fresh run's `--ckpt_path last` continued it (a review of the resume fixes)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "hpc_ckpt_1.ckpt").write_bytes(trained_ckpt.read_bytes())  # the same config's run, 2 epochs done
+    slurm = {key: None for key in os.environ if key.startswith("SLURM_")}
+    r = run_cli(
+        *tiny_fit_args(tmp_path / "runs", "--trainer.max_epochs", "1"), "--ckpt_path", "last", cwd=work, env=slurm
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "training from scratch" in r.stdout and "hpc_ckpt" not in r.stdout, r.stdout[-2000:]
+    ckpt = torch.load(tmp_path / "runs" / "dcgan_fashion_mnist" / "version_0" / "checkpoints" / "last.ckpt")
+    assert ckpt["epoch"] == 0 and ckpt["gangen"]["batches_seen"] == 10  # one epoch of 10 batches, from zero
