@@ -659,7 +659,8 @@ class GAN(L.LightningModule):
             )
         try:
             return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
-        except (KeyError, EOFError, OSError, RuntimeError, pickle.UnpicklingError):
+        except (KeyError, TypeError, EOFError, OSError, RuntimeError, pickle.UnpicklingError):  # TypeError: another
+            # Lightning project's hyperparameters given to GAN()
             if local:
                 try:
                     read_checkpoint(checkpoint_path)  # one line naming the file: missing, damaged or foreign

@@ -212,6 +212,10 @@ def test_load_from_checkpoint_of_files_that_are_no_training_checkpoint_is_one_li
     with pytest.raises(ConfigError, match=r"^'.*other\.pt' is not a gangen checkpoint \(no generator config\)") as err:
         GAN.load_from_checkpoint(other)
     assert err.value.__cause__ is None and err.value.__suppress_context__  # no chained KeyError traceback
+    lightning = tmp_path / "lightning.ckpt"  # another Lightning project's: GAN(**its hparams) was a TypeError
+    torch.save({"pytorch-lightning_version": "2.6.6", "state_dict": {}, "hyper_parameters": {"lr": 0.1}}, lightning)
+    with pytest.raises(ConfigError, match=r"^'.*lightning\.ckpt' is not a gangen checkpoint \(no generator config\)"):
+        GAN.load_from_checkpoint(lightning)
     text = tmp_path / "text.ckpt"
     text.write_text("not a checkpoint")
     with pytest.raises(ConfigError, match=r"could not be loaded \(not a torch file"):
