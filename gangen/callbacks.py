@@ -337,13 +337,15 @@ class GANMetrics(L.Callback):
 
 
 def _steps(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int]:
-    """A metrics row's step (batches trained) and global_step (optimizer steps). Lightning restores no loop
-    progress in `validate`, where both were 0 next to the checkpoint's kimg: the checkpoint's are used there."""
+    """A metrics row's step (the loggers' step: the last trained batch's, counted from 0) and global_step
+    (optimizer steps). Lightning restores no loop progress in `validate`, where both were 0 next to the
+    checkpoint's kimg: the checkpoint's are used there, as fit's row of the same kimg has them (fit evaluates
+    before Lightning counts the batch)."""
     if trainer.state.fn == "fit":
         return {"step": logging_step(trainer), "global_step": trainer.global_step}
     loaded = getattr(pl_module, "checkpoint_global_step", None)
     return {
-        "step": int(getattr(pl_module, "batches_seen", 0)),
+        "step": max(int(getattr(pl_module, "batches_seen", 0)) - 1, 0),
         "global_step": trainer.global_step if loaded is None else loaded,
     }
 

@@ -161,7 +161,7 @@ def test_validate_evaluates_the_checkpoint_as_evaluate_does(trained_run, classif
     [row] = read_jsonl(tmp_path / "runs" / "dcgan_fashion_mnist" / "version_0" / "metrics.jsonl")
     assert row["kimg"] == 1.28 and row["num_fake"] == 16 and row["real_from_cache"] is False
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)
-    assert (row["step"], row["global_step"]) == (20, saved["global_step"])  # were 0, 0: validate restores no loops
+    assert (row["step"], row["global_step"]) == (19, saved["global_step"])  # were 0, 0: validate restores no loops
     printed = float(re.search(r"metric/fd_fmnist\W+([0-9.e+-]+)", r.stdout).group(1))  # the table: float32
     assert printed == pytest.approx(row["fd_fmnist"], rel=1e-6)
     out = tmp_path / "m.json"
@@ -227,6 +227,23 @@ def test_rows_and_evaluate_record_what_reproduces_them(seeded_run, classifier_fi
         "--cache_dir", str(seeded_run.parent.parent / "cache"), "--output", str(out))  # fmt: skip
     result = json.loads(out.read_text())
     assert {k: result[k] for k in RECORD} == {k: row[k] for k in RECORD} and result["real_from_cache"] is True
+
+
+def test_validate_of_a_checkpoint_writes_the_row_fit_wrote_for_it(seeded_run, classifier_file, tmp_path):
+    """validate's metrics.jsonl row of the run's last.ckpt: the kimg, step and global_step of fit's row for it
+    (its step was one higher: fit evaluates before Lightning counts the batch), and the same values."""
+    [fit_row] = read_jsonl(seeded_run / "metrics.jsonl")
+    args = tiny_fit_args(
+        tmp_path, "--trainer.max_epochs", "1", "--model.generator.base_channels", "8",
+        "--model.discriminator.base_channels", "8", "--metrics.feature_extractor", str(classifier_file),
+        "--metrics.seed", "3", "--metrics.real_split", "train", "--metrics.num_samples", "16",
+        "--metrics.num_real", "16", "--metrics.cache_dir", str(seeded_run.parent.parent / "cache"),
+    )  # fmt: skip
+    r = run_cli("validate", *args[1:], "--ckpt_path", str(seeded_run / "checkpoints" / "last.ckpt"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    [row] = read_jsonl(tmp_path / "dcgan_fashion_mnist" / "version_0" / "metrics.jsonl")
+    assert (row["kimg"], row["step"], row["global_step"]) == (fit_row["kimg"], fit_row["step"], fit_row["global_step"])
+    assert row["fd_fmnist"] == pytest.approx(fit_row["fd_fmnist"], rel=1e-6)
 
 
 def test_evaluate_defaults_to_the_runs_metrics_settings(seeded_run, classifier_file, tmp_path, capsys):
