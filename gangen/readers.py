@@ -226,6 +226,11 @@ def _unreadable(root: Path, err: OSError) -> None:
     ) from None
 
 
+def _closed_lost_found(folder: str, name: str) -> bool:
+    """Whether folder/name is a lost+found this user cannot list (skipped by the scan, `_folders`)."""
+    return name == "lost+found" and not os.access(os.path.join(folder, name), os.R_OK | os.X_OK)
+
+
 def _folders(root: Path, skipped: list[str]) -> Iterator[tuple[str, list[str], list[str]]]:
     """(folder, non-hidden subfolder names, file names) of every folder under root, each real folder once.
 
@@ -233,7 +238,9 @@ def _folders(root: Path, skipped: list[str]) -> Iterator[tuple[str, list[str], l
     already (by (st_dev, st_ino)) is not read again: a link to an ancestor (`up -> ..`) or to a folder
     scanned through another path would otherwise repeat its images, under the wrong class. The links so
     skipped are appended to `skipped` (as given under root). A folder that cannot be listed (permissions)
-    raises DataNotFoundError naming it: os.walk skipped it, and its images, silently.
+    raises DataNotFoundError naming it: os.walk skipped it, and its images, silently. The exception is a
+    `lost+found` the user cannot list, which is skipped like a hidden folder: an ext4 disk's root holds
+    root's 0700 one, which a user can neither read nor move out of a mount point given as --data.root.
     """
     seen: set[tuple[int, int]] = set()
     pending = [str(root)]  # the root, then links to folders, in the order they are found
@@ -245,7 +252,8 @@ def _folders(root: Path, skipped: list[str]) -> Iterator[tuple[str, list[str], l
                 dirs[:] = []
                 continue
             seen.add((st.st_dev, st.st_ino))
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # skip hidden (.git, .ipynb_checkpoints)
+            # skip hidden (.git, .ipynb_checkpoints) and a lost+found this user cannot list
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not _closed_lost_found(folder, d))
             pending += [os.path.join(folder, d) for d in dirs if os.path.islink(os.path.join(folder, d))]
             yield folder, dirs, names
 

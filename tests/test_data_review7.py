@@ -176,3 +176,67 @@ def test_a_class_folder_that_cannot_be_read_is_named_not_left_out(tmp_path):
     finally:
         (top / "imgs" / "b").chmod(0o755)
         shutil.rmtree(top)
+
+
+def test_an_unreadable_lost_and_found_is_skipped_not_an_error(tmp_path):
+    """The root of an ext4 disk holds root's 0700 lost+found, which a user can neither read nor move: with the
+    disk as --data.root the scan stopped on it. A lost+found the user cannot read is skipped (it holds fsck's
+    fragments, not images); another unreadable folder is still an error. The scan runs as nobody, as above."""
+    import shutil
+    import tempfile
+
+    from gangen.readers import scan_images
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to another user (as a user, make a folder unreadable and scan it)")
+    top = Path(tempfile.mkdtemp(dir="/tmp"))  # pytest's tmp_path is root's 0700
+    try:
+        top.chmod(0o755)
+        root = make_folder(top / "imgs", {f"{c}/{i}.png": ("L", (8, 8)) for c in "ab" for i in range(2)})
+        (root / "lost+found").mkdir()
+        (root / "a" / "lost+found").mkdir()  # at any depth
+        (root / "lost+found" / "0.png").write_bytes((root / "a" / "0.png").read_bytes())  # nobody cannot see it
+        (root / "c").mkdir()
+        for path in [root, *root.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        for path in root / "lost+found", root / "a" / "lost+found":
+            path.chmod(0o700)
+
+        def scan_as_nobody() -> str:
+            read, write = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child: never returns into pytest
+                try:
+                    os.close(read)
+                    os.setgid(65534)
+                    os.setuid(65534)
+                    lines: list[str] = []
+                    try:
+                        files, labels, classes = scan_images(root, lines.append)
+                        message = f"{[str(f.relative_to(root)) for f in files]} {labels} {classes} {lines}"
+                    except Exception as err:  # the line the user would see
+                        message = f"{type(err).__name__}: {err}"
+                    os.write(write, message.encode())
+                finally:
+                    os._exit(0)
+            os.close(write)
+            with os.fdopen(read) as pipe:
+                message = pipe.read()
+            os.waitpid(pid, 0)
+            return message
+
+        assert scan_as_nobody() == (
+            "['a/0.png', 'a/1.png', 'b/0.png', 'b/1.png'] [0, 0, 1, 1] 2 ['gangen: class folders without images "
+            f"under {root} are skipped, not classes: c (labels 0..1 number the 2 that hold images)']"
+        )
+        (root / "c").chmod(0o000)  # any other name is still named, not left out
+        assert scan_as_nobody() == (
+            f"DataNotFoundError: cannot read folder {root / 'c'} under {root} (Permission denied): its images would "
+            "be left out; make it readable (chmod), or move it out of --data.root"
+        )
+        assert scan_images(root)[2] == 3  # root reads lost+found: its image is a class, as before
+    finally:
+        for path in [top, *top.rglob("*")]:
+            if path.is_dir():
+                path.chmod(0o755)
+        shutil.rmtree(top)
