@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -299,7 +300,7 @@ def evaluate_command(argv: Sequence[str]) -> None:
         "--output",
         type=str | None,
         default=None,
-        help="metrics .json file (default: beside the input, <stem>.metrics-<extractor>-n<count>.json)",
+        help="metrics .json file (default: beside the input, <name>.metrics-<extractor>-n<count>.json)",
     )
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--ckpt_path", default=None)
@@ -345,7 +346,7 @@ def evaluate_command(argv: Sequence[str]) -> None:
         check_evaluate_memory(generator.latent_dim, widths, args.num_samples, option="--num_samples")
     count = args.num_samples if samples is None else len(samples)
     seed = args.seed if args.ckpt_path else None  # samples given: no latents drawn
-    output = Path(args.output or source.parent / _default_output_name(source, extractor.name, count, args.split, seed))
+    output = Path(args.output or _default_output(source, extractor.name, count, args.split, seed, args.num_real))
     if not output.parent.is_dir():
         raise ConfigError(f"--output {str(output)!r}: folder {output.parent} does not exist; create it first")
     real = real_statistics(
@@ -368,12 +369,20 @@ def evaluate_command(argv: Sequence[str]) -> None:
     print(f"wrote {output}")
 
 
-def _default_output_name(source: Path, extractor: str, count: int, split: str, seed: int | None) -> str:
-    """evaluate's JSON beside its input, named after it: `<stem>.metrics-<extractor>-n<count>.json`, with the
-    split and the latent seed where they are not the defaults (val, 0). Without the stem, a.npz and b.npz (or
-    last.ckpt and epoch=...ckpt) in one folder wrote one file, and the second result replaced the first."""
+def _default_output(
+    source: Path, extractor: str, count: int, split: str, seed: int | None, num_real: int | None
+) -> Path:
+    """evaluate's JSON beside its input, named after it: `<name>.metrics-<extractor>-n<count>.json`, with the
+    split, the latent seed and the real count where they are not the defaults (val, 0, the whole split).
+
+    The input's full name leads: with the stem, last.ckpt, last.npz and last.safetensors in one folder wrote one
+    file, and the second result replaced the first (as a.npz and b.npz did with no name at all). A folder given
+    as `.` or `..` is named by its absolute path's last part (`.` gave a hidden `.metrics-....json`)."""
+    if source.name in ("", ".."):
+        source = Path(os.path.abspath(source))  # normalised, links not followed: the folder the user named
     extras = ("" if split == "val" else f"-{split}") + ("" if seed in (None, 0) else f"-seed{seed}")
-    return f"{source.stem}.metrics-{extractor}-n{count}{extras}.json"
+    extras += "" if num_real is None else f"-real{num_real}"
+    return source.parent / f"{source.name or 'samples'}.metrics-{extractor}-n{count}{extras}.json"
 
 
 def _check_json_output(output: str) -> None:

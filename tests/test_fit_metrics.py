@@ -86,23 +86,23 @@ def test_evaluate_samples(trained_ckpt, inception_weights, tmp_path):
     r = run_cli("evaluate", "--samples", str(npz), "--data.dataset", "fashion_mnist", "--num_real", "12",
                 "--inception_weights", str(inception_weights), "--cache_dir", str(tmp_path / "cache"))  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
-    result = json.loads((tmp_path / "s.metrics-inception-n12.json").read_text())
+    result = json.loads((tmp_path / "s.npz.metrics-inception-n12-real12.json").read_text())
     assert result["num_fake"] == 12 and result["feature_extractor"] == "inception" and result["fid"] > 0
 
 
 def test_evaluate_names_its_default_output_after_the_input(trained_ckpt, classifier_file, tmp_path, capsys):
     """The default JSON beside the input was metrics-<extractor>-n<count>.json: a.npz then b.npz in one folder
     (or last.ckpt then epoch=...ckpt) wrote one file, and the second result silently replaced the first. The
-    input's stem now leads the name, with the split and seed where they are not the defaults."""
+    input's name now leads the name, with the split, seed and real count where they are not the defaults."""
     common = ["--feature_extractor", str(classifier_file), "--num_real", "12", "--cache_dir", str(tmp_path / "cache")]
     (tmp_path / "col").mkdir()
     for name, seed in (("a", "0"), ("b", "1")):
         npz = str(tmp_path / "col" / f"{name}.npz")
         run("generate", "--ckpt_path", str(trained_ckpt), "--num_samples", "12", "--seed", seed, "--output", npz)
         run("evaluate", "--samples", npz, "--data.dataset", "fashion_mnist", "--data.limit", "640", *common)
-    a, b = (json.loads((tmp_path / "col" / f"{n}.metrics-fd_fmnist-n12.json").read_text()) for n in "ab")
+    a, b = (json.loads((tmp_path / "col" / f"{n}.npz.metrics-fd_fmnist-n12-real12.json").read_text()) for n in "ab")
     assert a["source"].endswith("a.npz") and b["source"].endswith("b.npz") and a["fd_fmnist"] != b["fd_fmnist"]
-    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {tmp_path}/col/b.metrics-fd_fmnist-n12.json"
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {tmp_path}/col/b.npz.metrics-fd_fmnist-n12-real12.json"
     (tmp_path / "ck").mkdir()
     for name in ("last.ckpt", "epoch=1-step=40.ckpt"):
         (tmp_path / "ck" / name).write_bytes(trained_ckpt.read_bytes())
@@ -110,9 +110,40 @@ def test_evaluate_names_its_default_output_after_the_input(trained_ckpt, classif
     run("evaluate", "--ckpt_path", str(tmp_path / "ck" / "last.ckpt"), "--num_samples", "12", "--seed", "3",
         "--split", "train", *common)  # fmt: skip
     assert sorted(p.name for p in (tmp_path / "ck").glob("*.json")) == [
-        "epoch=1-step=40.metrics-fd_fmnist-n12.json", "last.metrics-fd_fmnist-n12-train-seed3.json",
-        "last.metrics-fd_fmnist-n12.json",
+        "epoch=1-step=40.ckpt.metrics-fd_fmnist-n12-real12.json", "last.ckpt.metrics-fd_fmnist-n12-real12.json",
+        "last.ckpt.metrics-fd_fmnist-n12-train-seed3-real12.json",
     ]  # fmt: skip
+
+
+def test_evaluate_default_names_differ_by_suffix_real_count_and_folder(
+    trained_ckpt, classifier_file, tmp_path, monkeypatch
+):
+    """The default name still joined results: last.ckpt, last.npz and last.safetensors in one folder all wrote
+    last.metrics-....json, --num_real 12 and 20 one file, and `--samples .` a hidden .metrics-....json. The
+    input's full name leads it, `-real<N>` a given --num_real, and a folder's own name stands for `.`."""
+    common = ["--feature_extractor", str(classifier_file), "--cache_dir", str(tmp_path / "cache")]
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "last.ckpt").write_bytes(trained_ckpt.read_bytes())
+    run("generate", "--ckpt_path", str(ck / "last.ckpt"), "--num_samples", "12", "--output", str(ck / "last.npz"))
+    run("export", "--ckpt_path", str(ck / "last.ckpt"), "--output", str(ck / "last.safetensors"))
+    for num_real in ("12", "20"):
+        run("evaluate", "--ckpt_path", str(ck / "last.ckpt"), "--num_samples", "12", "--num_real", num_real, *common)
+    run("evaluate", "--ckpt_path", str(ck / "last.safetensors"), "--num_samples", "12", "--num_real", "12", *common)
+    run("evaluate", "--samples", str(ck / "last.npz"), "--data.dataset", "fashion_mnist", "--data.limit", "640",
+        "--num_real", "12", *common)  # fmt: skip
+    written = {p.name: json.loads(p.read_text()) for p in ck.glob("*.json")}
+    assert sorted(written) == [
+        "last.ckpt.metrics-fd_fmnist-n12-real12.json", "last.ckpt.metrics-fd_fmnist-n12-real20.json",
+        "last.npz.metrics-fd_fmnist-n12-real12.json", "last.safetensors.metrics-fd_fmnist-n12-real12.json",
+    ]  # fmt: skip
+    assert [written[f"last.ckpt.metrics-fd_fmnist-n12-real{n}.json"]["num_real"] for n in (12, 20)] == [12, 20]
+
+    run("generate", "--ckpt_path", str(trained_ckpt), "--num_samples", "12", "--output", f"{tmp_path}/pngs/")
+    monkeypatch.chdir(tmp_path / "pngs")
+    run("evaluate", "--samples", ".", "--data.dataset", "fashion_mnist", "--data.limit", "640", *common)
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["pngs.metrics-fd_fmnist-n12.json"]
+    assert [p.name for p in (tmp_path / "pngs").iterdir() if not p.name.endswith(".png")] == []
 
 
 def test_evaluate_a_png_folder_equals_its_npz(trained_ckpt, classifier_file, tmp_path, capsys):
