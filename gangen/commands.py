@@ -213,7 +213,11 @@ def _check_accelerator(accelerator: str) -> None:
 
 
 def load_samples(path: str) -> torch.Tensor:
-    """uint8 (N, C, H, W) from an .npz (arr_0, (N, H, W, C) uint8) or a folder of images (sorted by name)."""
+    """uint8 (N, C, H, W) from an .npz (arr_0, (N, H, W, C) uint8) or a folder of images (sorted by name).
+
+    A folder is grey (C=1) when no image has colour pixels: an image stored in colour (a palette, RGB) whose
+    pixels are all grey counts as grey. Beside a coloured image such images are RGB; a grey-mode file ("L",
+    16-bit) beside a coloured one, or two sizes, raise ConfigError naming both files."""
     import numpy as np
     from PIL import Image
 
@@ -230,16 +234,21 @@ def load_samples(path: str) -> torch.Tensor:
         files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
             raise DataNotFoundError(f"no images in {path}: write some with `gangen generate --output {path}/`")
-        arrays = []
-        for f in files:
+        arrays, one_channel, coloured = [], [], []  # the last two: indices of grey-mode files, of colour pixels
+        for i, f in enumerate(files):
             with Image.open(f) as im:  # 16-bit grey scaled to 8 bits (convert clipped it at 255), as training reads it
                 grey = im.mode in ("1", "L", "LA", "I", "F") or im.mode.startswith("I;16")
                 arrays.append(np.asarray(to_mode(im, 1 if grey else 3, name=str(f))))
-            if arrays[-1].shape != arrays[0].shape:
-                raise ConfigError(
-                    f"samples {path!r}: {f.name} is {_size(arrays[-1])} and {files[0].name} {_size(arrays[0])}: "
-                    "every image must have one size and one colour mode (grey or RGB)"
-                )
+            if arrays[-1].shape[:2] != arrays[0].shape[:2]:
+                raise ConfigError(_mixed(path, files, arrays, i, 0))
+            if grey:
+                one_channel.append(i)
+            elif not (arrays[-1] == arrays[-1][..., :1]).all():  # stored in colour (a palette, RGB), not grey
+                coloured.append(i)
+        if one_channel and coloured:  # a grey file beside a coloured one: two kinds of samples in one folder
+            raise ConfigError(_mixed(path, files, arrays, *sorted((one_channel[0], coloured[0]), reverse=True)))
+        if not coloured:  # grey once for the folder: palettes of greys (PNG optimisers write them) are grey too
+            arrays = [a if a.ndim == 2 else a[..., 0] for a in arrays]
         array = np.stack(arrays)
         array = array[..., None] if array.ndim == 3 else array
     elif source.is_file():  # a file, but not one this reads
@@ -254,6 +263,14 @@ def load_samples(path: str) -> torch.Tensor:
             f"samples {path!r} not found: pass a folder of images or an .npz from `gangen generate`"
         )
     return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
+
+
+def _mixed(path: str, files: list[Path], arrays: list, later: int, earlier: int) -> str:
+    """load_samples' refusal of two images of another size or colour mode, the later one named first."""
+    return (
+        f"samples {path!r}: {files[later].name} is {_size(arrays[later])} and {files[earlier].name} "
+        f"{_size(arrays[earlier])}: every image must have one size and one colour mode (grey or RGB)"
+    )
 
 
 def _size(array) -> str:

@@ -162,6 +162,44 @@ def test_evaluate_reads_16_bit_grey_samples_scaled_as_training_reads_them(tmp_pa
     assert samples[0, 0, 0].tolist() == [0, 1, 156, 255]
 
 
+def test_evaluate_samples_grey_palettes_count_as_grey(tmp_path):
+    """A palette PNG of grey pixels (as PNG optimisers store grey images) next to "L" PNGs was refused as a
+    grey+RGB mix: grey or RGB is decided once for the folder, an image stored in colour (palette, RGB) counts
+    as grey when its pixels are, and beside a coloured image it is read as RGB. A one-channel file beside a
+    coloured one is still refused."""
+    from PIL import Image
+
+    from gangen.commands import load_samples
+
+    ramp = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    grey = tmp_path / "grey"
+    grey.mkdir()
+    Image.fromarray(ramp).convert("P").save(grey / "a.png")
+    Image.fromarray(255 - ramp).save(grey / "b.png")
+    Image.fromarray(ramp).convert("RGB").save(grey / "c.png")
+    assert [Image.open(grey / n).mode for n in ("a.png", "b.png", "c.png")] == ["P", "L", "RGB"]
+    samples = load_samples(str(grey))
+    assert samples.shape == (3, 1, 8, 8) and samples.dtype == torch.uint8
+    assert samples[:, 0].tolist() == [ramp.tolist(), (255 - ramp).tolist(), ramp.tolist()]
+
+    colour = tmp_path / "colour"
+    colour.mkdir()
+    Image.fromarray(ramp).convert("P").save(colour / "a.png")
+    Image.new("RGB", (8, 8), (200, 10, 30)).save(colour / "b.png")
+    samples = load_samples(str(colour))
+    assert samples.shape == (2, 3, 8, 8)
+    assert all(samples[0, c].tolist() == ramp.tolist() for c in range(3))
+    assert samples[1, :, 0, 0].tolist() == [200, 10, 30]
+
+    Image.new("RGB", (8, 8), (200, 10, 30)).convert("P").save(grey / "d.png")  # a palette of colour
+    with pytest.raises(ConfigError) as info:
+        load_samples(str(grey))
+    assert str(info.value) == (
+        f"samples {str(grey)!r}: d.png is 8x8 RGB and b.png 8x8 grey: every image must have one size and one "
+        "colour mode (grey or RGB)"
+    )
+
+
 def test_evaluate_samples_of_mixed_sizes_are_one_line_naming_both(capsys, tmp_path, classifier_file):
     """Images of two sizes in one --samples folder were numpy's stack ValueError traceback."""
     from PIL import Image
@@ -169,7 +207,7 @@ def test_evaluate_samples_of_mixed_sizes_are_one_line_naming_both(capsys, tmp_pa
     folder = tmp_path / "s"
     folder.mkdir()
     Image.new("L", (32, 32)).save(folder / "000000.png")
-    Image.new("RGB", (32, 32)).save(folder / "000001.png")
+    Image.new("RGB", (32, 32), (200, 10, 30)).save(folder / "000001.png")  # black RGB is grey: no mix
     line = fails(capsys, "evaluate", "--samples", str(folder), "--data.dataset", "fashion_mnist",
                  "--feature_extractor", str(classifier_file), "--output", str(tmp_path / "m.json"))  # fmt: skip
     assert line == (
