@@ -362,8 +362,12 @@ class GANCLI(LightningCLI):
         self._read_ckpt = (None, None)  # not kept alive during training
         ckpt = ckpt if cached_path == ckpt_path else read_checkpoint(ckpt_path)
         hparams = ckpt["hyper_parameters"]
+        # a run found, not named (W&B, no id): maybe another experiment of the project; the refusals offer a new
+        # run first, since following their "use the checkpoint's settings" continues that experiment's run
+        found_run = f"--ckpt_path last found W&B run {adopted} ({ckpt_path}), which" if adopted else None
+        new_run = f"pass --trainer.logger.init_args.id <new id> for a new run, or continue run {adopted} with"
         for name in ("generator", "discriminator"):
-            _check_network(ckpt_path, name, hparams.get(name) or {}, getattr(self.model, name))
+            _check_network(ckpt_path, name, hparams.get(name) or {}, getattr(self.model, name), found_run, new_run)
             state = {k[len(name) + 1 :]: v for k, v in ckpt["state_dict"].items() if k.startswith(f"{name}.")}
             check_weights(getattr(self.model, name), state, f"checkpoint {ckpt_path}", f"{name}.")  # damaged file
         data_saved = dict(ckpt.get("datamodule_hyper_parameters") or {})
@@ -388,10 +392,12 @@ class GANCLI(LightningCLI):
             )
             for section, was, now in seeds:
                 if was is not None and now is not None and now != was:
+                    streams = f"continues the random streams and data order of {section}.seed {was!r}"
                     raise ConfigError(
-                        f"checkpoint {ckpt_path} continues the random streams and data order of {section}.seed "
-                        f"{was!r}, the config has {now!r}: resume with --{section}.seed {was!r} (a new seed is a "
-                        "new run)"
+                        f"{found_run} {streams}, the config has {now!r}: {new_run} --{section}.seed {was!r}"
+                        if found_run
+                        else f"checkpoint {ckpt_path} {streams}, the config has {now!r}: resume with --{section}.seed "
+                        f"{was!r} (a new seed is a new run)"
                     )
         if not fit:
             return
@@ -425,11 +431,14 @@ def _refuse_export(ckpt_path: str) -> None:
         )
 
 
-def _check_network(ckpt_path: str, name: str, saved: dict, module: Any) -> None:
+def _check_network(
+    ckpt_path: str, name: str, saved: dict, module: Any, source: str | None = None, fix: str | None = None
+) -> None:
     """The configured network must be the checkpoint's (its weights are loaded as they are)."""
     from gangen.networks import check_same_network
 
-    check_same_network(f"checkpoint {ckpt_path}", name, saved, module, "use the checkpoint's settings")
+    fix = f"{fix} its settings" if fix else "use the checkpoint's settings"
+    check_same_network(source or f"checkpoint {ckpt_path}", name, saved, module, fix)
 
 
 def check_creatable(option: str, folder: str) -> None:

@@ -265,6 +265,11 @@ def test_last_without_a_run_id_continues_the_newest_run(tmp_path, wandb_env):
     line = fails_cli(run_cli(*args, "--trainer.max_epochs", "3", "--model.loss", "hinge", env=wandb_env))
     assert f"--ckpt_path last found W&B run {run.name}" in line and "model.loss 'non_saturating'" in line
     assert f"--trainer.logger.init_args.id {run.name} to continue that run" in line
+    for other in (["--model.seed", "1"], ["--model.generator.base_channels", "16"]):  # these refusals said to
+        line = fails_cli(run_cli(*args, "--trainer.max_epochs", "3", *other, env=wandb_env))  # continue that run
+        assert line.startswith(f"gangen: error: --ckpt_path last found W&B run {run.name} ({last}), which ")
+        assert f"pass --trainer.logger.init_args.id <new id> for a new run, or continue run {run.name} with " in line
+    assert line.endswith("its settings (--model.generator.base_channels 32)"), line
     assert [p.name for p in (runs / "gangen").iterdir()] == [run.name]
     assert torch.load(last, weights_only=True)["gangen"]["batches_seen"] == 10  # untouched
 
