@@ -110,14 +110,10 @@ class WandbLogger(_LightningWandbLogger):
         os.environ["GANGEN_WANDB_RUN_ID"] = run_id  # inherited by the processes DDP launches
         self._project_dir = Path(save_dir) / project
         self._run_dir = str(self._project_dir / run_id)
+        # offline for want of a key: said when the run starts (`experiment`), in the folder it logs to then (the
+        # run `--ckpt_path last` continues, not the new id drawn here)
+        self._say_offline = mode == "offline" and offline is None and not os.environ.get("WANDB_MODE")
         if mode != "online":
-            if mode == "offline" and offline is None and not os.environ.get("WANDB_MODE") and rank_zero_only.rank == 0:
-                print(
-                    f"gangen: W&B: no API key found (`wandb login` or WANDB_API_KEY), logging offline to "
-                    f"{self._run_dir}/wandb; upload later with `wandb sync {self._run_dir}/wandb/offline-run-*`",
-                    file=sys.stderr,
-                    flush=True,
-                )
             log_model = False  # artifacts need a server; the checkpoints stay in the run folder
         kwargs = {k: v for k, v in kwargs.items() if v is not None}  # the CLI passes every wandb.init option
         kwargs.setdefault("settings", wandb.Settings(init_timeout=init_timeout))
@@ -166,6 +162,14 @@ class WandbLogger(_LightningWandbLogger):
         if self._experiment is None and rank_zero_only.rank == 0:  # the run folder before wandb.init: W&B
             Path(self._run_dir).mkdir(parents=True, exist_ok=True)  # looks for the git checkout from it (a
             # missing folder: "wandb: WARNING git root ... does not exist" and no git information)
+            if self._say_offline:
+                self._say_offline = False
+                print(
+                    f"gangen: W&B: no API key found (`wandb login` or WANDB_API_KEY), logging offline to "
+                    f"{self._run_dir}/wandb; upload later with `wandb sync {self._run_dir}/wandb/offline-run-*`",
+                    file=sys.stderr,
+                    flush=True,
+                )
         try:
             return super().experiment
         except (wandb.errors.Error, TimeoutError) as err:

@@ -255,9 +255,12 @@ def test_last_without_a_run_id_continues_the_newest_run(tmp_path, wandb_env):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "training from scratch" in r.stdout
     [run] = list((runs / "gangen").iterdir())
-    r = run_cli(*args, env=wandb_env)  # the same command again (a requeued job), to epoch 2
+    at = args.index("--trainer.logger.init_args.offline")
+    keyless = args[:at] + args[at + 2 :]  # offline for want of a key: the hint names the run folder
+    r = run_cli(*keyless, env=wandb_env)  # the same command again (a requeued job), to epoch 2
     assert r.returncode == 0, r.stderr[-3000:]
     last = run / "checkpoints" / "last.ckpt"
+    assert f"wandb sync {run}/wandb/offline-run-*" in r.stderr  # the hint named the new id's folder, never made
     assert f"gangen: resuming from {last} (W&B run {run.name}, the newest of {runs / 'gangen'}" in r.stdout
     assert [p.name for p in (runs / "gangen").iterdir()] == [run.name]  # no second run folder
     assert torch.load(last, weights_only=True)["gangen"]["batches_seen"] == 10  # 5 + 5, not 5 from scratch
