@@ -278,6 +278,19 @@ def straight_job(tmp_path_factory) -> dict:
     return torch.load(tmp_path / "runs" / "slurm-1" / "params_rank0.pt")
 
 
+@pytest.mark.parametrize("option", ["--ckpt_path", "--trainer.devices", "--trainer.logger.init_args.save_dir"])
+def test_sbatch_refuses_the_options_the_job_sets_itself(option, tmp_path):
+    """Options after the config come before the job's own, and the last one wins: a --ckpt_path given there (to
+    start from another run) was silently replaced by `last`, and the first start trained from scratch."""
+    r = sbatch(tmp_path, "9", option, "2")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"slurm.sbatch: error: {option} is set by the job itself (--ckpt_path last, the #SBATCH sizes, runs in "
+        "$RUN_ROOT/slurm-<job id>): leave it out; to start from another run's weights pass --model.init_from PATH, "
+        "for other sizes edit the #SBATCH lines, for another folder set RUN_ROOT"
+    ], r.stderr[-3000:]
+    assert not (tmp_path / "runs").exists()  # nothing started
+
+
 @pytest.mark.parametrize("stop", ["preempted", "time_limit"])
 def test_requeued_sbatch_job_resumes_from_the_newest_checkpoint(stop, straight_job, tmp_path):
     """A requeued job runs the sbatch command again. Preempted (SIGTERM): gangen saved last.ckpt in the run
