@@ -450,9 +450,11 @@ class Preemption(Checkpoint):
 
     @staticmethod
     def checkpoint_path(trainer: L.Trainer) -> Path:
-        """last.ckpt in the first ModelCheckpoint's folder, else <run folder>/checkpoints/last.ckpt."""
-        for callback in trainer.checkpoint_callbacks:
-            if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+        """last.ckpt in the folder of the first ModelCheckpoint that writes one (else of the first one), else
+        <run folder>/checkpoints/last.ckpt: where the epochs' last.ckpt go, whatever the callbacks' order."""
+        callbacks = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+        for callback in sorted(callbacks, key=lambda cb: not cb.save_last):  # stable: the first of each kind
+            if callback.dirpath:
                 return Path(callback.dirpath) / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}.ckpt"
         return Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / "last.ckpt"
 

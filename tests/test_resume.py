@@ -497,3 +497,21 @@ def test_a_stray_hpc_checkpoint_is_not_resumed_outside_slurm(tmp_path, trained_c
     assert "training from scratch" in r.stdout and "hpc_ckpt" not in r.stdout, r.stdout[-2000:]
     ckpt = torch.load(tmp_path / "runs" / "dcgan_fashion_mnist" / "version_0" / "checkpoints" / "last.ckpt")
     assert ckpt["epoch"] == 0 and ckpt["gangen"]["batches_seen"] == 10  # one epoch of 10 batches, from zero
+
+
+def test_the_stops_last_ckpt_goes_where_the_epochs_last_ckpt_go(tmp_path):
+    """The ModelCheckpoints writing last.ckpt run after the others now (save_last_after_top_k), and the stop's
+    last.ckpt went to the first ModelCheckpoint's folder: a best-by-metric one's, when the two have their own."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from gangen.reliability import Preemption, save_last_after_top_k
+
+    last = ModelCheckpoint(dirpath=tmp_path / "last", save_last=True)
+    best = ModelCheckpoint(dirpath=tmp_path / "best", monitor="metric/fid", filename="best")
+    trainer = L.Trainer(callbacks=[last, best], logger=False, default_root_dir=tmp_path, accelerator="cpu")
+    save_last_after_top_k(trainer)
+    assert trainer.checkpoint_callbacks == [best, last]
+    assert Preemption.checkpoint_path(trainer) == tmp_path / "last" / "last.ckpt"
+    trainer = L.Trainer(callbacks=[best], logger=False, default_root_dir=tmp_path, accelerator="cpu")
+    assert Preemption.checkpoint_path(trainer) == tmp_path / "best" / "last.ckpt"  # none writes one: the first
