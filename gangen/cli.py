@@ -350,12 +350,24 @@ class GANCLI(LightningCLI):
                 config["ckpt_path"] = None
                 return
             ckpt_path = config["ckpt_path"] = str(found)
+            of = ""
             if runs is not None and found.parent.name == "checkpoints" and found.parent.parent.parent == runs:
                 adopted = found.parent.parent.name
+                of = f" (W&B run {adopted}, the newest of {runs} with a last.ckpt)"
+            elif runs is not None:  # found outside the project's run folders (Lightning's hpc checkpoint): the
+                self._read_ckpt = (ckpt_path, read_checkpoint(ckpt_path))  # W&B run it recorded, if still here
+                recorded = (self._read_ckpt[1].get("gangen") or {}).get("wandb_run_id")
+                if (
+                    isinstance(recorded, str)
+                    and recorded
+                    and Path(recorded).name == recorded
+                    and (runs / recorded).is_dir()
+                ):
+                    adopted, of = recorded, f" (W&B run {recorded}, which saved it)"
+            if adopted:
                 logger.continue_run(adopted)
             if said:
                 verb = "resuming from" if fit else "validating"
-                of = f" (W&B run {adopted}, the newest of {runs} with a last.ckpt)" if adopted else ""
                 print(f"gangen: {verb} {found}{of}", flush=True)
         _refuse_export(ckpt_path)
         cached_path, ckpt = getattr(self, "_read_ckpt", (None, None))

@@ -608,6 +608,11 @@ class GAN(L.LightningModule):
             state["cuda_rng_states"] = self._every_rank(torch.cuda.get_rng_state(self.device))
         checkpoint["gangen"] = state
         if self._trainer is not None:
+            from gangen.tracking import WandbLogger
+
+            for logger in self.trainer.loggers:  # `--ckpt_path last` continues this W&B run from any of its
+                if isinstance(logger, WandbLogger):  # checkpoints (Lightning's hpc one lies outside its folder)
+                    state["wandb_run_id"] = logger._id
             keep_epoch_unfinished(checkpoint, self.trainer)  # a max_steps stop resumes mid-epoch
 
     def _fit_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 
 import numpy as np
@@ -282,3 +283,30 @@ def fails_cli(r) -> str:
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
     return lines[0]
+
+
+def test_a_requeued_slurm_job_resuming_lightnings_hpc_checkpoint_continues_its_wandb_run(tmp_path, wandb_env):
+    """Lightning's hpc_ckpt_*.ckpt lies in default_root_dir, outside the W&B run's folder: a job requeued after the
+    time limit resumed it into a new W&B run and folder. Checkpoints record their run id; `last` continues it."""
+    from test_cli_distributed import SLURM_ENV
+
+    runs, job = tmp_path / "runs", tmp_path / "job"
+    args = tiny_fit_args(runs, "--config", WANDB_CONFIG, "--trainer.logger.init_args.save_dir", str(runs),
+                         "--trainer.logger.init_args.offline", "true", "--trainer.limit_val_batches", "1",
+                         "--data.limit", "320", "--trainer.default_root_dir", str(job),
+                         "--ckpt_path", "last")  # fmt: skip
+    env = {**wandb_env, **SLURM_ENV}
+    r = run_cli(*args, "--trainer.max_epochs", "1", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    [run] = list((runs / "gangen").iterdir())
+    last = run / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["gangen"]["wandb_run_id"] == run.name
+    hpc = job / "hpc_ckpt_1.ckpt"  # as Lightning saves it on the requeue signal: after the epoch's last.ckpt
+    job.mkdir(exist_ok=True)
+    shutil.copyfile(last, hpc)
+    r = run_cli(*args, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"gangen: resuming from {hpc} (W&B run {run.name}, which saved it)" in r.stdout
+    assert [p.name for p in (runs / "gangen").iterdir()] == [run.name]  # no second run folder
+    assert torch.load(last, weights_only=True)["gangen"]["batches_seen"] == 10  # 5 + 5, in the run's own folder
+    assert len(list((run / "wandb").glob(f"offline-run-*-{run.name}"))) == 2  # the same W&B run, resumed
