@@ -589,17 +589,31 @@ def _lightning_info_to_stdout() -> None:
                 logger.addHandler(new)
 
 
-def _close_process_group() -> None:
+def _close_process_group(err: BaseException | None = None) -> None:
     """Destroy the distributed process group, if a run made one, before the interpreter shuts down. Lightning
     leaves it open; at exit a gloo worker thread could then drop the last reference to a finished
     collective's tensors while Python was finalizing, and its attempt to take the GIL aborted the process
     ("terminate called without an active exception", exit -6, after all the work was done; pytorch#190489).
     Called where every rank ends together (done, stopped by a signal, a gangen error), not after a crash,
-    where a peer may be gone and the shutdown could wait on it."""
+    where a peer may be gone and the shutdown could wait on it.
+
+    After an error (`err`) its traceback's frames still held the DDP-wrapped model, whose reducer holds the
+    group: destroy_process_group then only unregistered it and the gloo threads lived on into the shutdown
+    (an occasional exit -6 instead of 3 after a divergence). The tracebacks are dropped and collected first."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if err is not None:
+        import gc
+
+        seen: set[int] = set()
+        while err is not None and id(err) not in seen:  # the chain: __cause__ or __context__
+            seen.add(id(err))
+            err.__traceback__ = None
+            err = err.__cause__ or err.__context__
+        gc.collect()
+    dist.destroy_process_group()
 
 
 def _unlogged_placeholders(callback: object, logged: list[str]) -> list[str]:
@@ -653,12 +667,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         if rank_zero_only.rank == 0 or not getattr(err, "on_every_rank", False):  # the same error on every
             print(f"gangen: error: {err}", file=sys.stderr)  # DDP process: rank 0 says it
-        _close_process_group()
+        _close_process_group(err)
         sys.exit(getattr(err, "exit_code", 2))
-    except SIGTERMException:  # SIGTERM / SIGINT during fit: Preemption saved a checkpoint
+    except SIGTERMException as err:  # SIGTERM / SIGINT during fit: Preemption saved a checkpoint
         from gangen.reliability import received_signal
 
-        _close_process_group()
+        _close_process_group(err)
         sys.exit(128 + (received_signal() or 15))
     except KeyboardInterrupt:  # Ctrl-C before Lightning ran (parsing, building the model or data) or in a command
         _debug_traceback()

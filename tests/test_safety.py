@@ -203,6 +203,46 @@ def test_a_loss_gone_nan_on_one_rank_stops_every_rank_with_one_line(tmp_path):
     assert "(batch 6)" in errors[0]  # found at the batch it happened in, on every rank
 
 
+GLOO_THREADS_AT_EXIT = """
+import os, tempfile, torch, torch.distributed as dist
+from gangen import cli
+from gangen.errors import DivergenceError
+
+torch.set_num_threads(1)
+threads = lambda: len(os.listdir("/proc/self/task"))
+before = threads()
+
+def diverge(argv):
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.FileStore(tempfile.mktemp(), 1))
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
+    model(torch.ones(1, 2)).sum().backward()  # the reducer's gradient all-reduce: gloo's threads at work
+    dist.all_reduce(torch.ones(1))
+    print("with the group:", threads() - before, flush=True)
+    raise DivergenceError("training diverged")  # its traceback holds `model`, whose reducer holds the group
+
+destroy = dist.destroy_process_group
+def destroyed(*args, **kwargs):  # what the shutdown inherits: gloo's threads, if the group outlived this
+    destroy(*args, **kwargs)
+    print("after destroy_process_group:", threads() - before, flush=True)
+dist.destroy_process_group = destroyed
+cli.COMMANDS["diverge"] = diverge
+cli.main(["diverge"])
+"""
+
+
+def test_an_error_leaves_no_gloo_thread_to_the_interpreters_shutdown(tmp_path):
+    """A gangen error under DDP (a divergence) left the DDP model alive in its traceback's frames, so
+    destroy_process_group only unregistered the group and its gloo threads lived on into the shutdown, where
+    one could abort the process (exit -6 instead of 3 once in CI, 1 in 38 runs of the test above)."""
+    script = tmp_path / "diverge.py"
+    script.write_text(GLOO_THREADS_AT_EXIT)
+    r = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert r.returncode == 3 and r.stderr.strip() == "gangen: error: training diverged", r.stderr[-3000:]
+    started = int(r.stdout.split("with the group:")[1].split()[0])
+    assert started >= 2 and "after destroy_process_group: 0" in r.stdout, r.stdout  # gloo's threads joined
+
+
 def test_nonfinite_check_runs_every_n_batches_only():
     from gangen import GAN, DCGANDiscriminator, DCGANGenerator
     from gangen.errors import DivergenceError
