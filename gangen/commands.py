@@ -215,9 +215,10 @@ def _check_accelerator(accelerator: str) -> None:
 def load_samples(path: str) -> torch.Tensor:
     """uint8 (N, C, H, W) from an .npz (arr_0, (N, H, W, C) uint8) or a folder of images (sorted by name).
 
-    A folder is grey (C=1) when no image has colour pixels: an image stored in colour (a palette, RGB) whose
-    pixels are all grey counts as grey. Beside a coloured image such images are RGB; a grey-mode file ("L",
-    16-bit) beside a coloured one, or two sizes, raise ConfigError naming both files."""
+    A folder is grey (C=1) when every image is: a grey mode ("L", 16-bit, ...) or a palette of greys (as PNG
+    optimisers store grey images). Beside an RGB image a palette is read as RGB; a grey-mode file beside an RGB
+    or colour-palette one, or two sizes, raise ConfigError naming both files. An RGB file stays RGB whatever
+    its pixels (an RGB generator's samples are 3 channels even when they came out grey)."""
     import numpy as np
     from PIL import Image
 
@@ -234,20 +235,21 @@ def load_samples(path: str) -> torch.Tensor:
         files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
             raise DataNotFoundError(f"no images in {path}: write some with `gangen generate --output {path}/`")
-        arrays, one_channel, coloured = [], [], []  # the last two: indices of grey-mode files, of colour pixels
+        arrays, one_channel, coloured = [], [], []  # the last two: indices of grey-mode files, of RGB ones
         for i, f in enumerate(files):
             with Image.open(f) as im:  # 16-bit grey scaled to 8 bits (convert clipped it at 255), as training reads it
                 grey = im.mode in ("1", "L", "LA", "I", "F") or im.mode.startswith("I;16")
+                palette = im.mode in ("P", "PA")
                 arrays.append(np.asarray(to_mode(im, 1 if grey else 3, name=str(f))))
             if arrays[-1].shape[:2] != arrays[0].shape[:2]:
                 raise ConfigError(_mixed(path, files, arrays, i, 0))
             if grey:
                 one_channel.append(i)
-            elif not (arrays[-1] == arrays[-1][..., :1]).all():  # stored in colour (a palette, RGB), not grey
+            elif not (palette and (arrays[-1] == arrays[-1][..., :1]).all()):  # RGB, or a palette of colours
                 coloured.append(i)
         if one_channel and coloured:  # a grey file beside a coloured one: two kinds of samples in one folder
             raise ConfigError(_mixed(path, files, arrays, *sorted((one_channel[0], coloured[0]), reverse=True)))
-        if not coloured:  # grey once for the folder: palettes of greys (PNG optimisers write them) are grey too
+        if not coloured:  # grey once for the folder: palettes of greys are grey too
             arrays = [a if a.ndim == 2 else a[..., 0] for a in arrays]
         array = np.stack(arrays)
         array = array[..., None] if array.ndim == 3 else array

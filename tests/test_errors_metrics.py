@@ -164,8 +164,8 @@ def test_evaluate_reads_16_bit_grey_samples_scaled_as_training_reads_them(tmp_pa
 
 def test_evaluate_samples_grey_palettes_count_as_grey(tmp_path):
     """A palette PNG of grey pixels (as PNG optimisers store grey images) next to "L" PNGs was refused as a
-    grey+RGB mix: grey or RGB is decided once for the folder, an image stored in colour (palette, RGB) counts
-    as grey when its pixels are, and beside a coloured image it is read as RGB. A one-channel file beside a
+    grey+RGB mix: grey or RGB is decided once for the folder, a palette counts as grey when its pixels are, and
+    beside an RGB image it is read as RGB. An RGB file stays RGB even when grey; a one-channel file beside a
     coloured one is still refused."""
     from PIL import Image
 
@@ -176,11 +176,15 @@ def test_evaluate_samples_grey_palettes_count_as_grey(tmp_path):
     grey.mkdir()
     Image.fromarray(ramp).convert("P").save(grey / "a.png")
     Image.fromarray(255 - ramp).save(grey / "b.png")
-    Image.fromarray(ramp).convert("RGB").save(grey / "c.png")
-    assert [Image.open(grey / n).mode for n in ("a.png", "b.png", "c.png")] == ["P", "L", "RGB"]
+    assert [Image.open(grey / n).mode for n in ("a.png", "b.png")] == ["P", "L"]
     samples = load_samples(str(grey))
-    assert samples.shape == (3, 1, 8, 8) and samples.dtype == torch.uint8
-    assert samples[:, 0].tolist() == [ramp.tolist(), (255 - ramp).tolist(), ramp.tolist()]
+    assert samples.shape == (2, 1, 8, 8) and samples.dtype == torch.uint8
+    assert samples[:, 0].tolist() == [ramp.tolist(), (255 - ramp).tolist()]
+    rgb = tmp_path / "rgb"  # an RGB generator's samples that came out grey: still 3 channels
+    rgb.mkdir()
+    Image.fromarray(ramp).convert("RGB").save(rgb / "a.png")
+    Image.fromarray(ramp).convert("P").save(rgb / "b.png")
+    assert load_samples(str(rgb)).shape == (2, 3, 8, 8)
 
     colour = tmp_path / "colour"
     colour.mkdir()
