@@ -131,6 +131,30 @@ def test_limited_cache_follows_the_labels_when_class_folders_are_added(tmp_path)
     assert dm._split("train").labels.tolist() == [0, 2]
 
 
+def as_nobody(call) -> str:
+    """call() run in a forked child that drops to the unprivileged user nobody (root reads any folder); what it
+    returned, or the line of what it raised, comes back as a string."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.close(read)
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                message = str(call())
+            except Exception as err:  # the line the user would see
+                message = f"{type(err).__name__}: {err}"
+            os.write(write, message.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        message = pipe.read()
+    os.waitpid(pid, 0)
+    return message
+
+
 def test_a_class_folder_that_cannot_be_read_is_named_not_left_out(tmp_path):
     """os.walk skipped a folder it could not list (no read permission): its class and images were left out
     without a word. Run as an unprivileged user (root reads any folder): the scan runs in a forked child that
@@ -149,26 +173,7 @@ def test_a_class_folder_that_cannot_be_read_is_named_not_left_out(tmp_path):
         for path in [root, *root.rglob("*")]:
             path.chmod(0o755 if path.is_dir() else 0o644)
         (root / "b").chmod(0o000)
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: never returns into pytest
-            try:
-                os.close(read)
-                os.setgid(65534)
-                os.setuid(65534)
-                try:
-                    files, labels, classes = scan_images(root)
-                    message = f"scanned {len(files)} files, {classes} classes"
-                except Exception as err:  # the line the user would see
-                    message = f"{type(err).__name__}: {err}"
-                os.write(write, message.encode())
-            finally:
-                os._exit(0)
-        os.close(write)
-        with os.fdopen(read) as pipe:
-            message = pipe.read()
-        os.waitpid(pid, 0)
-        assert message == (
+        assert as_nobody(lambda: scan_images(root)) == (
             f"DataNotFoundError: cannot read folder {root / 'b'} under {root} (Permission denied): its images would "
             "be left out; make it readable (chmod), or move it out of --data.root"
         )
@@ -203,27 +208,12 @@ def test_an_unreadable_lost_and_found_is_skipped_not_an_error(tmp_path):
             path.chmod(0o700)
 
         def scan_as_nobody() -> str:
-            read, write = os.pipe()
-            pid = os.fork()
-            if pid == 0:  # the child: never returns into pytest
-                try:
-                    os.close(read)
-                    os.setgid(65534)
-                    os.setuid(65534)
-                    lines: list[str] = []
-                    try:
-                        files, labels, classes = scan_images(root, lines.append)
-                        message = f"{[str(f.relative_to(root)) for f in files]} {labels} {classes} {lines}"
-                    except Exception as err:  # the line the user would see
-                        message = f"{type(err).__name__}: {err}"
-                    os.write(write, message.encode())
-                finally:
-                    os._exit(0)
-            os.close(write)
-            with os.fdopen(read) as pipe:
-                message = pipe.read()
-            os.waitpid(pid, 0)
-            return message
+            def scan() -> str:
+                lines: list[str] = []
+                files, labels, classes = scan_images(root, lines.append)
+                return f"{[str(f.relative_to(root)) for f in files]} {labels} {classes} {lines}"
+
+            return as_nobody(scan)
 
         assert scan_as_nobody() == (
             "['a/0.png', 'a/1.png', 'b/0.png', 'b/1.png'] [0, 0, 1, 1] 2 ['gangen: class folders without images "
