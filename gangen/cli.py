@@ -36,7 +36,7 @@ from gangen.batches import ORDER_VERSION
 from gangen.callbacks import GANMetrics
 from gangen.commands import COMMANDS
 from gangen.data import ImageDataModule
-from gangen.distributed import check_trainer, global_batch
+from gangen.distributed import check_trainer, global_batch, torchrun_restart_warning
 from gangen.distributed import multi_process as _multi_process
 from gangen.errors import ConfigError, GanGenError
 from gangen.sampling import check_weights, read_checkpoint
@@ -217,6 +217,9 @@ class GANCLI(LightningCLI):
             line = global_batch(self.datamodule.hparams["batch_size"], trainer.num_devices, trainer.num_nodes)
             print(line, flush=True)  # information on stdout; stderr carries errors only
             _keep_previous_csv(trainer)
+            restarts = torchrun_restart_warning()
+            if restarts:
+                print(restarts, file=sys.stderr, flush=True)
 
     def before_validate(self) -> None:
         self._check_shapes()

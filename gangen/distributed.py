@@ -7,6 +7,7 @@ inside the first forward pass of a multi-process run. These checks turn them int
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -169,6 +170,29 @@ def launched_per_node(plugins: Any = None) -> bool:
             return True
     clusters = (envs.SLURMEnvironment, envs.TorchElasticEnvironment, envs.LSFEnvironment, envs.MPIEnvironment)
     return any(cluster.detect() for cluster in clusters)  # what Lightning looks for, in its order
+
+
+def torchrun_restart_warning(environ: Mapping[str, str] = os.environ) -> str | None:
+    """The warning for a torchrun job with restarts whose workers share the launcher's rendezvous store.
+
+    torch keeps one store for all attempts when the workers share it (TORCHELASTIC_USE_AGENT_STORE: the c10d
+    rendezvous by default, --master_addr/--master_port always), and init_process_group's keys carry no attempt:
+    a restarted rank can read the dead rank 0's address from the failed attempt and give up connecting
+    (pytorch/pytorch#135712; torch 2.14.1, gloo, 2 processes: the restart failed whenever the new rank 0 reached
+    init_process_group a few seconds after rank 1, as gangen's rank 0 did in a restart of a 2-process CPU fit).
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 with the c10d rendezvous gives every attempt a new store. None where
+    no restart is asked for, outside torchrun, and in the restarts themselves (said at the first start)."""
+    restarts = environ.get("TORCHELASTIC_MAX_RESTARTS", "0")
+    if not restarts.isdigit() or int(restarts) < 1 or environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return None
+    return (
+        f"gangen: warning: torchrun --max-restarts {restarts} with the rendezvous store shared with the workers: "
+        "a restart can fail to connect (the failed attempt's addresses stay in the store, pytorch issue 135712); "
+        "start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 and --rdzv_backend c10d --rdzv_endpoint "
+        "HOST:PORT (--master_addr/--master_port always share it)"
+    )
 
 
 def global_batch(per_device: int, devices: int, nodes: int) -> str:

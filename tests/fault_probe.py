@@ -27,10 +27,15 @@ def signal_self(signum: int) -> None:
 
 class SignalAt(L.Callback):
     """At the start of the first batch with global_step >= step, send `signum` to this process (to rank
-    `rank`'s only, when given), once."""
+    `rank`'s only, when given), once; with `attempt`, only in that attempt of a torchrun job (0: its first start,
+    not the restarts, which run the same command again)."""
 
-    def __init__(self, step: int, signum: int = int(signal.SIGKILL), rank: int | None = None) -> None:
-        self.step, self.signum, self.rank, self.sent = step, signum, rank, False
+    def __init__(
+        self, step: int, signum: int = int(signal.SIGKILL), rank: int | None = None, attempt: int | None = None
+    ) -> None:
+        self.step, self.signum, self.rank = step, signum, rank
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        self.sent = attempt is not None and attempt != restarts  # another attempt's: never sent
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
         if trainer.global_step >= self.step and self.rank in (None, trainer.global_rank) and not self.sent:

@@ -321,3 +321,23 @@ def test_requeued_sbatch_job_resumes_from_the_newest_checkpoint(stop, straight_j
     assert int(resumed["images_seen"]) == 2 * 256
     assert straight.keys() == resumed.keys()
     assert not [key for key in straight if not torch.equal(straight[key], resumed[key])]  # bitwise
+
+
+def test_the_torchrun_restart_warning_names_the_shared_store_and_the_fix():
+    from gangen.distributed import torchrun_restart_warning
+
+    shared = {"TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    shared["TORCHELASTIC_RESTART_COUNT"] = "0"
+    assert torchrun_restart_warning(shared) == (
+        "gangen: warning: torchrun --max-restarts 3 with the rendezvous store shared with the workers: a restart can "
+        "fail to connect (the failed attempt's addresses stay in the store, pytorch issue 135712); start torchrun "
+        "with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 and --rdzv_backend c10d --rdzv_endpoint HOST:PORT "
+        "(--master_addr/--master_port always share it)"
+    )
+    for quiet in (
+        {**shared, "TORCHELASTIC_USE_AGENT_STORE": "False"},  # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+        {**shared, "TORCHELASTIC_MAX_RESTARTS": "0"},  # no restart asked for
+        {**shared, "TORCHELASTIC_RESTART_COUNT": "1"},  # a restart: said at the first start
+        {},  # not under torchrun
+    ):
+        assert torchrun_restart_warning(quiet) is None, quiet

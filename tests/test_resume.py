@@ -286,6 +286,44 @@ def test_two_process_mid_epoch_resume_is_exact(loader, tmp_path):
         assert_same_state(want, got)  # bitwise: every weight on every rank, and all of rank 0's state
 
 
+def test_a_torchrun_restart_after_a_killed_worker_resumes_exactly(tmp_path):
+    """The README's torchrun line (`--max-restarts`, `--ckpt_path last`, the c10d rendezvous with its store not
+    shared): a worker killed mid-epoch (rank 1, SIGKILL, first attempt only) makes torchrun stop the other and
+    start both again with the same command, which resumes from the last epoch's last.ckpt; every rank ends with
+    the weights of a run that never stopped. With the store shared (torch's default) a restart whose rank 0 comes
+    late fails to connect (gangen.distributed.torchrun_restart_warning)."""
+    import subprocess
+    import sys
+
+    ddp = ["--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    straight = tmp_path / "straight"
+    r = fit(straight, *ddp)  # 384 images: 3 batches of 64 per rank and epoch, 2 epochs; Lightning starts rank 1
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = tmp_path / "torchrun"
+    dump = ["--trainer.callbacks+=ddp_probe.DumpParams", "--trainer.callbacks.folder", str(runs)]
+    kill = [*signal_at(4, signal.SIGKILL), "--trainer.callbacks.rank", "1", "--trainer.callbacks.attempt", "0"]
+    args = tiny_fit_args(runs, "--data.limit", "384", "--trainer.limit_val_batches", "1", *dump, *ddp, *kill)
+    env = {**os.environ, **PROBE_ENV, "PYTHONUNBUFFERED": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    env.pop("GANGEN_DEBUG", None)
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts", "1",
+         str(ROOT / "cli.py"), *args, "--ckpt_path", "last"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-5000:]
+    assert "training from scratch" in r.stdout and "resuming from" in r.stdout, r.stdout[-3000:]
+    assert "gangen: warning: torchrun" not in r.stderr  # the store is not shared: nothing to warn of
+    resumed = runs / "dcgan_fashion_mnist" / "version_0" / "checkpoints" / "last.ckpt"
+    assert f"gangen: resuming from {resumed}" in r.stdout, r.stdout[-3000:]
+    for rank in (0, 1):
+        want, got = torch.load(straight / f"params_rank{rank}.pt"), torch.load(runs / f"params_rank{rank}.pt")
+        assert int(got["images_seen"]) == 2 * 384
+        if rank > 0:  # batchnorm running statistics are per rank, and a checkpoint holds rank 0's only
+            own = ("running_", "num_batches_tracked")
+            want, got = ({k: v for k, v in d.items() if not any(o in k for o in own)} for d in (want, got))
+        assert_same_state(want, got)
+
+
 def test_sigterm_on_one_rank_stops_every_rank_with_a_checkpoint(tmp_path):
     """One node of a multi-node job preempted: SIGTERM reached rank 1 only. Lightning's handler broadcast
     inside the signal handler, against rank 0's gradient all-reduce, and the job hung without a checkpoint."""
@@ -357,20 +395,30 @@ def test_a_run_resumed_after_sigterm_logs_at_the_uninterrupted_runs_steps(tmp_pa
     assert final["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"] == 12  # 12 batches trained
 
 
-def test_a_resume_into_the_same_csv_folder_keeps_the_earlier_rows(tmp_path, capsys):
+@pytest.mark.parametrize("version, folder", [("0", "version_0"), ("fixed", "fixed")])
+def test_a_resume_and_a_validate_into_the_same_csv_folder_keep_the_earlier_rows(tmp_path, version, folder):
     """With a fixed logger version (one folder across resumes) Lightning's CSV logger deleted the earlier
     segments' metrics.csv when it started, with only a warning (a resume review). It is kept as metrics.1.csv,
-    as config.yaml is kept as config.1.yaml."""
-    same = ["--trainer.logger.init_args.version", "0"]
+    as config.yaml is kept as config.1.yaml; a validate into the folder keeps the training rows the same way. A
+    string version names the folder as given (no version_ prefix): `last` never looked there and trained from
+    scratch in the run's own folder (a review of the resume fixes)."""
+    same = ["--trainer.logger.init_args.version", version]
     r = fit(tmp_path, *same, "--trainer.max_epochs", "1")
     assert r.returncode == 0, r.stderr[-3000:]
-    run = tmp_path / "dcgan_fashion_mnist" / "version_0"
+    run = tmp_path / "dcgan_fashion_mnist" / folder
     first = (run / "metrics.csv").read_text()
     r = fit(tmp_path, *same, "--ckpt_path", "last")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert f"gangen: resuming from {run / 'checkpoints' / 'last.ckpt'}" in r.stdout
     assert (run / "metrics.1.csv").read_text() == first
     assert logged_steps(run) == [(9, 1)] and "will be deleted" not in r.stderr
     assert sorted(p.name for p in run.glob("config*.yaml")) == ["config.1.yaml", "config.yaml"]
+    trained = (run / "metrics.csv").read_text()
+    args = tiny_fit_args(tmp_path, "--data.limit", "384", "--trainer.limit_val_batches", "1", *same)
+    r = run_cli("validate", *args[1:], "--ckpt_path", "last")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (run / "metrics.2.csv").read_text() == trained and (run / "metrics.1.csv").read_text() == first
+    assert "val/loss_d" in (run / "metrics.csv").read_text()  # validate's own row
 
 
 def test_a_kill_after_an_evaluation_leaves_one_metrics_row_per_kimg(tmp_path, classifier_file):
@@ -460,27 +508,6 @@ def test_latent_rng_state_restores_from_a_row_view():
     model.on_load_checkpoint({"gangen": {"latent_rng_device": "cpu", "latent_rng_states": [view, gathered[0]]}})
     want = torch.randn(4, 8, generator=torch.Generator().manual_seed(6))
     assert torch.equal(model.sample_latents(4), want)
-
-
-def test_a_string_version_folder_resumes_and_validates_without_losing_its_csv(tmp_path):
-    """A string logger version names the folder as given (no version_ prefix): `last` never looked there and
-    trained from scratch in the run's own folder; a validate into it then let the CSV logger delete the
-    training rows (a review of the resume fixes)."""
-    same = ["--trainer.logger.init_args.version", "fixed"]
-    r = fit(tmp_path, *same, "--trainer.max_epochs", "1")
-    assert r.returncode == 0, r.stderr[-3000:]
-    run = tmp_path / "dcgan_fashion_mnist" / "fixed"
-    first = (run / "metrics.csv").read_text()
-    r = fit(tmp_path, *same, "--ckpt_path", "last")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert f"gangen: resuming from {run / 'checkpoints' / 'last.ckpt'}" in r.stdout
-    assert logged_steps(run) == [(9, 1)] and (run / "metrics.1.csv").read_text() == first
-    trained = (run / "metrics.csv").read_text()
-    args = tiny_fit_args(tmp_path, "--data.limit", "384", "--trainer.limit_val_batches", "1", *same)
-    r = run_cli("validate", *args[1:], "--ckpt_path", "last")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert (run / "metrics.2.csv").read_text() == trained and (run / "metrics.1.csv").read_text() == first
-    assert "val/loss_d" in (run / "metrics.csv").read_text()  # validate's own row
 
 
 def test_a_stray_hpc_checkpoint_is_not_resumed_outside_slurm(tmp_path, trained_ckpt):
