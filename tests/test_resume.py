@@ -40,6 +40,18 @@ def assert_same_state(a: dict, b: dict) -> None:
     assert not differ, differ
 
 
+def assert_same_ranks(want_dir: Path, got_dir: Path, images: int) -> None:
+    """Bitwise: every weight on both ranks of a 2-process run, and all of rank 0's state (batchnorm running
+    statistics are per rank, and a checkpoint holds rank 0's only)."""
+    for rank in (0, 1):
+        want, got = torch.load(want_dir / f"params_rank{rank}.pt"), torch.load(got_dir / f"params_rank{rank}.pt")
+        assert int(got["images_seen"]) == images
+        if rank > 0:
+            own = ("running_", "num_batches_tracked")
+            want, got = ({k: v for k, v in d.items() if not any(o in k for o in own)} for d in (want, got))
+        assert_same_state(want, got)
+
+
 # Every piece of state that changes the trajectory: EMA generator, DiffAugment's random stream, the lazy R1
 # schedule (batches seen), the DataLoader's flips, D's dropout (torch's global stream).
 FULL_STATE = ["--model.ema_kimg", "0.5", "--model.augment", "color,translation,cutout",
@@ -277,13 +289,7 @@ def test_two_process_mid_epoch_resume_is_exact(loader, tmp_path):
         assert not (tmp_path / "one").exists()
     r = fit(stopped, *ddp, "--ckpt_path", str(step_ckpt))
     assert r.returncode == 0, r.stderr[-3000:]
-    for rank in (0, 1):
-        want, got = torch.load(straight / f"params_rank{rank}.pt"), torch.load(stopped / f"params_rank{rank}.pt")
-        assert int(got["images_seen"]) == 2 * 384
-        if rank > 0:  # batchnorm running statistics are per rank, and a checkpoint holds rank 0's only
-            own = ("running_", "num_batches_tracked")
-            want, got = ({k: v for k, v in d.items() if not any(o in k for o in own)} for d in (want, got))
-        assert_same_state(want, got)  # bitwise: every weight on every rank, and all of rank 0's state
+    assert_same_ranks(straight, stopped, images=2 * 384)
 
 
 def test_a_torchrun_restart_after_a_killed_worker_resumes_exactly(tmp_path):
@@ -315,13 +321,7 @@ def test_a_torchrun_restart_after_a_killed_worker_resumes_exactly(tmp_path):
     assert "gangen: warning: torchrun" not in r.stderr  # the store is not shared: nothing to warn of
     resumed = runs / "dcgan_fashion_mnist" / "version_0" / "checkpoints" / "last.ckpt"
     assert f"gangen: resuming from {resumed}" in r.stdout, r.stdout[-3000:]
-    for rank in (0, 1):
-        want, got = torch.load(straight / f"params_rank{rank}.pt"), torch.load(runs / f"params_rank{rank}.pt")
-        assert int(got["images_seen"]) == 2 * 384
-        if rank > 0:  # batchnorm running statistics are per rank, and a checkpoint holds rank 0's only
-            own = ("running_", "num_batches_tracked")
-            want, got = ({k: v for k, v in d.items() if not any(o in k for o in own)} for d in (want, got))
-        assert_same_state(want, got)
+    assert_same_ranks(straight, runs, images=2 * 384)
 
 
 def test_sigterm_on_one_rank_stops_every_rank_with_a_checkpoint(tmp_path):
