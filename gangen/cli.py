@@ -639,6 +639,24 @@ def _filename_for(filename: str, unlogged: list[str], key: str) -> str:
     return filename
 
 
+def _lost_peer(err: RuntimeError) -> str | None:
+    """One line for a collective that failed because another process of the run is gone (killed, out of
+    memory, its node down): gloo's transport error, under a live process group of 2 or more. None for any other
+    error. (NCCL waits on a lost peer until its timeout, then aborts the process: no exception to word.)"""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    found = re.search(r"gloo/transport/\S*\] (.+?)(?:\. |\.?$)", str(err).splitlines()[0] if str(err) else "")
+    if found is None:
+        return None
+    return (
+        f"process {dist.get_rank()} of {dist.get_world_size()} lost another process of the run (gloo: "
+        f"{found.group(1)}): that process's output, or the system log for a kill or out of memory, says why; "
+        "resume with --ckpt_path last"
+    )
+
+
 def _debug_traceback() -> None:
     """GANGEN_DEBUG=1: the traceback of the exception being handled, on stderr, before its one line; the exit
     status stays the one without it (2, 3, 130: a bare `raise` made every one 1)."""
@@ -686,3 +704,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         if err.code == 1 and isinstance(err.__context__, KeyboardInterrupt):  # second one) ends in exit(1)
             sys.exit(128 + signal.SIGINT)  # the shell's status for Ctrl-C, as after a checkpoint on SIGINT
         raise
+    except RuntimeError as err:  # another DDP process gone mid-step: gloo's error under a page of torch's frames
+        message = _lost_peer(err)
+        if message is None:
+            raise
+        _debug_traceback()
+        print(f"gangen: error: {message}", file=sys.stderr)
+        _close_process_group(err)  # local for gloo: nothing waits on the peer
+        sys.exit(1)

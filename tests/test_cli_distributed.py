@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -69,6 +70,26 @@ def test_two_nodes_one_process_each(tmp_path):
     [run] = list((tmp_path / "dcgan_fashion_mnist").iterdir())  # one run folder for both nodes
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch=1-step=20.ckpt", "last.ckpt"]
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["final.png", "kimg000000.png"]
+
+
+def test_a_process_killed_mid_run_leaves_the_other_one_line_not_a_page_of_frames(tmp_path):
+    """Rank 1 killed (out of memory, a kill -9) in epoch 1: rank 0's next collective fails in gloo, which
+    printed some 60 lines of torch's frames ending in "Connection closed by peer". Now one line that says what
+    happened and how to go on; the exit status stays 1 and epoch 0's last.ckpt is there to resume from."""
+    kill = ["--trainer.callbacks+=fault_probe.SignalAt", "--trainer.callbacks.step", "14",  # epoch 1, batch 2
+            "--trainer.callbacks.signum", str(int(signal.SIGKILL)), "--trainer.callbacks.rank", "1"]  # fmt: skip
+    args = tiny_fit_args(tmp_path, "--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.accelerator",
+                         "cpu", *kill)  # fmt: skip
+    (code0, _, err0), (code1, _, _) = launch_two(args, {}, lambda rank: {"NODE_RANK": str(rank)})
+    assert code1 == -signal.SIGKILL and code0 == 1, err0[-3000:]
+    said = [line for line in err0.splitlines() if line.startswith("gangen:") or "Error" in line]
+    assert len(said) == 1 and re.fullmatch(
+        r"gangen: error: process 0 of 2 lost another process of the run \(gloo: [^()]*(closed|reset) by peer[^()]*\): "
+        r"that process's output, or the system log for a kill or out of memory, says why; resume with "
+        r"--ckpt_path last", said[0]), err0[-3000:]  # fmt: skip
+    assert "Traceback" not in err0 and "pair.cc" not in err0
+    [run] = list((tmp_path / "dcgan_fashion_mnist").iterdir())
+    assert (run / "checkpoints" / "last.ckpt").is_file()
 
 
 def test_slurm_requeue_signal_on_one_task_checkpoints_once_and_trains_on(tmp_path):
