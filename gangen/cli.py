@@ -73,6 +73,15 @@ def _keep_previous_csv(trainer: Trainer) -> None:
             warnings.filterwarnings("ignore", message="Experiment logs directory .* will be deleted")
 
 
+def _quiet_own_checkpoint_folder(folder: Path) -> None:
+    """Lightning warns "Checkpoint directory ... exists and is not empty" at every fit whose ModelCheckpoint
+    folder holds files: also when it is the folder of the checkpoint this fit resumes (a W&B run continued, a
+    fixed logger version), where that is the point. Into any other full folder it still warns."""
+    names = {str(folder), os.path.abspath(folder), os.path.realpath(folder)}
+    pattern = "|".join(re.escape(name) for name in sorted(names))
+    warnings.filterwarnings("ignore", message=f"Checkpoint directory (?:{pattern}) exists and is not empty")
+
+
 class SaveFitConfig(SaveConfigCallback):
     """Writes the resolved config.yaml into the run folder for `fit` only (validate's loggers still write
     their own files, e.g. a CSV logger's version_N/metrics.csv)."""
@@ -373,6 +382,8 @@ class GANCLI(LightningCLI):
                 verb = "resuming from" if fit else "validating"
                 print(f"gangen: {verb} {found}{of}", flush=True)
         _refuse_export(ckpt_path)
+        if fit:  # continuing in the checkpoint's own folder: a full one is expected there, not a warning
+            _quiet_own_checkpoint_folder(Path(ckpt_path).parent)
         cached_path, ckpt = getattr(self, "_read_ckpt", (None, None))
         self._read_ckpt = (None, None)  # not kept alive during training
         ckpt = ckpt if cached_path == ckpt_path else read_checkpoint(ckpt_path)

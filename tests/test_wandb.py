@@ -263,6 +263,7 @@ def test_last_without_a_run_id_continues_the_newest_run(tmp_path, wandb_env):
     last = run / "checkpoints" / "last.ckpt"
     assert f"wandb sync {run}/wandb/offline-run-*" in r.stderr  # the hint named the new id's folder, never made
     assert f"gangen: resuming from {last} (W&B run {run.name}, the newest of {runs / 'gangen'}" in r.stdout
+    assert "exists and is not empty" not in r.stderr  # Lightning's warning: the run's own folder is full, rightly
     assert [p.name for p in (runs / "gangen").iterdir()] == [run.name]  # no second run folder
     assert torch.load(last, weights_only=True)["gangen"]["batches_seen"] == 10  # 5 + 5, not 5 from scratch
     assert len(list((run / "wandb").glob(f"offline-run-*-{run.name}"))) == 2  # the same W&B run, resumed
