@@ -608,8 +608,8 @@ def _close_process_group(err: BaseException | None = None) -> None:
     leaves it open; at exit a gloo worker thread could then drop the last reference to a finished
     collective's tensors while Python was finalizing, and its attempt to take the GIL aborted the process
     ("terminate called without an active exception", exit -6, after all the work was done; pytorch#190489).
-    Called where every rank ends together (done, stopped by a signal, a gangen error), not after a crash,
-    where a peer may be gone and the shutdown could wait on it.
+    Called where every rank ends together (done, stopped by a signal, a gangen error) and after gloo lost a
+    peer (destroying a gloo group is local), not after other crashes, where the shutdown could wait on a peer.
 
     After an error (`err`) its traceback's frames still held the DDP-wrapped model, whose reducer holds the
     group: destroy_process_group then only unregistered it and the gloo threads lived on into the shutdown
