@@ -658,7 +658,8 @@ def _lost_peer(err: RuntimeError) -> str | None:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return None
-    found = re.search(r"gloo/transport/\S*\] (.+?)(?:\. |\.?$)", str(err).splitlines()[0] if str(err) else "")
+    first_line = (str(err).splitlines() or [""])[0]
+    found = re.search(r"gloo/transport/\S*\] (.+?)(?:\. |\.?$)", first_line)
     if found is None:
         return None
     return (
